@@ -1,0 +1,47 @@
+"""
+perturbgen-hf: PerturbGen, a trajectory-aware generative transformer for in silico perturbation of single cells,
+as a native Hugging Face transformers model.
+
+Importing this package registers the model with `AutoConfig`, `AutoModel` and `AutoModelForSeq2SeqLM` (and, for
+`trust_remote_code` exports, records the classes in `auto_map` when saving).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+
+from .modeling import (
+    PerturbGenConfig,
+    PerturbGenForConditionalGeneration,
+    PerturbGenGenerateOutput,
+    PerturbGenOutput,
+    PerturbGenPreTrainedModel,
+)
+
+
+try:
+    __version__ = version("perturbgen-hf")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"
+
+
+def _register_auto_classes():
+    AutoConfig.register(PerturbGenConfig.model_type, PerturbGenConfig, exist_ok=True)
+    AutoModel.register(PerturbGenConfig, PerturbGenForConditionalGeneration, exist_ok=True)
+    AutoModelForSeq2SeqLM.register(PerturbGenConfig, PerturbGenForConditionalGeneration, exist_ok=True)
+    # Saved folders then carry the code and an `auto_map`, so they load with `trust_remote_code=True` where this
+    # package is not installed.
+    PerturbGenConfig.register_for_auto_class("AutoConfig")
+    PerturbGenForConditionalGeneration.register_for_auto_class("AutoModel")
+
+
+_register_auto_classes()
+
+__all__ = [
+    "PerturbGenConfig",
+    "PerturbGenForConditionalGeneration",
+    "PerturbGenGenerateOutput",
+    "PerturbGenOutput",
+    "PerturbGenPreTrainedModel",
+    "__version__",
+]

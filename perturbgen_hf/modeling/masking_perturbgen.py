@@ -1,0 +1,161 @@
+"""
+MaskGIT masking, shared by training (which positions to mask) and generation (which positions to commit).
+
+One schedule `gamma(r)` gives the fraction of a sequence that is still masked at progress `r` in [0, 1]:
+`gamma(0) = 1` (all masked) and `gamma(1) = 0` (all committed). Training draws `r ~ U(0, 1)` and masks
+`round(L * gamma(r))` positions (at least one); generation with `I` iterations leaves `floor(L * gamma((i + 1) / I))`
+positions masked after step `i`. Keeping both in this module is what makes training and decoding agree.
+"""
+
+import math
+
+import torch
+
+
+SCHEDULES = ("cosine", "pow", "linear")
+
+
+def mask_ratio(progress: torch.Tensor | float, schedule: str = "cosine", exponent: float = 2.0) -> torch.Tensor:
+    """
+    Fraction of positions still masked at a given progress of decoding.
+
+    Args:
+        progress (`torch.Tensor` or `float`): progress `r` in [0, 1].
+        schedule (`str`, *optional*, defaults to `"cosine"`): `"cosine"` cos(pi r / 2), `"pow"` 1 - r^exponent,
+            `"linear"` 1 - r.
+        exponent (`float`, *optional*, defaults to 2.0): exponent of the `"pow"` schedule.
+
+    Returns:
+        `torch.Tensor` shaped like `progress`, values in [0, 1].
+    """
+    r = torch.as_tensor(progress, dtype=torch.float64).clamp(0.0, 1.0)
+    if schedule == "cosine":
+        ratio = torch.cos(r * math.pi / 2)
+    elif schedule == "pow":
+        ratio = 1.0 - r**exponent
+    elif schedule == "linear":
+        ratio = 1.0 - r
+    else:
+        raise ValueError(f"Unknown mask schedule {schedule!r}; choose one of {list(SCHEDULES)}.")
+    return ratio.clamp(0.0, 1.0)
+
+
+def sample_training_mask(
+    maskable: torch.Tensor,
+    schedule: str = "cosine",
+    exponent: float = 2.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """
+    Choose the positions to mask for one training batch (MaskGIT: a random ratio per sequence).
+
+    Args:
+        maskable (`torch.BoolTensor` of shape `(batch_size, seq_len)`):
+            Positions that may be masked (gene tokens; not padding, not condition tokens).
+        schedule, exponent: see [`mask_ratio`].
+        generator (`torch.Generator`, *optional*): for reproducible masks.
+
+    Returns:
+        `torch.BoolTensor` of shape `(batch_size, seq_len)`: `True` where the token is replaced by `<mask>`. Each
+        sequence with at least one maskable position gets at least one masked position.
+    """
+    batch_size, seq_len = maskable.shape
+    device = maskable.device
+    progress = torch.rand(batch_size, generator=generator, device=_generator_device(generator, device)).to(device)
+    lengths = maskable.sum(dim=1)
+    num_masked = torch.round(lengths.double() * mask_ratio(progress, schedule, exponent).to(device)).long()
+    num_masked = torch.minimum(num_masked.clamp(min=1), lengths)
+    # Random order among maskable positions: the first `num_masked` in that order are masked.
+    scores = torch.rand(batch_size, seq_len, generator=generator, device=_generator_device(generator, device)).to(
+        device
+    )
+    scores = scores.masked_fill(~maskable, float("inf"))
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return (ranks < num_masked[:, None]) & maskable
+
+
+def num_masked_after_step(
+    step: int, num_iterations: int, lengths: torch.Tensor, schedule: str = "cosine", exponent: float = 2.0
+) -> torch.Tensor:
+    """
+    How many positions stay masked after decoding step `step` (0-based) of `num_iterations`.
+
+    Args:
+        step (`int`), num_iterations (`int`): the step and the total number of steps; after the last step the
+            count is 0.
+        lengths (`torch.LongTensor` of shape `(batch_size,)`): number of positions to generate per sequence.
+        schedule, exponent: see [`mask_ratio`].
+
+    Returns:
+        `torch.LongTensor` of shape `(batch_size,)`.
+    """
+    ratio = mask_ratio((step + 1) / num_iterations, schedule, exponent).item()
+    return torch.floor(lengths.double() * ratio).long()
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample from `softmax(logits / temperature)` with the Gumbel-max trick; `temperature <= 0` is the argmax."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    uniform = torch.rand(logits.shape, generator=generator, device=_generator_device(generator, logits.device))
+    uniform = uniform.to(logits.device).clamp_(1e-20, 1.0)
+    gumbel = -torch.log(-torch.log(uniform))
+    return (logits / temperature + gumbel).argmax(dim=-1)
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Set every logit outside the `top_k` largest of its row to `-inf` (no-op when `top_k` is None)."""
+    if top_k is None or top_k >= logits.shape[-1]:
+        return logits
+    threshold = logits.topk(top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def margin_confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Confidence of a position: the probability margin `p_top1 - p_top2` of `softmax(logits)`."""
+    top2 = logits.softmax(dim=-1).topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def first_occurrence(
+    ids: torch.Tensor, confidence: torch.Tensor, candidate: torch.Tensor, vocab_size: int
+) -> torch.Tensor:
+    """
+    Among candidate positions of a row that carry the same id, keep only the most confident (lowest position on
+    ties), so that a step never commits one gene twice in a cell.
+
+    Args:
+        ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): proposed ids.
+        confidence (`torch.Tensor` of shape `(batch_size, seq_len)`): their confidences.
+        candidate (`torch.BoolTensor` of shape `(batch_size, seq_len)`): positions that take part.
+        vocab_size (`int`): size of the id space.
+
+    Returns:
+        `torch.BoolTensor` of shape `(batch_size, seq_len)`: the winning candidates.
+    """
+    batch_size, seq_len = ids.shape
+    neg_inf = torch.finfo(confidence.dtype).min
+    conf = confidence.masked_fill(~candidate, neg_inf)
+    best = torch.full((batch_size, vocab_size), neg_inf, dtype=conf.dtype, device=ids.device)
+    best = best.scatter_reduce(1, ids, conf, reduce="amax")
+    is_best = candidate & (conf >= best.gather(1, ids))
+    positions = torch.arange(seq_len, device=ids.device).expand(batch_size, seq_len)
+    sentinel = torch.full((batch_size, vocab_size), seq_len, dtype=torch.long, device=ids.device)
+    first = sentinel.scatter_reduce(1, ids, positions.masked_fill(~is_best, seq_len), reduce="amin")
+    return is_best & (positions == first.gather(1, ids))
+
+
+def _generator_device(generator, fallback):
+    return generator.device if generator is not None else fallback
+
+
+__all__ = [
+    "SCHEDULES",
+    "first_occurrence",
+    "gumbel_argmax",
+    "margin_confidence",
+    "mask_ratio",
+    "num_masked_after_step",
+    "sample_training_mask",
+    "top_k_filter",
+]

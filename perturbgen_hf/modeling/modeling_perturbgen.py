@@ -1,0 +1,952 @@
+"""
+PyTorch PerturbGen: a trajectory-aware generative transformer for single-cell perturbation.
+
+A cell is a sequence of gene tokens ranked by normalised expression (Geneformer's rank-value encoding; Theodoris et
+al., Nature 2023). A Geneformer-style BERT encoder reads the *source* cell (`input_ids`). A bidirectional decoder
+cross-attends to the encoded source and to decoder embeddings of the other time points (*context*) and predicts the
+*target* cell's gene tokens at a given time point (`decoder_input_ids`, `labels`) by MaskGIT iterative unmasking
+(Chang et al., CVPR 2022); a count head maps the decoder's pooled embedding to expression counts with a (zero-inflated)
+negative binomial likelihood. PerturbGen itself: Lotfollahi lab, bioRxiv 2026.03.04.709254.
+
+Glossary: source = encoder side (`input_ids`, `attention_mask`); target = decoder side (`decoder_input_ids`,
+`decoder_attention_mask`, `labels`, `target_counts`); context = other time points of the same example
+(`context_input_ids`, ...). Time points are numbers (e.g. hours), embedded sinusoidally.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import BertForMaskedLM, BertModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.bert.modeling_bert import BertEmbeddings
+from transformers.utils import ModelOutput, logging
+
+from .configuration_perturbgen import PerturbGenConfig
+from .likelihoods_perturbgen import (
+    negative_binomial_log_prob,
+    zero_inflated_negative_binomial_log_prob,
+    zero_inflated_negative_binomial_mean,
+)
+from .masking_perturbgen import (
+    first_occurrence,
+    gumbel_argmax,
+    margin_confidence,
+    num_masked_after_step,
+    top_k_filter,
+)
+
+
+logger = logging.get_logger(__name__)
+
+# Counts are normalised to this many per cell for the "mse" likelihood (log1p of counts per 10,000).
+NORMALIZED_TOTAL = 1e4
+
+
+@dataclass
+class PerturbGenOutput(ModelOutput):
+    r"""
+    Output of [`PerturbGenForConditionalGeneration.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            `token_loss_weight * token_loss + count_loss_weight * count_loss`, over the terms that were computed.
+        token_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            Cross entropy of the masked target tokens.
+        count_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `target_counts` is given):
+            Mean negative log-likelihood per gene and cell (or the mean squared error for `count_likelihood="mse"`).
+        logits (`torch.FloatTensor` of shape `(batch_size, target_len, decoder_vocab_size)`):
+            Token logits at every target position.
+        count_mu (`torch.FloatTensor` of shape `(batch_size, num_target_genes)`):
+            Predicted mean counts of the target genes (for "zinb", of the negative-binomial component).
+        count_theta (`torch.FloatTensor` of shape `(num_target_genes,)`):
+            Inverse dispersion per gene.
+        count_zi_logits (`torch.FloatTensor` of shape `(batch_size, num_target_genes)`, *optional*):
+            Zero-inflation logits ("zinb" only).
+        library_size (`torch.FloatTensor` of shape `(batch_size,)`):
+            Library size used to scale the predicted proportions.
+        cell_embeddings (`torch.FloatTensor` of shape `(batch_size, decoder_hidden_size)`):
+            Mean of the decoder's final hidden states over gene-token positions (the count head's input).
+        decoder_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, target_len, decoder_hidden_size)`):
+            Final decoder hidden states of `decoder_input_ids`.
+        encoder_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, source_len, decoder_hidden_size)`):
+            Encoded source, projected to the decoder's width.
+    """
+
+    loss: torch.FloatTensor | None = None
+    token_loss: torch.FloatTensor | None = None
+    count_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    count_mu: torch.FloatTensor | None = None
+    count_theta: torch.FloatTensor | None = None
+    count_zi_logits: torch.FloatTensor | None = None
+    library_size: torch.FloatTensor | None = None
+    cell_embeddings: torch.FloatTensor | None = None
+    decoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+
+
+@dataclass
+class PerturbGenGenerateOutput(ModelOutput):
+    r"""
+    Output of [`PerturbGenForConditionalGeneration.generate`]; the time axis follows `time_values`.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(batch_size, num_time_points, target_len)`):
+            Generated target tokens (condition tokens first, then genes, then `<pad>`).
+        time_values (`torch.FloatTensor` of shape `(num_time_points,)`):
+            Time value of each generated time point, ascending.
+        cell_embeddings (`torch.FloatTensor` of shape `(batch_size, num_time_points, decoder_hidden_size)`):
+            Pooled decoder embedding of each generated cell.
+        counts (`torch.FloatTensor` of shape `(batch_size, num_time_points, num_target_genes)`):
+            Predicted expected counts (the zero-inflated mean for "zinb").
+        count_mu, count_zi_logits, library_size: the count head's parameters per time point (see
+            [`PerturbGenOutput`]); `count_theta` of shape `(num_target_genes,)`.
+        decoder_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_time_points, target_len, hidden)`,
+            *optional*): final hidden states (only with `output_hidden_states=True`).
+    """
+
+    sequences: torch.LongTensor | None = None
+    time_values: torch.FloatTensor | None = None
+    cell_embeddings: torch.FloatTensor | None = None
+    counts: torch.FloatTensor | None = None
+    count_mu: torch.FloatTensor | None = None
+    count_theta: torch.FloatTensor | None = None
+    count_zi_logits: torch.FloatTensor | None = None
+    library_size: torch.FloatTensor | None = None
+    decoder_hidden_states: torch.FloatTensor | None = None
+
+
+def sinusoidal_embedding(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """
+    Transformer sinusoidal embedding of real-valued positions or times.
+
+    Args:
+        values (`torch.Tensor` of any shape `S`): positions or (scaled) time values; need not be integers.
+        dim (`int`): embedding width.
+
+    Returns:
+        `torch.FloatTensor` of shape `S + (dim,)`: `sin(v * w_i)` in the first half, `cos(v * w_i)` in the second,
+        with `w_i = 10000^(-i / (dim // 2))`.
+    """
+    half = dim // 2
+    frequencies = torch.exp(
+        -math.log(10_000.0) * torch.arange(half, device=values.device, dtype=torch.float32) / max(half, 1)
+    )
+    angles = values.float().unsqueeze(-1) * frequencies
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+def _attention_key_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean SDPA mask `(batch, 1, 1, key_len)`; a row with no valid key attends to all (its output is unused)."""
+    valid = key_padding_mask.bool()
+    valid = valid | ~valid.any(dim=-1, keepdim=True)
+    return valid[:, None, None, :]
+
+
+class PerturbGenAttention(nn.Module):
+    """Multi-head attention, never causal; the attention width `heads * head_dim` may differ from the hidden size."""
+
+    def __init__(self, config: PerturbGenConfig):
+        super().__init__()
+        # transformers' sdpa integration treats a module without `is_causal` as causal; this one never is.
+        self.is_causal = False
+        self.num_heads = config.decoder_num_heads
+        self.head_dim = config.decoder_head_dim
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.decoder_hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.decoder_hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.decoder_hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.decoder_hidden_size)
+        self.dropout = config.decoder_attention_dropout
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch_size, length, _ = states.shape
+        return states.view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)  # (b, h, len, d)
+
+    def project_key_value(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `states`, each `(batch, heads, len, head_dim)`; cached for a fixed memory."""
+        return self._split_heads(self.k_proj(states)), self._split_heads(self.v_proj(states))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_padding_mask: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states (`torch.FloatTensor` of shape `(batch, query_len, hidden)`): queries.
+            key_padding_mask (`torch.BoolTensor` of shape `(batch, key_len)`): `True` for keys to attend to.
+            key_value_states (`torch.FloatTensor` of shape `(batch, key_len, hidden)`, *optional*): cross-attention
+                memory; self-attention when neither this nor `key_value` is given.
+            key_value (`tuple`, *optional*): precomputed `project_key_value(memory)`.
+        """
+        batch_size, query_len, _ = hidden_states.shape
+        query = self._split_heads(self.q_proj(hidden_states))
+        if key_value is None:
+            key_value = self.project_key_value(hidden_states if key_value_states is None else key_value_states)
+        key, value = key_value
+        attended = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=_attention_key_mask(key_padding_mask),
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=False,
+        )
+        attended = attended.transpose(1, 2).reshape(batch_size, query_len, -1)  # (b, q, h * d)
+        return self.o_proj(attended)
+
+
+class PerturbGenFeedForward(nn.Module):
+    def __init__(self, config: PerturbGenConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.decoder_hidden_size, config.decoder_intermediate_size)
+        self.fc2 = nn.Linear(config.decoder_intermediate_size, config.decoder_hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(hidden_states)))
+
+
+class PerturbGenDecoderLayer(GradientCheckpointingLayer):
+    """Bidirectional self-attention, cross-attention to the memory, feed-forward; pre- or post-norm."""
+
+    def __init__(self, config: PerturbGenConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.pre_norm = config.decoder_norm == "pre"
+        self.self_attn = PerturbGenAttention(config)
+        self.cross_attn = PerturbGenAttention(config)
+        self.mlp = PerturbGenFeedForward(config)
+        self.self_attn_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        self.cross_attn_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        self.mlp_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.decoder_dropout)
+
+    def _residual(self, hidden_states, norm, block):
+        if self.pre_norm:
+            return hidden_states + self.dropout(block(norm(hidden_states)))
+        return norm(hidden_states + self.dropout(block(hidden_states)))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        memory_key_value: tuple[torch.Tensor, torch.Tensor],
+        memory_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        hidden_states = self._residual(
+            hidden_states, self.self_attn_norm, lambda h: self.self_attn(h, key_padding_mask=attention_mask)
+        )
+        hidden_states = self._residual(
+            hidden_states,
+            self.cross_attn_norm,
+            lambda h: self.cross_attn(h, key_padding_mask=memory_mask, key_value=memory_key_value),
+        )
+        return self._residual(hidden_states, self.mlp_norm, self.mlp)
+
+
+class PerturbGenDecoder(nn.Module):
+    """Token + position + time embeddings and a stack of [`PerturbGenDecoderLayer`]."""
+
+    def __init__(self, config: PerturbGenConfig):
+        super().__init__()
+        self.config = config
+        self.hidden_size = config.decoder_hidden_size
+        self.embed_tokens = nn.Embedding(config.decoder_vocab_size, config.decoder_hidden_size, config.pad_token_id)
+        # The sinusoid of the (real-valued) time goes through a learned map so the model can use it freely while any
+        # time value, seen in training or not, still has an embedding.
+        self.time_proj = nn.Linear(config.decoder_hidden_size, config.decoder_hidden_size)
+        self.layers = nn.ModuleList(
+            [PerturbGenDecoderLayer(config, layer_idx) for layer_idx in range(config.decoder_num_layers)]
+        )
+        self.final_norm = (
+            nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+            if config.decoder_norm == "pre"
+            else nn.Identity()
+        )
+        self.dropout = nn.Dropout(config.decoder_dropout)
+
+    def embed(self, input_ids: torch.Tensor, time_values: torch.Tensor) -> torch.Tensor:
+        """Input embeddings `(batch, len, hidden)` of tokens at time `time_values` `(batch,)`."""
+        seq_len = input_ids.shape[1]
+        if seq_len > self.config.decoder_max_position_embeddings:
+            raise ValueError(
+                f"Target sequence of length {seq_len} exceeds decoder_max_position_embeddings="
+                f"{self.config.decoder_max_position_embeddings}."
+            )
+        positions = sinusoidal_embedding(torch.arange(seq_len, device=input_ids.device), self.hidden_size)
+        times = sinusoidal_embedding(time_values * self.config.time_embedding_scale, self.hidden_size)
+        times = self.time_proj(times.to(self.time_proj.weight.dtype))
+        embeddings = self.embed_tokens(input_ids) + positions.to(times.dtype) + times[:, None, :]
+        return self.dropout(embeddings)
+
+    def project_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys and values of a fixed memory, one pair per layer (computed once, reused)."""
+        return [layer.cross_attn.project_key_value(memory) for layer in self.layers]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        time_values: torch.Tensor,
+        memory_key_values: list[tuple[torch.Tensor, torch.Tensor]],
+        memory_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, target_len)`): target tokens (may contain `<mask>`).
+            attention_mask (`torch.BoolTensor` of shape `(batch, target_len)`): `True` for non-padding.
+            time_values (`torch.FloatTensor` of shape `(batch,)`): time of each target.
+            memory_key_values (`list`): from [`project_memory`].
+            memory_mask (`torch.BoolTensor` of shape `(batch, memory_len)`): `True` for valid memory positions.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, target_len, hidden)`.
+        """
+        hidden_states = self.embed(input_ids, time_values)
+        for layer, key_value in zip(self.layers, memory_key_values):
+            hidden_states = layer(hidden_states, attention_mask, key_value, memory_mask)
+        return self.final_norm(hidden_states)
+
+
+class PerturbGenCountHead(nn.Module):
+    """
+    Maps a pooled cell embedding to count-distribution parameters: proportions over the target genes times a library
+    size, a trained per-gene inverse dispersion and (ZINB) zero-inflation logits.
+    """
+
+    def __init__(self, config: PerturbGenConfig):
+        super().__init__()
+        self.likelihood = config.count_likelihood
+        self.library_mode = config.library_size
+        hidden, genes = config.count_hidden_size, config.num_target_genes
+        self.mlp = nn.Sequential(
+            nn.Linear(config.decoder_hidden_size, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.LayerNorm(hidden, eps=config.layer_norm_eps),
+        )
+        self.proportion_logits = nn.Linear(hidden, genes)
+        self.zi_logits = nn.Linear(hidden, genes) if self.likelihood == "zinb" else None
+        self.log_library_size = nn.Linear(hidden, 1) if self.library_mode == "predicted" else None
+        # Trained, unlike the original's `theta` (which its optimiser never received).
+        self.log_theta = nn.Parameter(torch.zeros(genes))
+
+    def forward(self, cell_embeddings: torch.Tensor, library_size: torch.Tensor | None = None) -> dict:
+        """
+        Args:
+            cell_embeddings (`torch.FloatTensor` of shape `(batch, decoder_hidden_size)`).
+            library_size (`torch.FloatTensor` of shape `(batch,)`, *optional*): observed library sizes; required
+                when `config.library_size == "observed"`, ignored otherwise.
+
+        Returns:
+            `dict` with `mu` `(batch, genes)`, `theta` `(genes,)`, `zi_logits` `(batch, genes)` or None,
+            `library_size` `(batch,)` and, for "mse", `log_normalized` `(batch, genes)`.
+        """
+        hidden = self.mlp(cell_embeddings)
+        if self.library_mode == "predicted":
+            library = self.log_library_size(hidden).squeeze(-1).exp()
+        elif library_size is None:
+            raise ValueError(
+                "This model uses the observed library size (`library_size='observed'`): pass `library_size`."
+            )
+        else:
+            library = library_size.to(hidden.dtype)
+        logits = self.proportion_logits(hidden)
+        out = {"theta": self.log_theta.exp(), "zi_logits": None, "library_size": library, "log_normalized": None}
+        if self.likelihood == "mse":
+            # Non-negative log1p(counts per 10k), mapped back to counts at the cell's library size.
+            out["log_normalized"] = F.softplus(logits)
+            out["mu"] = torch.expm1(out["log_normalized"]) * (library[:, None] / NORMALIZED_TOTAL)
+        else:
+            out["mu"] = logits.softmax(dim=-1) * library[:, None]
+            if self.zi_logits is not None:
+                out["zi_logits"] = self.zi_logits(hidden)
+        return out
+
+    def loss(self, params: dict, target_counts: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood per gene and cell (mean squared error of log1p CP10k for "mse")."""
+        target_counts = target_counts.to(params["mu"].dtype)
+        if self.likelihood == "mse":
+            totals = target_counts.sum(dim=-1, keepdim=True).clamp(min=1.0)
+            target = torch.log1p(target_counts / totals * NORMALIZED_TOTAL)
+            return F.mse_loss(params["log_normalized"], target)
+        if self.likelihood == "nb":
+            log_prob = negative_binomial_log_prob(target_counts, params["mu"], params["theta"])
+        else:
+            log_prob = zero_inflated_negative_binomial_log_prob(
+                target_counts, params["mu"], params["theta"], params["zi_logits"]
+            )
+        return -log_prob.mean()
+
+    def expected_counts(self, params: dict) -> torch.Tensor:
+        """Expected counts: `mu`, times the probability of no structural zero for "zinb"."""
+        if params["zi_logits"] is not None:
+            return zero_inflated_negative_binomial_mean(params["mu"], params["zi_logits"])
+        return params["mu"]
+
+
+class PerturbGenPreTrainedModel(PreTrainedModel):
+    config: PerturbGenConfig
+    config_class = PerturbGenConfig
+    base_model_prefix = "perturbgen"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PerturbGenDecoderLayer", "BertLayer", "BertEmbeddings"]
+    _supports_sdpa = True
+    # `forward` returns a mean loss and takes no `num_items_in_batch`: Trainer must divide by accumulation steps.
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, BertEmbeddings):
+            # Non-persistent buffers are re-created here when weights load onto the meta device.
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+            init.zeros_(module.token_type_ids)
+        elif isinstance(module, PerturbGenCountHead):
+            init.zeros_(module.log_theta)
+            if module.log_library_size is not None:
+                init.constant_(module.log_library_size.bias, self.config.log_library_size_init)
+
+
+class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
+    r"""
+    PerturbGen: encoder (Geneformer BERT) + MaskGIT decoder + count head. `forward` computes the masked-token and count
+    losses for training; `generate` predicts the target cells of one or more time points from source cells.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from perturbgen_hf import PerturbGenConfig, PerturbGenForConditionalGeneration
+    >>> config = PerturbGenConfig(
+    ...     encoder={"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    ...              "intermediate_size": 64, "max_position_embeddings": 64},
+    ...     decoder_hidden_size=32, decoder_num_layers=2, decoder_num_heads=4, decoder_intermediate_size=64,
+    ...     time_points=["2h", "6h"], time_values=[2.0, 6.0], num_target_genes=50,
+    ... )
+    >>> model = PerturbGenForConditionalGeneration(config).eval()
+    >>> source = torch.tensor([[2, 10, 11, 12, 3]])
+    >>> out = model.generate(source, sequence_length=8, generator=torch.Generator().manual_seed(0))
+    >>> out.sequences.shape, out.counts.shape
+    (torch.Size([1, 2, 8]), torch.Size([1, 2, 50]))
+    ```
+    """
+
+    def __init__(self, config: PerturbGenConfig):
+        super().__init__(config)
+        self.encoder = BertModel(config.encoder, add_pooling_layer=False)
+        encoder_width = config.encoder.hidden_size
+        self.encoder_to_decoder = (
+            nn.Linear(encoder_width, config.decoder_hidden_size)
+            if encoder_width != config.decoder_hidden_size
+            else None
+        )
+        self.decoder = PerturbGenDecoder(config)
+        self.lm_head = nn.Linear(config.decoder_hidden_size, config.decoder_vocab_size)
+        self.count_head = PerturbGenCountHead(config)
+        self.post_init()
+        if config.freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    # -- modes and saving -------------------------------------------------------------------------------------------
+
+    def train(self, mode: bool = True):
+        """Like `nn.Module.train`, but a frozen encoder stays in eval mode (no dropout on a fixed feature map)."""
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.encoder.eval()
+        return self
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, recording this class for `AutoModelForSeq2SeqLM` too in `auto_map`."""
+        if type(self)._auto_class is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModelForSeq2SeqLM", f"modeling_perturbgen.{type(self).__name__}")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_geneformer(cls, path, **config_overrides) -> "PerturbGenForConditionalGeneration":
+        """
+        Build a PerturbGen model around a local Geneformer `BertForMaskedLM` checkpoint.
+
+        Args:
+            path (`str` or `os.PathLike`):
+                Folder with the Geneformer `config.json` and `model.safetensors` (or legacy `pytorch_model.bin`, read
+                with `torch.load(weights_only=True)`).
+            config_overrides:
+                Any other [`PerturbGenConfig`] field (decoder size, time points, target genes, ...).
+
+        Returns:
+            [`PerturbGenForConditionalGeneration`] whose encoder holds the Geneformer weights (the MLM head is
+            dropped) and whose decoder and heads are freshly initialised.
+
+        Example:
+
+        ```python
+        >>> model = PerturbGenForConditionalGeneration.from_geneformer(
+        ...     "Geneformer/gf-12L-95M-i4096", time_points=["6h", "10h"], time_values=[6, 10], num_target_genes=2000
+        ... )  # doctest: +SKIP
+        ```
+        """
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Geneformer checkpoint folder not found: {str(path)!r}")
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"No config.json in the Geneformer checkpoint folder {str(path)!r}")
+        if "encoder" in config_overrides:
+            raise ValueError("`encoder` comes from the Geneformer checkpoint; do not pass it to from_geneformer.")
+        masked_lm = BertForMaskedLM.from_pretrained(folder)
+        encoder_config = masked_lm.config.to_dict()
+        encoder_config.pop("architectures", None)
+        model = cls(PerturbGenConfig(encoder=encoder_config, **config_overrides))
+        model.encoder.load_state_dict(masked_lm.bert.state_dict(), strict=True)
+        return model
+
+    # -- building blocks --------------------------------------------------------------------------------------------
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """
+        Encode source cells and project them to the decoder's width.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, source_len)`): source tokens in the encoder vocabulary.
+            attention_mask (`torch.LongTensor` of shape `(batch, source_len)`, *optional*): 1 for real tokens.
+                Defaults to `input_ids != pad_token_id`.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch, source_len, decoder_hidden_size)`.
+        """
+        self._check_source_ids(input_ids)
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+            encoded = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.encoder_to_decoder is not None:
+            encoded = self.encoder_to_decoder(encoded)
+        return encoded
+
+    def encode_context(
+        self,
+        source_memory: torch.Tensor,
+        source_mask: torch.Tensor,
+        context_input_ids: torch.Tensor,
+        context_time_values: torch.Tensor,
+        context_attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Decoder embeddings of the context time points (complete, unmasked sequences), each decoded with the source as
+        its only memory, all in one batched pass.
+
+        Args:
+            source_memory (`torch.FloatTensor` of shape `(batch, source_len, hidden)`), source_mask (`(batch,
+                source_len)`): the encoded source.
+            context_input_ids (`torch.LongTensor` of shape `(batch, num_context, context_len)`): context sequences;
+                an all-`<pad>` slot is an absent time point.
+            context_time_values (`torch.FloatTensor` of shape `(batch, num_context)`).
+            context_attention_mask (`torch.BoolTensor` of shape `(batch, num_context, context_len)`, *optional*).
+
+        Returns:
+            `(states, mask)`: `(batch, num_context * context_len, hidden)` and `(batch, num_context * context_len)`.
+        """
+        batch_size, num_context, context_len = context_input_ids.shape
+        if context_attention_mask is None:
+            context_attention_mask = context_input_ids != self.config.pad_token_id
+        flat_ids = context_input_ids.reshape(batch_size * num_context, context_len)
+        flat_mask = context_attention_mask.reshape(batch_size * num_context, context_len).bool()
+        memory = source_memory.repeat_interleave(num_context, dim=0)
+        memory_mask = source_mask.repeat_interleave(num_context, dim=0)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.context_gradient):
+            states = self.decoder(
+                flat_ids,
+                flat_mask,
+                context_time_values.reshape(-1).to(memory.dtype),
+                self.decoder.project_memory(memory),
+                memory_mask,
+            )
+        hidden = states.shape[-1]
+        return states.reshape(batch_size, num_context * context_len, hidden), flat_mask.reshape(batch_size, -1)
+
+    def gene_positions(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """`True` where a decoder token is a target gene (not special, not a condition token)."""
+        first = self.config.first_gene_token_id
+        return (token_ids >= first) & (token_ids < first + self.config.num_target_genes)
+
+    def pool(self, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Mean of `hidden_states` `(batch, len, hidden)` over gene-token positions -> `(batch, hidden)`."""
+        weights = self.gene_positions(token_ids).to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+    def _check_source_ids(self, input_ids):
+        vocab = self.config.encoder.vocab_size
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise ValueError(
+                f"Source token ids must lie in [0, {vocab}) (the encoder vocabulary); got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]."
+            )
+
+    def _check_target_ids(self, token_ids, name):
+        vocab = self.config.decoder_vocab_size
+        if token_ids.numel() and (token_ids.min() < 0 or token_ids.max() >= vocab):
+            raise ValueError(
+                f"`{name}` must lie in [0, {vocab}) (the decoder vocabulary); got values in "
+                f"[{int(token_ids.min())}, {int(token_ids.max())}]."
+            )
+
+    def _memory(self, input_ids, attention_mask, context_input_ids, context_time_values, context_attention_mask):
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        source = self.encode(input_ids, attention_mask)
+        source_mask = attention_mask.bool()
+        if context_input_ids is None or self.config.context_mode == "none":
+            return source, source_mask, source
+        if context_time_values is None:
+            raise ValueError("`context_time_values` is required with `context_input_ids`.")
+        self._check_target_ids(context_input_ids, "context_input_ids")
+        context, context_mask = self.encode_context(
+            source, source_mask, context_input_ids, context_time_values, context_attention_mask
+        )
+        return torch.cat([source, context], dim=1), torch.cat([source_mask, context_mask], dim=1), source
+
+    def _decode(self, token_ids, time_values, memory_key_values, memory_mask, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = token_ids != self.config.pad_token_id
+        return self.decoder(token_ids, attention_mask.bool(), time_values, memory_key_values, memory_mask)
+
+    # -- training forward -------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        decoder_time_values: torch.FloatTensor | None = None,
+        context_input_ids: torch.LongTensor | None = None,
+        context_attention_mask: torch.LongTensor | None = None,
+        context_time_values: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        target_counts: torch.FloatTensor | None = None,
+        library_size: torch.FloatTensor | None = None,
+        return_dict: bool | None = None,
+    ) -> PerturbGenOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, source_len)`):
+                Source cells, rank-value encoded in the encoder vocabulary (`<cls>` ... `<eos>`, padded with 0).
+            attention_mask (`torch.LongTensor` of shape `(batch_size, source_len)`, *optional*):
+                1 for real source tokens, 0 for padding. Defaults to `input_ids != 0`.
+            decoder_input_ids (`torch.LongTensor` of shape `(batch_size, target_len)`):
+                Target cells in the decoder vocabulary (condition tokens first, then genes by rank), where the
+                positions to predict hold `<mask>`.
+            decoder_attention_mask (`torch.LongTensor` of shape `(batch_size, target_len)`, *optional*):
+                1 for non-padding target positions. Defaults to `decoder_input_ids != 0`.
+            decoder_time_values (`torch.FloatTensor` of shape `(batch_size,)`):
+                Time value of each target cell (e.g. hours).
+            context_input_ids (`torch.LongTensor` of shape `(batch_size, num_context, context_len)`, *optional*):
+                Complete sequences of other time points; an all-padding slot is an absent time point.
+            context_attention_mask (`torch.LongTensor` of shape `(batch_size, num_context, context_len)`, *optional*).
+            context_time_values (`torch.FloatTensor` of shape `(batch_size, num_context)`, *optional*).
+            labels (`torch.LongTensor` of shape `(batch_size, target_len)`, *optional*):
+                True tokens at masked positions and -100 elsewhere; gives `token_loss`.
+            target_counts (`torch.FloatTensor` of shape `(batch_size, num_target_genes)`, *optional*):
+                Observed counts of the target genes; gives `count_loss`. The count head then reads the complete
+                target sequence (masked positions filled from `labels`), as at inference.
+            library_size (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
+                Observed library sizes, for `config.library_size == "observed"`. Defaults to the sum of
+                `target_counts`.
+            return_dict (`bool`, *optional*): return a [`PerturbGenOutput`] (default) or a tuple.
+
+        Returns:
+            [`PerturbGenOutput`].
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if decoder_input_ids is None or decoder_time_values is None:
+            raise ValueError("`decoder_input_ids` and `decoder_time_values` are required; use `generate` to predict.")
+        self._check_target_ids(decoder_input_ids, "decoder_input_ids")
+        memory, memory_mask, source = self._memory(
+            input_ids, attention_mask, context_input_ids, context_time_values, context_attention_mask
+        )
+        time_values = decoder_time_values.to(memory.dtype)
+        memory_key_values = self.decoder.project_memory(memory)
+        hidden_states = self._decode(
+            decoder_input_ids, time_values, memory_key_values, memory_mask, decoder_attention_mask
+        )
+        logits = self.lm_head(hidden_states)
+
+        token_loss = None
+        if labels is not None:
+            token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+        # The count head reads a complete sequence: the input itself, or the input with its masks filled in.
+        count_ids, count_hidden = decoder_input_ids, hidden_states
+        if labels is not None and target_counts is not None:
+            count_ids = torch.where(labels != -100, labels, decoder_input_ids)
+            count_hidden = self._decode(count_ids, time_values, memory_key_values, memory_mask, decoder_attention_mask)
+        cell_embeddings = self.pool(count_hidden, count_ids)
+        if library_size is None and target_counts is not None and self.config.library_size == "observed":
+            library_size = target_counts.sum(dim=-1)
+        count_params = self.count_head(cell_embeddings, library_size)
+        count_loss = self.count_head.loss(count_params, target_counts) if target_counts is not None else None
+
+        loss = self._combine_losses(token_loss, count_loss)
+        output = PerturbGenOutput(
+            loss=loss,
+            token_loss=token_loss,
+            count_loss=count_loss,
+            logits=logits,
+            count_mu=count_params["mu"],
+            count_theta=count_params["theta"],
+            count_zi_logits=count_params["zi_logits"],
+            library_size=count_params["library_size"],
+            cell_embeddings=cell_embeddings,
+            decoder_last_hidden_state=hidden_states,
+            encoder_last_hidden_state=source,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _combine_losses(self, token_loss, count_loss):
+        terms = []
+        if token_loss is not None and self.config.token_loss_weight > 0:
+            terms.append(self.config.token_loss_weight * token_loss)
+        if count_loss is not None and self.config.count_loss_weight > 0:
+            terms.append(self.config.count_loss_weight * count_loss)
+        return torch.stack(terms).sum() if terms else None
+
+    # -- generation -------------------------------------------------------------------------------------------------
+
+    def _resolve_time_values(self, time_points) -> list[float]:
+        if time_points is None:
+            return list(self.config.time_values)
+        if isinstance(time_points, (str, int, float)):
+            time_points = [time_points]
+        values = [self.config.time_value(t) for t in time_points]
+        if not values:
+            raise ValueError("`time_points` is empty.")
+        if len(set(values)) != len(values):
+            raise ValueError(f"`time_points` repeats a time point: {list(time_points)}.")
+        return sorted(values)
+
+    def _resolve_lengths(self, sequence_length, input_ids, attention_mask, num_conditions) -> torch.Tensor:
+        batch_size = input_ids.shape[0]
+        max_genes = min(self.config.num_target_genes, self.config.decoder_max_position_embeddings - num_conditions)
+        if sequence_length is None:
+            # As many genes as the source cell expresses (its tokens minus <cls>/<eos>).
+            lengths = attention_mask.long().sum(dim=1) - 2
+        elif isinstance(sequence_length, int):
+            lengths = torch.full((batch_size,), sequence_length, dtype=torch.long, device=input_ids.device)
+        else:
+            lengths = torch.as_tensor(sequence_length, dtype=torch.long, device=input_ids.device).reshape(-1)
+            if lengths.shape[0] != batch_size:
+                raise ValueError(f"`sequence_length` has {lengths.shape[0]} entries for {batch_size} cells.")
+        if (lengths < 1).any():
+            raise ValueError(f"`sequence_length` must be >= 1, got minimum {int(lengths.min())}.")
+        if sequence_length is not None and (lengths > max_genes).any():
+            raise ValueError(
+                f"`sequence_length` {int(lengths.max())} exceeds the {max_genes} genes this decoder can emit "
+                "(num_target_genes, or decoder_max_position_embeddings minus condition tokens)."
+            )
+        return lengths.clamp(max=max_genes)
+
+    def _initial_target(self, lengths, condition_ids):
+        batch_size = lengths.shape[0]
+        num_conditions = condition_ids.shape[1]
+        width = num_conditions + int(lengths.max())
+        positions = torch.arange(width, device=lengths.device).expand(batch_size, width)
+        is_gene = (positions >= num_conditions) & (positions < num_conditions + lengths[:, None])
+        tokens = torch.full((batch_size, width), self.config.pad_token_id, dtype=torch.long, device=lengths.device)
+        tokens = tokens.masked_fill(is_gene, self.config.mask_token_id)
+        tokens[:, :num_conditions] = condition_ids
+        return tokens, is_gene
+
+    def _banned_ids(self, tokens, is_gene):
+        """`(batch, vocab)` mask of ids a gene position may not take: non-genes and genes already in the cell."""
+        vocab = self.config.decoder_vocab_size
+        banned = torch.ones(vocab, dtype=torch.bool, device=tokens.device)
+        first = self.config.first_gene_token_id
+        banned[first : first + self.config.num_target_genes] = False
+        banned = banned.expand(tokens.shape[0], vocab).clone()
+        committed = is_gene & (tokens != self.config.mask_token_id)
+        return banned.scatter(1, tokens.masked_fill(~committed, 0), committed) | banned
+
+    def _unmask_step(self, logits, tokens, is_gene, keep_masked, temperature, top_k, generator):
+        """One MaskGIT step: sample masked positions, commit the most confident unique genes, re-mask the rest."""
+        masked = is_gene & (tokens == self.config.mask_token_id)
+        logits = logits.float().masked_fill(self._banned_ids(tokens, is_gene)[:, None, :], float("-inf"))
+        logits = top_k_filter(logits, top_k)
+        proposal = gumbel_argmax(logits, temperature, generator)
+        confidence = margin_confidence(logits)
+        unique = first_occurrence(proposal, confidence, masked, self.config.decoder_vocab_size)
+        # Commit the `num_masked - keep_masked` most confident unique proposals of each cell.
+        num_commit = (masked.sum(dim=1) - keep_masked).clamp(min=0)
+        ranked = confidence.masked_fill(~unique, float("-inf")).argsort(dim=1, descending=True).argsort(dim=1)
+        commit = unique & (ranked < num_commit[:, None])
+        return torch.where(commit, proposal, tokens)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        time_points=None,
+        sequence_length=None,
+        condition_ids: torch.LongTensor | None = None,
+        num_iterations: int = 16,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        schedule: str | None = None,
+        library_size: torch.FloatTensor | None = None,
+        generator: torch.Generator | None = None,
+        output_hidden_states: bool = False,
+    ) -> PerturbGenGenerateOutput:
+        r"""
+        Predict target cells at one or more time points from source cells by MaskGIT iterative decoding.
+
+        Time points are generated in increasing time; each one's context is the already generated earlier ones
+        (`context_mode` "previous" or "all"). Per time point: start from all-`<mask>` gene positions; at step `i` of
+        `num_iterations` sample every masked position at temperature `temperature * (1 - (i + 1) / num_iterations)`
+        (greedy at the last step) after banning non-gene ids and genes already committed in the cell and keeping the
+        `top_k` logits; commit the proposals with the largest probability margin `p1 - p2` so that
+        `floor(L * gamma((i + 1) / num_iterations))` positions stay masked; a gene proposed at two positions is
+        committed only at the more confident one. Extra greedy steps resolve any masks left by such collisions. The
+        complete sequence is then read out once more for embeddings and counts. The encoder runs once per call and
+        the cross-attention keys/values of the fixed memory once per time point.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, source_len)`): source cells.
+            attention_mask (`torch.LongTensor` of shape `(batch_size, source_len)`, *optional*).
+            time_points (`list` of `str` or `float`, *optional*): names from `config.time_points` or time values
+                (unseen values are allowed). Defaults to all of `config.time_points`.
+            sequence_length (`int` or `torch.LongTensor` of shape `(batch_size,)`, *optional*): genes to generate per
+                cell. Defaults to the number of genes in each source cell (capped at `num_target_genes`).
+            condition_ids (`torch.LongTensor` of shape `(batch_size, num_conditions)`, *optional*): decoder ids of
+                condition tokens, kept in front of every generated sequence.
+            num_iterations (`int`, *optional*, defaults to 16): MaskGIT steps.
+            temperature (`float`, *optional*, defaults to 1.0): initial sampling temperature (0 = greedy).
+            top_k (`int`, *optional*): keep only the `top_k` largest logits when sampling.
+            schedule (`str`, *optional*): `"cosine"`, `"pow"` or `"linear"`; defaults to `config.mask_schedule`.
+            library_size (`torch.FloatTensor` of shape `(batch_size,)`, *optional*): required when
+                `config.library_size == "observed"`.
+            generator (`torch.Generator`, *optional*): makes the sampling reproducible.
+            output_hidden_states (`bool`, *optional*, defaults to `False`): also return the final hidden states.
+
+        Returns:
+            [`PerturbGenGenerateOutput`].
+        """
+        if num_iterations < 1:
+            raise ValueError(f"`num_iterations` must be >= 1, got {num_iterations}.")
+        if temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0, got {temperature}.")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"`top_k` must be >= 1, got {top_k}.")
+        schedule = schedule or self.config.mask_schedule
+        times = self._resolve_time_values(time_points)
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        batch_size = input_ids.shape[0]
+        if condition_ids is None:
+            condition_ids = torch.zeros(batch_size, 0, dtype=torch.long, device=input_ids.device)
+        self._check_conditions(condition_ids, batch_size)
+        lengths = self._resolve_lengths(sequence_length, input_ids, attention_mask, condition_ids.shape[1])
+
+        source = self.encode(input_ids, attention_mask)  # once per call
+        source_mask = attention_mask.bool()
+        generated, contexts = [], []
+        for time_value in times:
+            time_tensor = torch.full((batch_size,), time_value, dtype=source.dtype, device=source.device)
+            memory = torch.cat([source, *[c[0] for c in contexts]], dim=1)
+            memory_mask = torch.cat([source_mask, *[c[1] for c in contexts]], dim=1)
+            memory_key_values = self.decoder.project_memory(memory)  # once per time point, reused every step
+            tokens, is_gene = self._initial_target(lengths, condition_ids)
+            tokens = self._maskgit_loop(
+                tokens, is_gene, lengths, time_tensor, memory_key_values, memory_mask,
+                num_iterations, temperature, top_k, schedule, generator,
+            )  # fmt: skip
+            hidden = self._decode(tokens, time_tensor, memory_key_values, memory_mask)
+            generated.append((tokens, hidden))
+            if self.config.context_mode != "none" and time_value != times[-1]:
+                source_kv = self.decoder.project_memory(source)
+                context = self._decode(tokens, time_tensor, source_kv, source_mask)
+                contexts.append((context, tokens != self.config.pad_token_id))
+        return self._generate_output(generated, times, library_size, output_hidden_states)
+
+    def _check_conditions(self, condition_ids, batch_size):
+        if condition_ids.shape[0] != batch_size:
+            raise ValueError(f"`condition_ids` has {condition_ids.shape[0]} rows for {batch_size} cells.")
+        first = self.config.first_condition_token_id
+        if condition_ids.numel() and (
+            (condition_ids < first).any() or (condition_ids >= self.config.decoder_vocab_size).any()
+        ):
+            raise ValueError(
+                f"`condition_ids` must be condition-token ids in [{first}, {self.config.decoder_vocab_size})."
+            )
+
+    def _maskgit_loop(
+        self, tokens, is_gene, lengths, time_values, memory_key_values, memory_mask,
+        num_iterations, temperature, top_k, schedule, generator,
+    ):  # fmt: skip
+        exponent = self.config.mask_schedule_exponent
+        step = 0
+        # The scheduled steps, then greedy steps for positions left masked by duplicate proposals (bounded: each
+        # step commits at least one position of every cell that still has masks).
+        max_steps = num_iterations + int(lengths.max())
+        while step < max_steps:
+            if not (is_gene & (tokens == self.config.mask_token_id)).any():
+                break
+            scheduled = step < num_iterations
+            keep = (
+                num_masked_after_step(step, num_iterations, lengths, schedule, exponent).to(tokens.device)
+                if scheduled
+                else torch.zeros_like(lengths)
+            )
+            step_temperature = temperature * (1.0 - (step + 1) / num_iterations) if scheduled else 0.0
+            logits = self.lm_head(self._decode(tokens, time_values, memory_key_values, memory_mask))
+            tokens = self._unmask_step(logits, tokens, is_gene, keep, step_temperature, top_k, generator)
+            step += 1
+        return tokens
+
+    def _generate_output(self, generated, times, library_size, output_hidden_states):
+        width = max(tokens.shape[1] for tokens, _ in generated)
+        sequences, embeddings, params = [], [], []
+        for tokens, hidden in generated:
+            sequences.append(F.pad(tokens, (0, width - tokens.shape[1]), value=self.config.pad_token_id))
+            pooled = self.pool(hidden, tokens)
+            embeddings.append(pooled)
+            params.append(self.count_head(pooled, library_size))
+        stacked = {key: [p[key] for p in params] for key in ("mu", "zi_logits", "library_size")}
+        counts = torch.stack([self.count_head.expected_counts(p) for p in params], dim=1)
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = torch.stack([F.pad(h, (0, 0, 0, width - h.shape[1])) for _, h in generated], dim=1)
+        return PerturbGenGenerateOutput(
+            sequences=torch.stack(sequences, dim=1),
+            time_values=torch.tensor(times, dtype=torch.float32),
+            cell_embeddings=torch.stack(embeddings, dim=1),
+            counts=counts,
+            count_mu=torch.stack(stacked["mu"], dim=1),
+            count_theta=params[0]["theta"],
+            count_zi_logits=None if stacked["zi_logits"][0] is None else torch.stack(stacked["zi_logits"], dim=1),
+            library_size=torch.stack(stacked["library_size"], dim=1),
+            decoder_hidden_states=hidden_states,
+        )
+
+
+__all__ = [
+    "PerturbGenForConditionalGeneration",
+    "PerturbGenGenerateOutput",
+    "PerturbGenOutput",
+    "PerturbGenPreTrainedModel",
+]

@@ -1,0 +1,48 @@
+import torch
+
+from perturbgen_hf.modeling import mask_ratio, num_masked_after_step, sample_training_mask
+from perturbgen_hf.modeling.masking_perturbgen import first_occurrence, top_k_filter
+
+
+def test_schedules_go_from_all_to_none_monotonically():
+    r = torch.linspace(0, 1, 50)
+    for schedule in ("cosine", "pow", "linear"):
+        ratios = mask_ratio(r, schedule)
+        assert ratios[0] == 1.0
+        assert ratios[-1].item() < 1e-12
+        assert (ratios[1:] <= ratios[:-1]).all()
+
+
+def test_generation_steps_end_with_nothing_masked():
+    lengths = torch.tensor([1, 7, 100])
+    counts = [num_masked_after_step(i, 12, lengths) for i in range(12)]
+    assert torch.equal(counts[-1], torch.zeros(3, dtype=torch.long))
+    stacked = torch.stack(counts)
+    assert (stacked[1:] <= stacked[:-1]).all()
+    assert (stacked[0] <= lengths).all()
+
+
+def test_training_mask_respects_maskable_and_is_seeded():
+    maskable = torch.ones(64, 20, dtype=torch.bool)
+    maskable[:, :2] = False  # condition tokens
+    maskable[5, 10:] = False  # padding
+    a = sample_training_mask(maskable, generator=torch.Generator().manual_seed(0))
+    b = sample_training_mask(maskable, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    assert not (a & ~maskable).any()
+    assert (a.sum(1) >= 1).all()
+    # Ratios are spread over (0, 1]: some sequences get few masks, some many.
+    assert a.sum(1).min() < 6 < a.sum(1).max()
+
+
+def test_first_occurrence_keeps_the_most_confident_duplicate():
+    ids = torch.tensor([[5, 7, 5, 9, 5]])
+    confidence = torch.tensor([[0.1, 0.5, 0.9, 0.2, 0.9]])
+    candidate = torch.tensor([[True, True, True, False, True]])
+    keep = first_occurrence(ids, confidence, candidate, vocab_size=10)
+    assert keep.tolist() == [[False, True, True, False, False]]
+
+
+def test_top_k_filter_keeps_k_largest():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, True, False]]
