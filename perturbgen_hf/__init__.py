@@ -2,13 +2,14 @@
 perturbgen-hf: PerturbGen, a trajectory-aware generative transformer for in silico perturbation of single cells,
 as a native Hugging Face transformers model.
 
-Importing this package registers the model with `AutoConfig`, `AutoModel` and `AutoModelForSeq2SeqLM` (and, for
+Importing this package registers the model with `AutoConfig`, `AutoModel`, `AutoModelForSeq2SeqLM` and
+`AutoTokenizer` (and, for
 `trust_remote_code` exports, records the classes in `auto_map` when saving).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from .modeling import (
     PerturbGenConfig,
@@ -17,6 +18,7 @@ from .modeling import (
     PerturbGenOutput,
     PerturbGenPreTrainedModel,
 )
+from .tokenization import PerturbGenTokenizer
 
 
 try:
@@ -29,10 +31,12 @@ def _register_auto_classes():
     AutoConfig.register(PerturbGenConfig.model_type, PerturbGenConfig, exist_ok=True)
     AutoModel.register(PerturbGenConfig, PerturbGenForConditionalGeneration, exist_ok=True)
     AutoModelForSeq2SeqLM.register(PerturbGenConfig, PerturbGenForConditionalGeneration, exist_ok=True)
+    AutoTokenizer.register(PerturbGenConfig, tokenizer_class=PerturbGenTokenizer, exist_ok=True)
     # Saved folders then carry the code and an `auto_map`, so they load with `trust_remote_code=True` where this
     # package is not installed.
     PerturbGenConfig.register_for_auto_class("AutoConfig")
     PerturbGenForConditionalGeneration.register_for_auto_class("AutoModel")
+    PerturbGenTokenizer.register_for_auto_class("AutoTokenizer")
 
 
 _register_auto_classes()
@@ -43,5 +47,6 @@ __all__ = [
     "PerturbGenGenerateOutput",
     "PerturbGenOutput",
     "PerturbGenPreTrainedModel",
+    "PerturbGenTokenizer",
     "__version__",
 ]

@@ -34,7 +34,7 @@ def _add_tokenize_parser(subparsers):
     parser.set_defaults(run=run_tokenize_command)
 
 
-SUBCOMMANDS = []
+SUBCOMMANDS = [_add_tokenize_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

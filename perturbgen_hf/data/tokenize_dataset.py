@@ -1,0 +1,451 @@
+"""
+AnnData of raw counts -> tokenized, paired source/target dataset on disk (`perturbgen-hf tokenize`).
+
+Output folder:
+    dataset/            `datasets.Dataset.save_to_disk`: one row per (source cell, target cells) pair
+    tokenizer/          `PerturbGenTokenizer.save_pretrained` (encoder vocabulary, medians, target genes)
+    perturbgen_data.json  time points and values, target genes, pairing report, input checksum
+
+Each row: `source_input_ids` (encoder ids, `<cls>` ... `<eos>`); per target time point `target_input_ids` (decoder
+ids, genes by rank), `target_condition_ids`, `target_counts_indices`/`target_counts_values` (sparse counts of the
+target genes), `target_library_size` (counts of all genes), `target_cell_ids`; `source_cell_id`, `source_group`.
+"""
+
+import argparse
+import hashlib
+import json
+import logging
+import re
+import shutil
+import sys
+import tempfile
+from itertools import pairwise
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from datasets import Dataset, Features, List, Value
+from tqdm.auto import tqdm
+
+from ..tokenization import PerturbGenTokenizer, check_raw_counts
+from .pairing import PAIRING_MODES, pair_cells
+
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION_FILE = "perturbgen_data.json"
+NORMALIZED_TOTAL = 10_000.0
+_NUMBER = re.compile(r"[-+]?\d*\.?\d+")
+
+FEATURES = Features(
+    {
+        "source_input_ids": List(Value("int32")),
+        "target_input_ids": List(List(Value("int32"))),
+        "target_condition_ids": List(List(Value("int32"))),
+        "target_counts_indices": List(List(Value("int32"))),
+        "target_counts_values": List(List(Value("float32"))),
+        "target_library_size": List(Value("float64")),
+        "source_cell_id": Value("string"),
+        "target_cell_ids": List(Value("string")),
+        "source_group": Value("string"),
+    }
+)
+
+
+def file_sha256(path, block=1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_time_points(obs, time_key, time_order=None, time_value_key=None):
+    """
+    Ordered time point names and their numeric values.
+
+    Values come from `time_value_key` (one value per time point), else from the number in each name ("6h" -> 6),
+    else from the position (1, 2, ...).
+    """
+    if time_key not in obs.columns:
+        raise KeyError(f"Time key {time_key!r} is not an obs column; available: {list(obs.columns)}.")
+    present = obs[time_key].astype(str)
+    observed = set(present.unique())
+    if time_order:
+        unknown = [t for t in time_order if t not in observed]
+        if unknown:
+            raise ValueError(
+                f"Time point(s) {unknown} have no cells in obs[{time_key!r}]; present: {sorted(observed)}."
+            )
+        order = [str(t) for t in time_order]
+    elif isinstance(obs[time_key].dtype, pd.CategoricalDtype) and obs[time_key].cat.ordered:
+        order = [str(c) for c in obs[time_key].cat.categories if str(c) in observed]
+    else:
+        order = sorted(observed, key=lambda t: (_parse_number(t) is None, _parse_number(t) or 0.0, t))
+    if time_value_key is not None:
+        if time_value_key not in obs.columns:
+            raise KeyError(f"Time value key {time_value_key!r} is not an obs column.")
+        values = []
+        for t in order:
+            distinct = pd.unique(obs.loc[present == t, time_value_key])
+            if len(distinct) != 1:
+                raise ValueError(f"Time point {t!r} has {len(distinct)} different values in {time_value_key!r}.")
+            values.append(float(distinct[0]))
+    else:
+        parsed = [_parse_number(t) for t in order]
+        values = parsed if all(v is not None for v in parsed) and len(set(parsed)) == len(parsed) else None
+        values = values or [float(i + 1) for i in range(len(order))]
+    if any(b <= a for a, b in pairwise(values)):
+        raise ValueError(f"Time values {values} of {order} are not increasing; give --time-order or --time-value-key.")
+    return order, values
+
+
+def _parse_number(text):
+    match = _NUMBER.search(str(text))
+    return float(match.group()) if match else None
+
+
+def select_target_genes(counts, rows, tokenizer, gene_ids, n_genes, include_genes=(), chunk_size=4096):
+    """
+    The `n_genes` vocabulary genes of largest variance of log1p(counts per 10,000) over the given cells, plus
+    `include_genes` (which must be in the vocabulary), in vocabulary order. Streams over chunks of cells.
+    """
+    token_ids = tokenizer.resolve_genes(gene_ids)
+    sums = np.zeros(len(gene_ids))
+    squares = np.zeros(len(gene_ids))
+    for start in range(0, len(rows), chunk_size):
+        chunk = _read_rows(counts, rows[start : start + chunk_size])
+        totals = np.asarray(chunk.sum(axis=1)).ravel()
+        normalized = sp.diags(NORMALIZED_TOTAL / np.where(totals > 0, totals, 1.0)) @ chunk
+        normalized.data = np.log1p(normalized.data)
+        sums += np.asarray(normalized.sum(axis=0)).ravel()
+        squares += np.asarray(normalized.multiply(normalized).sum(axis=0)).ravel()
+    variance = squares / len(rows) - (sums / len(rows)) ** 2
+    usable = np.flatnonzero((token_ids >= 0) & (sums > 0))
+    chosen_tokens = set()
+    # Several input columns may be one gene (e.g. orthologs): count distinct genes.
+    for token in token_ids[usable[np.argsort(-variance[usable], kind="stable")]]:
+        if len(chosen_tokens) == n_genes:
+            break
+        chosen_tokens.add(int(token))
+    for gene in include_genes:
+        chosen_tokens.add(tokenizer.gene_to_id(gene))  # KeyError names an unknown gene
+    return [tokenizer.id_to_gene(t) for t in sorted(chosen_tokens)]
+
+
+def _read_rows(counts, rows):
+    """Rows of a (possibly backed) matrix as CSR; `rows` sorted ascending, read as one contiguous block if possible."""
+    rows = np.asarray(rows)
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        block = counts[int(rows[0]) : int(rows[-1]) + 1]
+    else:
+        block = counts[rows]
+    return sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+
+def tokenize_anndata(
+    adata,
+    out,
+    time_key,
+    source,
+    targets=None,
+    time_order=None,
+    time_value_key=None,
+    gene_id_key=None,
+    dictionaries=None,
+    tokenizer=None,
+    n_hvg=2000,
+    include_genes=(),
+    pairing="random",
+    pairing_key=None,
+    pairing_file=None,
+    condition_keys=(),
+    seed=0,
+    max_length=4096,
+    chunk_size=2048,
+    num_proc=1,
+    overwrite=False,
+    progress=True,
+):
+    """
+    Tokenize an AnnData of raw counts into a paired training dataset (see the module docstring for the layout).
+
+    Args:
+        adata (`str`, `os.PathLike` or `anndata.AnnData`): the data; a path is opened backed and read in chunks.
+        out (`str` or `os.PathLike`): output folder (must not exist or be empty unless `overwrite`).
+        time_key (`str`): obs column of time points. source (`str`): source time point. targets (`list[str]`,
+            *optional*): target time points (default: every later one).
+        time_order (`list[str]`, *optional*), time_value_key (`str`, *optional*): see [`resolve_time_points`].
+        gene_id_key (`str`, *optional*): var column of gene identifiers (default: `var_names`).
+        dictionaries (`list[str]`, *optional*): token dict, median dict [, alias mapping] pickles; without them
+            (and without `tokenizer`) the vocabulary is fitted on the data.
+        tokenizer ([`PerturbGenTokenizer`], *optional*): an existing tokenizer to use instead.
+        n_hvg (`int`), include_genes (`list[str]`): target genes of the decoder ([`select_target_genes`]).
+        pairing (`str`), pairing_key (`str`), pairing_file (`str`): see [`pair_cells`].
+        condition_keys (`list[str]`): obs columns whose values become condition tokens of each target.
+        seed (`int`): pairing seed. max_length (`int`): longest source sequence. chunk_size (`int`): cells per chunk.
+        num_proc (`int`): processes used to write the dataset.
+        overwrite (`bool`): replace an existing output folder.
+        progress (`bool`): show progress bars.
+
+    Returns:
+        `dict`: the description written to `perturbgen_data.json`.
+    """
+    out = Path(out)
+    _prepare_output(out, overwrite)
+    path = None
+    if not isinstance(adata, ad.AnnData):
+        path = Path(adata)
+        if not path.is_file():
+            raise FileNotFoundError(f"Input file not found: {str(path)!r}")
+        adata = ad.read_h5ad(path, backed="r")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"The input is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    obs = adata.obs.copy()
+    order, values = resolve_time_points(obs, time_key, time_order, time_value_key)
+    time_points = _select_time_points(order, source, targets)
+    for key in [*condition_keys, *([pairing_key] if pairing_key else [])]:
+        if key not in obs.columns:
+            raise KeyError(f"{key!r} is not an obs column; available: {list(obs.columns)}.")
+    gene_ids = _gene_ids(adata, gene_id_key)
+    cell_rows = np.flatnonzero(obs[time_key].astype(str).isin(time_points).to_numpy())
+    tokenizer = tokenizer or _build_tokenizer(adata.X, cell_rows, gene_ids, dictionaries, max_length)
+    if gene_id_key is not None:
+        tokenizer.add_symbols(gene_ids, list(adata.var_names))
+    targets_genes = select_target_genes(adata.X, cell_rows, tokenizer, gene_ids, n_hvg, include_genes)
+    condition_tokens = _condition_tokens(obs, cell_rows, condition_keys)
+    tokenizer.set_target_genes(targets_genes, condition_tokens)
+
+    mapping = pd.read_csv(pairing_file) if pairing == "mapping" and pairing_file else None
+    pairs, report = pair_cells(obs, time_key, time_points, pairing, pairing_key, mapping, seed)
+    cells = _tokenize_cells(adata.X, cell_rows, tokenizer, gene_ids, max_length, chunk_size, progress)
+    rows = _pair_rows(pairs, cells, obs, time_key, condition_keys, pairing_key, tokenizer)
+    dataset = Dataset.from_dict(rows, features=FEATURES)
+    description = _describe(path, adata, time_key, time_points, order, values, tokenizer, report, pairing,
+                            pairing_key, condition_keys, seed, max_length, cells, gene_id_key)  # fmt: skip
+    _write_output(out, dataset, tokenizer, description, num_proc)
+    return description
+
+
+def _prepare_output(out, overwrite):
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"Output folder {str(out)!r} exists and is not empty; pass --overwrite to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _select_time_points(order, source, targets):
+    if source not in order:
+        raise ValueError(f"Source time point {source!r} is not in the data; time points: {order}.")
+    if targets:
+        unknown = [t for t in targets if t not in order]
+        if unknown:
+            raise ValueError(f"Target time point(s) {unknown} are not in the data; time points: {order}.")
+        if source in targets:
+            raise ValueError(f"The source time point {source!r} cannot also be a target.")
+        targets = sorted(targets, key=order.index)
+    else:
+        targets = order[order.index(source) + 1 :]
+        if not targets:
+            raise ValueError(f"No time point after the source {source!r}; give --targets.")
+    return [source, *targets]
+
+
+def _gene_ids(adata, gene_id_key):
+    if gene_id_key is None:
+        return [str(g) for g in adata.var_names]
+    if gene_id_key not in adata.var.columns:
+        raise KeyError(f"Gene id key {gene_id_key!r} is not a var column; available: {list(adata.var.columns)}.")
+    return ["" if pd.isna(g) else str(g) for g in adata.var[gene_id_key]]
+
+
+def _build_tokenizer(counts, rows, gene_ids, dictionaries, max_length):
+    if dictionaries:
+        if len(dictionaries) not in (2, 3):
+            raise ValueError("--dictionaries takes TOKEN_PKL MEDIAN_PKL [MAPPING_PKL].")
+        return PerturbGenTokenizer.from_dictionaries(*dictionaries, model_max_length=max_length)
+    usable = [i for i, g in enumerate(gene_ids) if g]
+    matrix = _read_rows(counts, rows)[:, usable]
+    return PerturbGenTokenizer.fit(matrix, [gene_ids[i] for i in usable], model_max_length=max_length)
+
+
+def _condition_tokens(obs, rows, condition_keys):
+    tokens = []
+    for key in condition_keys:
+        tokens += [f"{key}={v}" for v in sorted(obs.iloc[rows][key].astype(str).unique())]
+    return tokens
+
+
+def _tokenize_cells(counts, rows, tokenizer, gene_ids, max_length, chunk_size, progress):
+    """Source tokens, target tokens, target counts and library size of every used cell (keyed by obs row)."""
+    parts = {"source": [], "target": [], "counts": [], "library": []}
+    bar = tqdm(total=len(rows), desc="tokenizing cells", unit="cell", disable=not progress)
+    for start in range(0, len(rows), chunk_size):
+        chunk = _read_rows(counts, rows[start : start + chunk_size])
+        check_raw_counts(chunk.data, f"X (cells {start}..{start + chunk.shape[0] - 1} of the selected time points)")
+        parts["source"].append(tokenizer.rank_cells(chunk, gene_ids, max_length, check_counts=False))
+        parts["target"].append(tokenizer.rank_targets(chunk, gene_ids, check_counts=False))
+        parts["counts"].append(tokenizer.target_counts(chunk, gene_ids))
+        parts["library"].append(np.asarray(chunk.sum(axis=1)).ravel())
+        bar.update(chunk.shape[0])
+    bar.close()
+    position = {int(r): i for i, r in enumerate(rows)}
+    source = [p.cell(i).tolist() for p in parts["source"] for i in range(len(p))]
+    target = [p.cell(i).tolist() for p in parts["target"] for i in range(len(p))]
+    counts_matrix = sp.vstack(parts["counts"]).tocsr()
+    counts_matrix.sort_indices()
+    empty = int(sum((p.lengths() <= 2).sum() for p in parts["source"]))
+    if empty:
+        logger.warning("%d cells express no vocabulary gene; their source sequences hold only <cls> <eos>.", empty)
+    return {"position": position, "source": source, "target": target, "counts": counts_matrix,
+            "library": np.concatenate(parts["library"]), "empty_cells": empty}  # fmt: skip
+
+
+def _pair_rows(pairs, cells, obs, time_key, condition_keys, pairing_key, tokenizer):
+    names = obs.index.astype(str).to_numpy()
+    position = cells["position"]
+    counts = cells["counts"]
+    rows = {name: [] for name in FEATURES}
+    for pair in pairs:
+        src = position[int(pair[0])]
+        rows["source_input_ids"].append(cells["source"][src])
+        rows["source_cell_id"].append(names[pair[0]])
+        rows["source_group"].append("" if pairing_key is None else str(obs[pairing_key].iloc[pair[0]]))
+        targets = [position[int(p)] for p in pair[1:]]
+        rows["target_input_ids"].append([cells["target"][t] for t in targets])
+        rows["target_condition_ids"].append(
+            [[tokenizer.condition_token_id(f"{k}={obs[k].iloc[p]}") for k in condition_keys] for p in pair[1:]]
+        )
+        rows["target_counts_indices"].append(
+            [counts.indices[counts.indptr[t] : counts.indptr[t + 1]].tolist() for t in targets]
+        )
+        rows["target_counts_values"].append(
+            [counts.data[counts.indptr[t] : counts.indptr[t + 1]].tolist() for t in targets]
+        )
+        rows["target_library_size"].append([float(cells["library"][t]) for t in targets])
+        rows["target_cell_ids"].append([names[p] for p in pair[1:]])
+    return rows
+
+
+def _describe(path, adata, time_key, time_points, order, values, tokenizer, report, pairing, pairing_key,
+              condition_keys, seed, max_length, cells, gene_id_key):  # fmt: skip
+    value_of = dict(zip(order, values))
+    return {
+        "input": {
+            "path": str(path) if path else None,
+            "sha256": file_sha256(path) if path else None,
+            "cells": int(adata.n_obs),
+            "genes": int(adata.n_vars),
+            "gene_id_key": gene_id_key,
+        },
+        "time_key": time_key,
+        "source": time_points[0],
+        "source_time_value": value_of[time_points[0]],
+        "time_points": time_points[1:],
+        "time_values": [value_of[t] for t in time_points[1:]],
+        "num_target_genes": tokenizer.num_target_genes,
+        "condition_keys": list(condition_keys),
+        "condition_tokens": tokenizer.condition_tokens,
+        "pairing": {"mode": pairing, "key": pairing_key, "seed": seed, **report},
+        "max_length": max_length,
+        "cells_without_vocabulary_genes": cells["empty_cells"],
+        "vocabulary_size": tokenizer.vocab_size,
+    }
+
+
+def _write_output(out, dataset, tokenizer, description, num_proc):
+    """Write into a temporary sibling folder, then move it into place, so a failure leaves nothing half-written."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        dataset.save_to_disk(str(staging / "dataset"), num_proc=num_proc if num_proc > 1 else None)
+        tokenizer.save_pretrained(staging / "tokenizer")
+        (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_description(folder) -> dict:
+    """The `perturbgen_data.json` of a tokenized folder."""
+    path = Path(folder) / DESCRIPTION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(folder)!r} is not a tokenized folder (no {DESCRIPTION_FILE}).")
+    return json.loads(path.read_text())
+
+
+def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adata", help="input .h5ad with raw integer counts in X")
+    parser.add_argument("--out", required=True, help="output folder (created; must not exist unless --overwrite)")
+    parser.add_argument("--time-key", required=True, help="obs column with the time point of each cell")
+    parser.add_argument(
+        "--time-order",
+        nargs="+",
+        help="time points in temporal order (default: ordered categories, or by the number in each name)",
+    )
+    parser.add_argument("--time-value-key", help="obs column with the numeric time (e.g. hours) of each cell")
+    parser.add_argument("--source", required=True, help="source time point (the encoder's input)")
+    parser.add_argument("--targets", nargs="+", help="target time points (default: every later time point)")
+    parser.add_argument("--gene-id-key", help="var column with Ensembl IDs or symbols (default: var_names)")
+    vocabulary = parser.add_mutually_exclusive_group()
+    vocabulary.add_argument(
+        "--dictionaries",
+        nargs="+",
+        metavar="PKL",
+        help="TOKEN_PKL MEDIAN_PKL [MAPPING_PKL] (Geneformer / PerturbGen dictionaries)",
+    )
+    vocabulary.add_argument(
+        "--fit-vocabulary",
+        action="store_true",
+        help="fit the vocabulary and medians on the data (the default without --dictionaries)",
+    )
+    parser.add_argument(
+        "--n-hvg", type=int, default=2000, help="number of highly variable genes in the decoder's vocabulary"
+    )
+    parser.add_argument("--include-genes", nargs="+", default=[], help="genes forced into the decoder's vocabulary")
+    parser.add_argument(
+        "--pairing", choices=PAIRING_MODES, default="random", help="how source cells are paired with target cells"
+    )
+    parser.add_argument("--pairing-key", help="obs column for stratified or mapping pairing (e.g. cell_type)")
+    parser.add_argument(
+        "--pairing-file", help="CSV of allowed lineage paths (one column per time point) for mapping pairing"
+    )
+    parser.add_argument("--condition-keys", nargs="+", default=[], help="obs columns that become condition tokens")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pairing")
+    parser.add_argument(
+        "--max-length", type=int, default=4096, help="longest source sequence, <cls> and <eos> included"
+    )
+    parser.add_argument("--chunk-size", type=int, default=2048, help="cells read and ranked at a time")
+    parser.add_argument("--num-proc", type=int, default=1, help="processes used to write the dataset")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run_tokenize_command(args) -> int:
+    if args.n_hvg < 1:
+        raise ValueError(f"--n-hvg must be positive, got {args.n_hvg}.")
+    if args.pairing == "mapping" and not args.pairing_file:
+        raise ValueError("--pairing mapping needs --pairing-file.")
+    description = tokenize_anndata(
+        args.adata, args.out, args.time_key, args.source, targets=args.targets, time_order=args.time_order,
+        time_value_key=args.time_value_key, gene_id_key=args.gene_id_key, dictionaries=args.dictionaries,
+        n_hvg=args.n_hvg, include_genes=args.include_genes, pairing=args.pairing, pairing_key=args.pairing_key,
+        pairing_file=args.pairing_file, condition_keys=args.condition_keys, seed=args.seed,
+        max_length=args.max_length, chunk_size=args.chunk_size, num_proc=args.num_proc, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    report = description["pairing"]
+    logger.info("pairing report: %s", json.dumps(report))
+    summary = ", ".join(f"{t}: {r['cells']} cells" for t, r in report["time_points"].items())
+    # The command's result line (commands report on stdout; the library itself only logs).
+    sys.stdout.write(
+        f"wrote {report['num_pairs']} pairs ({summary}; {description['num_target_genes']} target genes) to {args.out}\n"
+    )
+    return 0
+
+
+__all__ = ["add_tokenize_arguments", "load_description", "pair_cells", "resolve_time_points", "select_target_genes",
+           "tokenize_anndata"]  # fmt: skip
