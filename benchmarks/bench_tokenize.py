@@ -4,21 +4,35 @@ Tokenizer throughput and peak memory: the package's chunked ranking against a st
 
     python benchmarks/bench_tokenize.py --cells 200000 --genes 20000 --nnz 2000 --workdir /tmp/bench
 
-Writes benchmarks/results/tokenize.json. Peak memory is measured with tracemalloc (numpy reports its buffers to it)
-at two input sizes, to show whether it grows with the number of cells.
+Each measurement runs in its own process (started from a parent that stays small: the data are generated in a
+separate process too, because Linux carries a parent's peak RSS into `getrusage` of its children). Memory is the
+resident set of the measuring process, and the summed resident sets of its worker processes, sampled every
+100 ms from /proc (cheap, so it does not slow the run; forked workers share the parent's pages, so the worker
+figure counts those again).
+- reference: per cell, its row of a 2,048-cell chunk read from the backed file; the tokens of all cells are kept
+  in memory, as Geneformer's tokenizer does before saving, and written to an Arrow file after the timed part.
+- package: `PerturbGenTokenizer.rank_to_arrow`, with 1 and 2 processes: chunks are ranked and written to Arrow
+  files as they are done (the timed part includes the writing).
+Both outputs are then compared cell by cell. The input sizes are a quarter of `--cells` and `--cells`, to show
+whether memory grows with the number of cells. Results go to benchmarks/results/tokenize.json.
 """
 
 import argparse
 import json
+import subprocess
+import sys
+import threading
 import time
-import tracemalloc
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import psutil
+import pyarrow as pa
 import scipy.sparse as sp
 
 from perturbgen_hf.tokenization import PerturbGenTokenizer
+from perturbgen_hf.tokenization.tokenization_perturbgen import RankedCells, ranked_to_arrow, write_arrow_stream
 
 
 CHUNK = 2048
@@ -38,6 +52,12 @@ def synthetic_h5ad(path, cells, genes, nnz, seed=0):
     adata.write_h5ad(path)  # uncompressed: the layout for streaming
 
 
+def benchmark_tokenizer(genes, max_length):
+    gene_ids = [f"ENSG{i:011d}" for i in range(genes)]
+    medians = np.random.default_rng(1).uniform(0.5, 5.0, genes)
+    return gene_ids, PerturbGenTokenizer.from_vocabulary(gene_ids, medians, model_max_length=max_length)
+
+
 def reference_tokenize(X, gene_ids, tokenizer, max_length):
     """Per cell: its CSR row, normalise, divide by medians, argsort (ties by token id), truncate."""
     token_of = np.array([tokenizer.vocab[g] for g in gene_ids])
@@ -55,19 +75,86 @@ def reference_tokenize(X, gene_ids, tokenizer, max_length):
     return out
 
 
-def package_tokenize(X, gene_ids, tokenizer, max_length):
-    ranked = tokenizer.rank_cells(X, gene_ids, max_length, chunk_size=CHUNK, check_counts=True)
-    return ranked
+class PeakRSS:
+    """Peak resident set of this process and the summed peak of its children, sampled in a thread."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.start_mib = self.process.memory_info().rss / 2**20
+        self.self_mib, self.children_mib, self.running = self.start_mib, 0.0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.self_mib = max(self.self_mib, self.process.memory_info().rss / 2**20)
+            total = 0.0
+            for child in self.process.children(recursive=True):
+                try:
+                    total += child.memory_info().rss / 2**20
+                except psutil.Error:  # a worker may exit while sampled
+                    continue
+            self.children_mib = max(self.children_mib, total)
+            time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
 
 
-def measure(function, *args):
-    tracemalloc.start()
-    start = time.perf_counter()
-    result = function(*args)
-    seconds = time.perf_counter() - start
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return result, seconds, peak
+def measure(args):
+    """One timed run (in this process); prints a JSON line."""
+    gene_ids, tokenizer = benchmark_tokenizer(args.genes, args.max_length)
+    backed = ad.read_h5ad(args.input, backed="r")
+    output = Path(args.tokens_out)
+    output.mkdir(parents=True, exist_ok=True)
+    with PeakRSS() as memory:
+        start = time.perf_counter()
+        if args.measure == "reference":
+            tokens = reference_tokenize(backed.X, gene_ids, tokenizer, args.max_length)
+        else:
+            tokenizer.rank_to_arrow(backed.X, gene_ids, output, args.max_length, chunk_size=CHUNK,
+                                    num_proc=args.num_proc)  # fmt: skip
+        seconds = time.perf_counter() - start
+    if args.measure == "reference":
+        offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
+        np.cumsum([len(t) for t in tokens], out=offsets[1:])
+        write_arrow_stream(
+            output / "tokens-00000.arrow", ranked_to_arrow(RankedCells(offsets, np.concatenate(tokens)))
+        )
+    print(json.dumps({
+        "seconds": seconds,
+        "cells_per_s": backed.n_obs / seconds,
+        "rss_at_start_mib": memory.start_mib,
+        "peak_rss_mib": memory.self_mib,
+        "peak_workers_rss_mib": memory.children_mib,
+    }))  # fmt: skip
+
+
+def run_measurement(args, kind, num_proc, path, out):
+    command = [sys.executable, __file__, "--measure", kind, "--num-proc", str(num_proc), "--input", str(path),
+               "--tokens-out", str(out), "--genes", str(args.genes), "--max-length", str(args.max_length),
+               "--workdir", args.workdir]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cells_of(folder):
+    for path in sorted(Path(folder).glob("tokens-*.arrow")):
+        for batch in pa.ipc.open_stream(pa.memory_map(str(path))):
+            column = batch.column(0)
+            offsets, values = column.offsets.to_numpy(), column.values.to_numpy()
+            for i in range(len(column)):
+                yield values[offsets[i] : offsets[i + 1]]
+
+
+def count_differences(folder_a, folder_b):
+    checked, different = 0, 0
+    for a, b in zip(cells_of(folder_a), cells_of(folder_b), strict=True):
+        checked += 1
+        different += not np.array_equal(a, b)
+    return checked, different
 
 
 def main():
@@ -76,36 +163,39 @@ def main():
     parser.add_argument("--genes", type=int, default=20_000)
     parser.add_argument("--nnz", type=int, default=2_000, help="non-zero genes per cell")
     parser.add_argument("--max-length", type=int, default=4096)
-    parser.add_argument("--workdir", required=True, help="folder for the synthetic h5ad files")
+    parser.add_argument("--workdir", required=True, help="folder for the synthetic h5ad files and outputs")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "tokenize.json"))
+    parser.add_argument("--measure", choices=["reference", "package"], help=argparse.SUPPRESS)
+    parser.add_argument("--num-proc", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--tokens-out", help=argparse.SUPPRESS)
+    parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.generate:
+        return synthetic_h5ad(args.generate, args.cells, args.genes, args.nnz)
+    if args.measure:
+        return measure(args)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    gene_ids = [f"ENSG{i:011d}" for i in range(args.genes)]
-    medians = np.random.default_rng(1).uniform(0.5, 5.0, args.genes)
-    tokenizer = PerturbGenTokenizer.from_vocabulary(gene_ids, medians, model_max_length=args.max_length)
-    results = {"cells": args.cells, "genes": args.genes, "nnz_per_cell": args.nnz, "runs": []}
+    results = {"genes": args.genes, "nnz_per_cell": args.nnz, "chunk_size": CHUNK, "runs": []}
     for cells in (args.cells // 4, args.cells):
-        path = workdir / f"synthetic_{cells}x{args.genes}.h5ad"
+        path = workdir / f"synthetic_{cells}x{args.genes}x{args.nnz}.h5ad"
         if not path.exists():
-            synthetic_h5ad(path, cells, args.genes, args.nnz)
-        backed = ad.read_h5ad(path, backed="r")
-        ours, ours_s, ours_peak = measure(package_tokenize, backed.X, gene_ids, tokenizer, args.max_length)
-        reference, ref_s, ref_peak = measure(reference_tokenize, backed.X, gene_ids, tokenizer, args.max_length)
-        identical = len(reference) == len(ours) and all(
-            np.array_equal(reference[i], ours.cell(i)) for i in range(len(reference))
-        )
-        run = {
-            "cells": cells,
-            "identical_tokens": identical,
-            "package_cells_per_s": cells / ours_s,
-            "reference_cells_per_s": cells / ref_s,
-            "speedup": ref_s / ours_s,
-            "package_peak_mib": ours_peak / 2**20,
-            "reference_peak_mib": ref_peak / 2**20,
-        }
+            subprocess.run([sys.executable, __file__, "--generate", str(path), "--cells", str(cells), "--genes",
+                            str(args.genes), "--nnz", str(args.nnz), "--workdir", args.workdir], check=True)  # fmt: skip
+        run = {"cells": cells, "reference": run_measurement(args, "reference", 1, path, workdir / "reference")}
+        for num_proc in (1, 2):
+            out = workdir / f"package_{num_proc}"
+            for old in out.glob("tokens-*.arrow"):
+                old.unlink()
+            result = run_measurement(args, "package", num_proc, path, out)
+            result["speedup"] = result["cells_per_s"] / run["reference"]["cells_per_s"]
+            result["cells_checked"], result["cells_with_different_tokens"] = count_differences(
+                workdir / "reference", out
+            )
+            run[f"package_num_proc_{num_proc}"] = result
         results["runs"].append(run)
-        print(json.dumps(run))
+        print(json.dumps(run), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
 
 

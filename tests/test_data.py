@@ -235,3 +235,15 @@ def test_cli_missing_file_existing_output_and_help(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["tokenize"])
     assert exit_info.value.code == 2
+
+
+def test_parallel_tokenize_gives_the_same_dataset(tmp_path, shared_data):
+    path = shared_data / "expression" / "kang2018_pbmc_ifnb_muscat_subset.h5ad"
+    options = {"time_key": "condition", "time_order": ["ctrl", "stim"], "source": "ctrl", "gene_id_key": "ensembl_id",
+               "n_hvg": 100, "pairing": "stratified", "pairing_key": "cell_type", "chunk_size": 200, "progress": False}  # fmt: skip
+    tokenize_anndata(path, tmp_path / "one", num_proc=1, **options)
+    tokenize_anndata(path, tmp_path / "two", num_proc=2, **options)
+    one, two = load_from_disk(str(tmp_path / "one" / "dataset")), load_from_disk(str(tmp_path / "two" / "dataset"))
+    assert one.to_dict() == two.to_dict()
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["dataset", "perturbgen_data.json", "tokenizer"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind

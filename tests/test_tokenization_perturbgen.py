@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 
 import perturbgen_hf  # noqa: F401  (registers AutoTokenizer)
 from perturbgen_hf.tokenization import PerturbGenTokenizer, load_dictionary_pickle
+from perturbgen_hf.tokenization.tokenization_perturbgen import pad_ranked
 
 
 GENES = [f"ENSG{i:011d}" for i in range(1, 13)]
@@ -45,6 +46,30 @@ def test_rank_value_encoding_matches_a_direct_computation(tokenizer):
         assert batch["attention_mask"][i].sum() == len(expected)
 
 
+def test_near_ties_rank_by_value_and_exact_ties_by_token():
+    genes = ["G0", "G1", "G2", "G3", "G4"]
+    # G0 and G1 differ by 1e-13 relative: the packed sort key cannot see that, the exact fallback must.
+    medians = [1.0 * (1 + 1e-13), 1.0, 2.0, 2.0, 3.0]
+    tok = PerturbGenTokenizer.from_vocabulary(genes, medians)
+    counts = np.array([[5, 5, 7, 7, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
+    ranked = tok.rank_cells(counts, genes)
+    # G2, G3 tie exactly (token order); G1 (smaller median) beats G0 although its token id is larger.
+    assert ranked.cell(0).tolist() == [2, 5, 4, 6, 7, 8, 3]
+    assert ranked.cell(1).tolist() == [2, 3]  # an empty cell
+    assert ranked.cell(2).tolist() == [2, 4, 3]
+    assert ranked.cell(3).tolist() == [2, 3]  # a trailing empty cell
+
+
+def test_chunks_and_processes_give_the_same_tokens(tokenizer):
+    counts = sp.random(300, 12, density=0.5, random_state=3, format="csr")
+    counts.data = np.ceil(counts.data * 20)
+    whole = tokenizer.rank_cells(counts, GENES, chunk_size=1000)
+    for chunk_size, num_proc in ((7, 1), (50, 2)):
+        other = tokenizer.rank_cells(counts, GENES, chunk_size=chunk_size, num_proc=num_proc)
+        assert np.array_equal(other.offsets, whole.offsets)
+        assert np.array_equal(other.tokens, whole.tokens)
+
+
 def test_inputs_sparse_dense_anndata_and_backed(tokenizer, tmp_path):
     rng = np.random.default_rng(1)
     counts = rng.poisson(1.5, size=(30, 12)).astype(np.float32)
@@ -56,6 +81,9 @@ def test_inputs_sparse_dense_anndata_and_backed(tokenizer, tmp_path):
     adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
     assert np.array_equal(tokenizer(backed, return_tensors="pt")["input_ids"].numpy(), dense)
+    # A backed file read by two processes, each reopening it.
+    ranked = tokenizer.rank_cells(backed.X, SYMBOLS, max_length=8, chunk_size=4, num_proc=2)
+    assert np.array_equal(pad_ranked(ranked, dense.shape[1], 0)[0], dense)
 
 
 def test_total_counts_option(tokenizer):
@@ -158,6 +186,11 @@ def test_fit_computes_nonzero_medians():
     assert fitted.gene_to_id("b") == 5
     with pytest.raises(ValueError, match="empty"):
         PerturbGenTokenizer.fit(np.zeros((0, 3)), ["A", "B", "C"])
+    # Two columns naming one gene are one gene, with their counts summed.
+    merged = PerturbGenTokenizer.fit(counts, ["A", "B", "A"], symbols=["a", "b", "a2"])
+    # A = columns 1 + 3: 10/10, 5/10 and 30/40 per 10k -> 10,000, 5,000, 7,500 -> median 7,500
+    assert merged.gene_medians == {"A": 7500.0, "B": 3750.0}
+    assert merged.vocab_size == 6
 
 
 def test_original_dictionaries_through_the_restricted_unpickler(shared_data):

@@ -19,17 +19,21 @@ import re
 import shutil
 import sys
 import tempfile
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
 from ..tokenization import PerturbGenTokenizer, check_raw_counts
+from ..tokenization.chunking import map_row_chunks, read_rows
+from ..tokenization.tokenization_perturbgen import write_arrow_stream
 from .pairing import PAIRING_MODES, pair_cells
 
 
@@ -116,8 +120,8 @@ def select_target_genes(counts, rows, tokenizer, gene_ids, n_genes, include_gene
     sums = np.zeros(len(gene_ids))
     squares = np.zeros(len(gene_ids))
     for start in range(0, len(rows), chunk_size):
-        chunk = _read_rows(counts, rows[start : start + chunk_size])
-        totals = np.asarray(chunk.sum(axis=1)).ravel()
+        chunk = read_rows(counts, rows[start : start + chunk_size])
+        totals = np.asarray(chunk.sum(axis=1, dtype=np.float64)).ravel()
         normalized = sp.diags(NORMALIZED_TOTAL / np.where(totals > 0, totals, 1.0)) @ chunk
         normalized.data = np.log1p(normalized.data)
         sums += np.asarray(normalized.sum(axis=0)).ravel()
@@ -133,16 +137,6 @@ def select_target_genes(counts, rows, tokenizer, gene_ids, n_genes, include_gene
     for gene in include_genes:
         chosen_tokens.add(tokenizer.gene_to_id(gene))  # KeyError names an unknown gene
     return [tokenizer.id_to_gene(t) for t in sorted(chosen_tokens)]
-
-
-def _read_rows(counts, rows):
-    """Rows of a (possibly backed) matrix as CSR; `rows` sorted ascending, read as one contiguous block if possible."""
-    rows = np.asarray(rows)
-    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-        block = counts[int(rows[0]) : int(rows[-1]) + 1]
-    else:
-        block = counts[rows]
-    return sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
 
 
 def tokenize_anndata(
@@ -186,7 +180,7 @@ def tokenize_anndata(
         pairing (`str`), pairing_key (`str`), pairing_file (`str`): see [`pair_cells`].
         condition_keys (`list[str]`): obs columns whose values become condition tokens of each target.
         seed (`int`): pairing seed. max_length (`int`): longest source sequence. chunk_size (`int`): cells per chunk.
-        num_proc (`int`): processes used to write the dataset.
+        num_proc (`int`): processes that rank cells in parallel (forked; a backed file is reopened in each).
         overwrite (`bool`): replace an existing output folder.
         progress (`bool`): show progress bars.
 
@@ -220,12 +214,19 @@ def tokenize_anndata(
 
     mapping = pd.read_csv(pairing_file) if pairing == "mapping" and pairing_file else None
     pairs, report = pair_cells(obs, time_key, time_points, pairing, pairing_key, mapping, seed)
-    cells = _tokenize_cells(adata.X, cell_rows, tokenizer, gene_ids, max_length, chunk_size, progress)
-    rows = _pair_rows(pairs, cells, obs, time_key, condition_keys, pairing_key, tokenizer)
-    dataset = Dataset.from_dict(rows, features=FEATURES)
-    description = _describe(path, adata, time_key, time_points, order, values, tokenizer, report, pairing,
-                            pairing_key, condition_keys, seed, max_length, cells, gene_id_key)  # fmt: skip
-    _write_output(out, dataset, tokenizer, description, num_proc)
+    staging = _staging_folder(out)
+    try:
+        cell_paths, empty_cells = _tokenize_cells(
+            adata.X, cell_rows, tokenizer, gene_ids, max_length, chunk_size, num_proc, progress, staging
+        )
+        conditions = _condition_ids(obs, condition_keys, tokenizer)
+        pairs_path = _write_pairs(pairs, cell_rows, cell_paths, obs, conditions, pairing_key, staging, progress)
+        description = _describe(path, adata, time_key, time_points, order, values, tokenizer, report, pairing,
+                                pairing_key, condition_keys, seed, max_length, empty_cells, gene_id_key)  # fmt: skip
+        _finish_output(out, staging, pairs_path, cell_paths, tokenizer, description)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return description
 
 
@@ -266,7 +267,7 @@ def _build_tokenizer(counts, rows, gene_ids, dictionaries, max_length):
             raise ValueError("--dictionaries takes TOKEN_PKL MEDIAN_PKL [MAPPING_PKL].")
         return PerturbGenTokenizer.from_dictionaries(*dictionaries, model_max_length=max_length)
     usable = [i for i, g in enumerate(gene_ids) if g]
-    matrix = _read_rows(counts, rows)[:, usable]
+    matrix = read_rows(counts, rows)[:, usable]
     return PerturbGenTokenizer.fit(matrix, [gene_ids[i] for i in usable], model_max_length=max_length)
 
 
@@ -277,59 +278,118 @@ def _condition_tokens(obs, rows, condition_keys):
     return tokens
 
 
-def _tokenize_cells(counts, rows, tokenizer, gene_ids, max_length, chunk_size, progress):
-    """Source tokens, target tokens, target counts and library size of every used cell (keyed by obs row)."""
-    parts = {"source": [], "target": [], "counts": [], "library": []}
+def _rank_block(index, block, tokenizer, gene_ids, max_length, folder):
+    """
+    Everything the dataset needs from a block of cells, written by the worker itself to `cells-<index>.arrow`
+    (only the path and two counts travel back to the parent process).
+    """
+    check_raw_counts(block.data, "X")
+    source = tokenizer.rank_block(block, gene_ids, max_length, check_counts=False)
+    target = tokenizer.rank_block(block, gene_ids, targets=True, check_counts=False)
+    counts = tokenizer.target_counts(block, gene_ids)
+    library = np.asarray(block.sum(axis=1, dtype=np.float64)).ravel()
+    columns = [
+        _list_array(source.offsets, source.tokens),
+        _list_array(target.offsets, target.tokens),
+        _list_array(counts.indptr, counts.indices.astype(np.int32)),
+        _list_array(counts.indptr, counts.data.astype(np.float32)),
+        pa.array(library),
+    ]
+    path = Path(folder) / f"cells-{index:05d}.arrow"
+    write_arrow_stream(path, pa.record_batch(columns, schema=_CELLS_SCHEMA))
+    return path, block.shape[0], int((source.lengths() <= 2).sum())
+
+
+def _list_array(offsets, values):
+    return pa.ListArray.from_arrays(pa.array(np.asarray(offsets, dtype=np.int32)), pa.array(values))
+
+
+_CELLS_SCHEMA = pa.schema(
+    [
+        ("source", pa.list_(pa.int32())),
+        ("target", pa.list_(pa.int32())),
+        ("counts_indices", pa.list_(pa.int32())),
+        ("counts_values", pa.list_(pa.float32())),
+        ("library", pa.float64()),
+    ]
+)
+
+
+def _tokenize_cells(counts, rows, tokenizer, gene_ids, max_length, chunk_size, num_proc, progress, staging):
+    """Rank every used cell (in `rows` order) into Arrow shards in `staging`; returns their paths."""
+    function = partial(_rank_block, tokenizer=tokenizer, gene_ids=gene_ids, max_length=max_length, folder=staging)
+    paths, empty = [], 0
     bar = tqdm(total=len(rows), desc="tokenizing cells", unit="cell", disable=not progress)
-    for start in range(0, len(rows), chunk_size):
-        chunk = _read_rows(counts, rows[start : start + chunk_size])
-        check_raw_counts(chunk.data, f"X (cells {start}..{start + chunk.shape[0] - 1} of the selected time points)")
-        parts["source"].append(tokenizer.rank_cells(chunk, gene_ids, max_length, check_counts=False))
-        parts["target"].append(tokenizer.rank_targets(chunk, gene_ids, check_counts=False))
-        parts["counts"].append(tokenizer.target_counts(chunk, gene_ids))
-        parts["library"].append(np.asarray(chunk.sum(axis=1)).ravel())
-        bar.update(chunk.shape[0])
+    for path, num_cells, empty_in_block in map_row_chunks(counts, function, chunk_size, num_proc, rows=rows):
+        paths.append(path)
+        empty += empty_in_block
+        bar.update(num_cells)
     bar.close()
-    position = {int(r): i for i, r in enumerate(rows)}
-    source = [p.cell(i).tolist() for p in parts["source"] for i in range(len(p))]
-    target = [p.cell(i).tolist() for p in parts["target"] for i in range(len(p))]
-    counts_matrix = sp.vstack(parts["counts"]).tocsr()
-    counts_matrix.sort_indices()
-    empty = int(sum((p.lengths() <= 2).sum() for p in parts["source"]))
     if empty:
         logger.warning("%d cells express no vocabulary gene; their source sequences hold only <cls> <eos>.", empty)
-    return {"position": position, "source": source, "target": target, "counts": counts_matrix,
-            "library": np.concatenate(parts["library"]), "empty_cells": empty}  # fmt: skip
+    return paths, empty
 
 
-def _pair_rows(pairs, cells, obs, time_key, condition_keys, pairing_key, tokenizer):
+def _read_shards(paths) -> pa.Table:
+    """The shards as one table, memory-mapped (nothing is copied into memory)."""
+    return pa.concat_tables([pa.ipc.open_stream(pa.memory_map(str(p))).read_all() for p in paths])
+
+
+def _condition_ids(obs, condition_keys, tokenizer) -> np.ndarray:
+    """Decoder ids of each cell's condition tokens, `(num_cells, num_condition_keys)`."""
+    columns = [
+        [tokenizer.condition_token_id(f"{key}={value}") if f"{key}={value}" in tokenizer.condition_tokens else -1
+         for value in obs[key].astype(str)]
+        for key in condition_keys
+    ]  # fmt: skip
+    return np.array(columns, dtype=np.int32).T.reshape(len(obs), len(condition_keys))
+
+
+def _nested(values, width: int) -> pa.Array:
+    """Group a flat (possibly chunked) array of `n * width` items into `n` lists of `width`."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()  # only a batch's worth: the cells table itself stays memory-mapped
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, len(values) + 1, width, dtype=np.int32)), values)
+
+
+def _fixed_lists(values: np.ndarray) -> pa.Array:
+    """Rows of a 2-D int array as Arrow lists (possibly empty)."""
+    rows, width = values.shape
+    return pa.ListArray.from_arrays(
+        pa.array(np.arange(rows + 1, dtype=np.int32) * width), pa.array(values.ravel(), pa.int32())
+    )
+
+
+def _write_pairs(pairs, cell_rows, cell_paths, obs, conditions, pairing_key, staging, progress, batch_size=4096):
+    """Assemble the dataset rows from the memory-mapped cells table, a batch of pairs at a time."""
+    cells = _read_shards(cell_paths)
     names = obs.index.astype(str).to_numpy()
-    position = cells["position"]
-    counts = cells["counts"]
-    rows = {name: [] for name in FEATURES}
-    for pair in pairs:
-        src = position[int(pair[0])]
-        rows["source_input_ids"].append(cells["source"][src])
-        rows["source_cell_id"].append(names[pair[0]])
-        rows["source_group"].append("" if pairing_key is None else str(obs[pairing_key].iloc[pair[0]]))
-        targets = [position[int(p)] for p in pair[1:]]
-        rows["target_input_ids"].append([cells["target"][t] for t in targets])
-        rows["target_condition_ids"].append(
-            [[tokenizer.condition_token_id(f"{k}={obs[k].iloc[p]}") for k in condition_keys] for p in pair[1:]]
-        )
-        rows["target_counts_indices"].append(
-            [counts.indices[counts.indptr[t] : counts.indptr[t + 1]].tolist() for t in targets]
-        )
-        rows["target_counts_values"].append(
-            [counts.data[counts.indptr[t] : counts.indptr[t + 1]].tolist() for t in targets]
-        )
-        rows["target_library_size"].append([float(cells["library"][t]) for t in targets])
-        rows["target_cell_ids"].append([names[p] for p in pair[1:]])
-    return rows
+    groups = obs[pairing_key].astype(str).to_numpy() if pairing_key else np.full(len(obs), "", dtype=object)
+    num_targets = pairs.shape[1] - 1
+    path = staging / "pairs.arrow"
+    schema = FEATURES.arrow_schema
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for start in tqdm(range(0, len(pairs), batch_size), desc="writing pairs", unit="batch", disable=not progress):
+            batch = pairs[start : start + batch_size]
+            source_pos = np.searchsorted(cell_rows, batch[:, 0])
+            target_pos = np.searchsorted(cell_rows, batch[:, 1:]).ravel()
+            columns = {
+                "source_input_ids": cells["source"].take(source_pos).combine_chunks(),
+                "target_input_ids": _nested(cells["target"].take(target_pos), num_targets),
+                "target_condition_ids": _nested(_fixed_lists(conditions[batch[:, 1:].ravel()]), num_targets),
+                "target_counts_indices": _nested(cells["counts_indices"].take(target_pos), num_targets),
+                "target_counts_values": _nested(cells["counts_values"].take(target_pos), num_targets),
+                "target_library_size": _nested(cells["library"].take(target_pos), num_targets),
+                "source_cell_id": pa.array(names[batch[:, 0]].tolist(), pa.string()),
+                "target_cell_ids": _nested(pa.array(names[batch[:, 1:].ravel()].tolist(), pa.string()), num_targets),
+                "source_group": pa.array(groups[batch[:, 0]].tolist(), pa.string()),
+            }
+            writer.write_batch(pa.record_batch([columns[f.name] for f in schema], schema=schema))
+    return path
 
 
 def _describe(path, adata, time_key, time_points, order, values, tokenizer, report, pairing, pairing_key,
-              condition_keys, seed, max_length, cells, gene_id_key):  # fmt: skip
+              condition_keys, seed, max_length, empty_cells, gene_id_key):  # fmt: skip
     value_of = dict(zip(order, values))
     return {
         "input": {
@@ -349,24 +409,27 @@ def _describe(path, adata, time_key, time_points, order, values, tokenizer, repo
         "condition_tokens": tokenizer.condition_tokens,
         "pairing": {"mode": pairing, "key": pairing_key, "seed": seed, **report},
         "max_length": max_length,
-        "cells_without_vocabulary_genes": cells["empty_cells"],
+        "cells_without_vocabulary_genes": empty_cells,
         "vocabulary_size": tokenizer.vocab_size,
     }
 
 
-def _write_output(out, dataset, tokenizer, description, num_proc):
-    """Write into a temporary sibling folder, then move it into place, so a failure leaves nothing half-written."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        dataset.save_to_disk(str(staging / "dataset"), num_proc=num_proc if num_proc > 1 else None)
-        tokenizer.save_pretrained(staging / "tokenizer")
-        (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+def _staging_folder(out: Path) -> Path:
+    """A temporary sibling of `out`: everything is written there, then moved into place in one rename."""
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def _finish_output(out, staging, pairs_path, temporary, tokenizer, description):
+    dataset = Dataset.from_file(str(pairs_path))  # memory-mapped, no cache files elsewhere
+    dataset.save_to_disk(str(staging / "dataset"))
+    del dataset
+    for path in [pairs_path, *temporary]:
+        path.unlink()
+    tokenizer.save_pretrained(staging / "tokenizer")
+    (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
 
 
 def load_description(folder) -> dict:
@@ -419,7 +482,7 @@ def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-length", type=int, default=4096, help="longest source sequence, <cls> and <eos> included"
     )
     parser.add_argument("--chunk-size", type=int, default=2048, help="cells read and ranked at a time")
-    parser.add_argument("--num-proc", type=int, default=1, help="processes used to write the dataset")
+    parser.add_argument("--num-proc", type=int, default=1, help="processes that rank cells in parallel")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

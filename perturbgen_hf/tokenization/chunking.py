@@ -1,0 +1,94 @@
+"""Read a count matrix (in memory or a backed h5ad) in blocks of rows, optionally in several processes."""
+
+import multiprocessing
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+
+
+_WORKER_STATE = {}
+
+
+def read_rows(counts, rows) -> sp.csr_matrix:
+    """
+    Rows of a matrix as CSR. `rows` is a `slice` or sorted positions; sorted positions that form a contiguous run
+    are read as one slice (a backed h5ad reads a slice about 400x faster than scattered rows).
+    """
+    if isinstance(rows, slice):
+        block = counts[rows]
+    else:
+        rows = np.asarray(rows)
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+            block = counts[int(rows[0]) : int(rows[-1]) + 1]
+        else:
+            block = counts[rows]
+    return sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+
+
+def row_blocks(num_rows: int, chunk_size: int, rows=None) -> list:
+    """The row selections of each block: slices of `range(num_rows)`, or pieces of the sorted positions `rows`."""
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be positive, got {chunk_size}.")
+    if rows is None:
+        return [slice(start, min(start + chunk_size, num_rows)) for start in range(0, num_rows, chunk_size)]
+    rows = np.asarray(rows)
+    return [rows[start : start + chunk_size] for start in range(0, len(rows), chunk_size)]
+
+
+def _backed_location(counts):
+    """(file name, dataset name) of a backed AnnData matrix, or None for an in-memory one."""
+    group = getattr(counts, "group", None)
+    if group is None or not hasattr(group, "file"):
+        return None
+    return group.file.filename, group.name
+
+
+def _open_backed(location):
+    import h5py
+    from anndata.io import sparse_dataset
+
+    filename, name = location
+    handle = h5py.File(filename, "r")
+    return sparse_dataset(handle[name]) if isinstance(handle[name], h5py.Group) else handle[name]
+
+
+def _initialise_worker(location, counts, function):
+    # A backed file is reopened in each process: HDF5 handles must not be shared across fork.
+    _WORKER_STATE["counts"] = _open_backed(location) if location is not None else counts
+    _WORKER_STATE["function"] = function
+
+
+def _run_block(task):
+    index, block = task
+    return _WORKER_STATE["function"](index, read_rows(_WORKER_STATE["counts"], block))
+
+
+def map_row_chunks(counts, function: Callable, chunk_size: int = 2048, num_proc: int = 1, rows=None) -> Iterator:
+    """
+    Apply `function` to consecutive blocks of rows (as CSR) and yield the results in order.
+
+    Args:
+        counts: a scipy sparse matrix, a dense array or a backed AnnData's `X`.
+        function (`callable`): takes the block's index and the block (a `scipy.sparse.csr_matrix`) and returns
+            anything picklable. Returning something small (say, the path of a file the function wrote) keeps the
+            parent process idle, which matters when the processes outnumber the cores.
+        chunk_size (`int`, *optional*, defaults to 2048): rows per block.
+        num_proc (`int`, *optional*, defaults to 1): worker processes (forked; a backed file is reopened in each).
+        rows (`np.ndarray`, *optional*): sorted row positions to read instead of all rows.
+
+    Memory stays bounded by a few blocks per process, whatever the number of rows.
+    """
+    blocks = row_blocks(counts.shape[0], chunk_size, rows)
+    if num_proc <= 1 or len(blocks) <= 1:
+        for index, block in enumerate(blocks):
+            yield function(index, read_rows(counts, block))
+        return
+    location = _backed_location(counts)
+    context = multiprocessing.get_context("fork")
+    with context.Pool(num_proc, _initialise_worker, (location, None if location else counts, function)) as pool:
+        # Windows of a few blocks per process keep the order and bound the finished blocks waiting to be consumed.
+        window = 4 * num_proc
+        for start in range(0, len(blocks), window):
+            tasks = list(enumerate(blocks))[start : start + window]
+            yield from pool.imap(_run_block, tasks, chunksize=1)
