@@ -34,7 +34,24 @@ def _add_tokenize_parser(subparsers):
     parser.set_defaults(run=run_tokenize_command)
 
 
-SUBCOMMANDS = [_add_tokenize_parser]
+def _add_train_parser(subparsers):
+    # Options belong to HfArgumentParser (model, data and every TrainingArguments flag): they are passed through.
+    parser = subparsers.add_parser(
+        "train",
+        help="train or fine-tune a model on a tokenized dataset (Trainer; `perturbgen-hf train --help` for options)",
+        add_help=False,
+    )
+    parser.set_defaults(run=_run_train)
+
+
+def _run_train(args):
+    from .training import main as train_main
+
+    return train_main(args.passthrough)
+
+
+SUBCOMMANDS = [_add_tokenize_parser, _add_train_parser]
+PASSTHROUGH = {"train"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, passthrough = parser.parse_known_args(argv)
+    if passthrough and args.command not in PASSTHROUGH:
+        parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+    args.passthrough = passthrough
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

@@ -60,17 +60,27 @@ def sample_training_mask(
         sequence with at least one maskable position gets at least one masked position.
     """
     batch_size, seq_len = maskable.shape
-    device = maskable.device
-    progress = torch.rand(batch_size, generator=generator, device=_generator_device(generator, device)).to(device)
+    device = _generator_device(generator, maskable.device)
+    progress = torch.rand(batch_size, generator=generator, device=device).to(maskable.device)
+    scores = torch.rand(batch_size, seq_len, generator=generator, device=device).to(maskable.device)
+    return training_mask_from_uniforms(maskable, progress, scores, schedule, exponent)
+
+
+def training_mask_from_uniforms(
+    maskable: torch.Tensor,
+    progress: torch.Tensor,
+    scores: torch.Tensor,
+    schedule: str = "cosine",
+    exponent: float = 2.0,
+) -> torch.Tensor:
+    """
+    [`sample_training_mask`] from given uniforms: `progress` `(batch_size,)` sets each sequence's ratio through the
+    schedule; the positions with the smallest `scores` `(batch_size, seq_len)` are masked.
+    """
     lengths = maskable.sum(dim=1)
-    num_masked = torch.round(lengths.double() * mask_ratio(progress, schedule, exponent).to(device)).long()
+    num_masked = torch.round(lengths.double() * mask_ratio(progress, schedule, exponent).to(maskable.device)).long()
     num_masked = torch.minimum(num_masked.clamp(min=1), lengths)
-    # Random order among maskable positions: the first `num_masked` in that order are masked.
-    scores = torch.rand(batch_size, seq_len, generator=generator, device=_generator_device(generator, device)).to(
-        device
-    )
-    scores = scores.masked_fill(~maskable, float("inf"))
-    ranks = scores.argsort(dim=1).argsort(dim=1)
+    ranks = scores.masked_fill(~maskable, float("inf")).argsort(dim=1).argsort(dim=1)
     return (ranks < num_masked[:, None]) & maskable
 
 
@@ -158,4 +168,5 @@ __all__ = [
     "num_masked_after_step",
     "sample_training_mask",
     "top_k_filter",
+    "training_mask_from_uniforms",
 ]

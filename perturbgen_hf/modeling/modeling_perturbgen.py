@@ -56,7 +56,7 @@ class PerturbGenOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*):
             `token_loss_weight * token_loss + count_loss_weight * count_loss`, over the terms that were computed.
         token_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
-            Cross entropy of the masked target tokens.
+            Cross entropy of the masked target tokens, averaged per cell, then over cells (see `token_loss`).
         count_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `target_counts` is given):
             Mean negative log-likelihood per gene and cell (or the mean squared error for `count_likelihood="mse"`).
         logits (`torch.FloatTensor` of shape `(batch_size, target_len, decoder_vocab_size)`):
@@ -687,9 +687,7 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         )
         logits = self.lm_head(hidden_states)
 
-        token_loss = None
-        if labels is not None:
-            token_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        token_loss = self.token_loss(logits, labels) if labels is not None else None
 
         # The count head reads a complete sequence: the input itself, or the input with its masks filled in.
         count_ids, count_hidden = decoder_input_ids, hidden_states
@@ -717,6 +715,20 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
             encoder_last_hidden_state=source,
         )
         return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """
+        Cross entropy of the masked tokens, averaged within each cell, then over the cells that have masked tokens.
+
+        Each cell weighs the same whatever its (random, MaskGIT) masking ratio, and a mean over equal-sized
+        micro-batches equals the mean over their union, so gradient accumulation matches a larger batch.
+        """
+        per_token = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+        masked = labels != -100
+        cells = masked.any(dim=1)
+        per_cell = per_token.sum(dim=1) / masked.sum(dim=1).clamp(min=1)
+        return per_cell[cells].sum() / cells.sum().clamp(min=1)
 
     def _combine_losses(self, token_loss, count_loss):
         terms = []

@@ -1,0 +1,462 @@
+"""
+Train PerturbGen with `transformers.Trainer` (`perturbgen-hf train`, `scripts/train.py`).
+
+Trainer runs on Accelerate, so the same command trains on one CPU, one GPU, or many processes under
+`torchrun --nproc_per_node N` / `accelerate launch --multi_gpu`. The data come from `perturbgen-hf tokenize`.
+"""
+
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from datasets import load_from_disk
+from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+from .data.collator import DataCollatorForPerturbGen
+from .data.tokenize_dataset import load_description
+from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
+from .tokenization import PerturbGenTokenizer
+
+
+logger = logging.getLogger(__name__)
+
+# Encoder and decoder sizes of models built from scratch. "tiny" trains in seconds on a CPU; "base" has the
+# Geneformer V2 encoder shape.
+PRESETS = {
+    "tiny": {
+        "encoder": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
+        "decoder": {"decoder_hidden_size": 32, "decoder_num_layers": 2, "decoder_num_heads": 4,
+                    "decoder_intermediate_size": 64},
+    },
+    "small": {
+        "encoder": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256},
+        "decoder": {"decoder_hidden_size": 128, "decoder_num_layers": 4, "decoder_num_heads": 4,
+                    "decoder_intermediate_size": 512},
+    },
+    "base": {
+        "encoder": {"hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8, "intermediate_size": 1024},
+        "decoder": {"decoder_hidden_size": 512, "decoder_num_layers": 6, "decoder_num_heads": 8,
+                    "decoder_intermediate_size": 2048},
+    },
+}  # fmt: skip
+OBJECTIVES = ("joint", "tokens", "counts")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train."""
+
+    preset: str = field(default="tiny", metadata={"help": "size of a model built from scratch: tiny, small or base"})
+    geneformer: str | None = field(
+        default=None, metadata={"help": "local Geneformer BertForMaskedLM folder to use as the encoder"}
+    )
+    model: str | None = field(default=None, metadata={"help": "saved PerturbGen model to continue training"})
+    freeze_encoder: bool = field(default=True, metadata={"help": "keep the encoder's weights fixed"})
+    count_likelihood: str = field(default="zinb", metadata={"help": "zinb, nb or mse"})
+    library_size: str = field(default="predicted", metadata={"help": "predicted (by a head) or observed"})
+    context_mode: str = field(default="previous", metadata={"help": "previous, all or none"})
+    mask_schedule: str = field(default="cosine", metadata={"help": "cosine, pow or linear"})
+
+
+@dataclass
+class DataArguments:
+    """Where the data come from and how they are used."""
+
+    data: str = field(default=None, metadata={"help": "output folder of `perturbgen-hf tokenize`"})
+    out: str | None = field(default=None, metadata={"help": "where the trained model goes (sets --output_dir)"})
+    config: str | None = field(
+        default=None, metadata={"help": "YAML file of any of these options; the command line wins"}
+    )
+    objective: str = field(
+        default="joint",
+        metadata={"help": "joint (tokens + counts), tokens (stage 1) or counts (stage 2: only the count head trains)"},
+    )
+    count_loss_weight: float = field(default=1.0, metadata={"help": "weight of the count loss in the joint objective"})
+    target_time_points: str = field(default="random", metadata={"help": "random (one per example and step) or all"})
+    heldout_time_point: str | None = field(
+        default=None,
+        metadata={"help": "leave this time point out of training and validate on it (interpolation or extrapolation)"},
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "fraction of source cells held out for validation, per group (0: none)"}
+    )
+    max_source_length: int | None = field(default=1024, metadata={"help": "keep the top-ranked source genes"})
+    max_target_length: int | None = field(default=512, metadata={"help": "keep the top-ranked target genes"})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "stop after this many evaluations without improvement"}
+    )
+
+
+def parse_arguments(argv=None):
+    """`(ModelArguments, DataArguments, TrainingArguments)` from the command line and an optional YAML file."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = _option_value(argv, "--config")
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Training config not found: {str(path)!r}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of option names to values.")
+        known = {f for dc in (ModelArguments, DataArguments, TrainingArguments) for f in dc.__dataclass_fields__}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown option(s) in {path}: {unknown}.")
+        parser.set_defaults(**values)
+    out = _option_value(argv, "--out")
+    if out is not None and "--output_dir" not in argv:
+        argv += ["--output_dir", out]
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    _validate(model_args, data_args)
+    return model_args, data_args, training_args
+
+
+def _option_value(argv, name):
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _validate(model_args, data_args):
+    if data_args.data is None:
+        raise ValueError("--data (the output folder of `perturbgen-hf tokenize`) is required.")
+    if model_args.preset not in PRESETS:
+        raise ValueError(f"Unknown --preset {model_args.preset!r}; choose one of {list(PRESETS)}.")
+    if data_args.objective not in OBJECTIVES:
+        raise ValueError(f"Unknown --objective {data_args.objective!r}; choose one of {list(OBJECTIVES)}.")
+    if data_args.target_time_points not in ("random", "all"):
+        raise ValueError(f"--target_time_points must be random or all, got {data_args.target_time_points!r}.")
+    if not 0.0 <= data_args.eval_fraction < 1.0:
+        raise ValueError(f"--eval_fraction must be in [0, 1), got {data_args.eval_fraction}.")
+    if model_args.geneformer and model_args.model:
+        raise ValueError(
+            "Give --geneformer (a new model around a Geneformer encoder) or --model (continue), not both."
+        )
+    if data_args.objective == "counts" and not model_args.model:
+        raise ValueError("--objective counts trains the count head of an existing model: give --model.")
+
+
+# -- data ------------------------------------------------------------------------------------------------------------
+
+
+def time_point_split(description, heldout):
+    """Positions (in the dataset's time-point columns) used for training, and the held-out one (or None)."""
+    names = description["time_points"]
+    if heldout is None:
+        return list(range(len(names))), None
+    if heldout not in names:
+        raise ValueError(f"--heldout_time_point {heldout!r} is not a target time point of the data: {names}.")
+    if len(names) == 1:
+        raise ValueError("Holding out the only target time point leaves nothing to train on.")
+    held = names.index(heldout)
+    return [i for i in range(len(names)) if i != held], held
+
+
+def split_by_source_cell(dataset, fraction, seed):
+    """
+    Hold out a fraction of the source cells of each group (`source_group`), with all their pairs. Target cells may
+    also occur in training pairs (pairs were sampled before the split).
+    """
+    if fraction <= 0:
+        return dataset, None
+    cells = np.asarray(dataset["source_cell_id"])
+    groups = np.asarray(dataset["source_group"])
+    rng = np.random.default_rng(seed)
+    held = set()
+    for group in sorted(set(groups)):
+        unique = np.unique(cells[groups == group])
+        count = max(1, round(fraction * len(unique))) if len(unique) > 1 else 0
+        held.update(rng.choice(unique, count, replace=False).tolist())
+    is_held = np.isin(cells, list(held))
+    if is_held.all() or not is_held.any():
+        raise ValueError(f"--eval_fraction {fraction} leaves no training or no validation cells.")
+    return dataset.select(np.flatnonzero(~is_held)), dataset.select(np.flatnonzero(is_held))
+
+
+# -- model ------------------------------------------------------------------------------------------------------------
+
+
+def mean_log_library_size(dataset, limit=2000):
+    libraries = [v for row in dataset.select(range(min(limit, len(dataset))))["target_library_size"] for v in row]
+    return float(np.mean(np.log(np.maximum(libraries, 1.0))))
+
+
+def build_model(model_args, data_args, tokenizer, description, train_dataset, train_positions):
+    """A new model (preset or Geneformer encoder) or a saved one, checked against the tokenizer's vocabularies."""
+    time_points = [description["time_points"][i] for i in train_positions]
+    time_values = [description["time_values"][i] for i in train_positions]
+    if model_args.model:
+        model = PerturbGenForConditionalGeneration.from_pretrained(model_args.model)
+        missing = [t for t in time_points if t not in model.config.time_points]
+        if missing:
+            logger.warning(
+                "The model was not trained on time point(s) %s; they are predicted from their values.", missing
+            )
+    else:
+        overrides = {
+            **PRESETS[model_args.preset]["decoder"],
+            "target_genes": tokenizer.target_genes,
+            "condition_tokens": tokenizer.condition_tokens,
+            "time_points": time_points,
+            "time_values": time_values,
+            "source_time_point": description["source"],
+            "time_embedding_scale": _time_scale(description["time_values"]),
+            "decoder_max_position_embeddings": (data_args.max_target_length or tokenizer.num_target_genes)
+            + len(description.get("condition_keys", [])),
+            "freeze_encoder": model_args.freeze_encoder,
+            "count_likelihood": model_args.count_likelihood,
+            "library_size": model_args.library_size,
+            "context_mode": model_args.context_mode,
+            "mask_schedule": model_args.mask_schedule,
+            "log_library_size_init": mean_log_library_size(train_dataset),
+        }
+        if model_args.geneformer:
+            model = PerturbGenForConditionalGeneration.from_geneformer(model_args.geneformer, **overrides)
+        else:
+            encoder = {**PRESETS[model_args.preset]["encoder"], "vocab_size": tokenizer.vocab_size,
+                       "max_position_embeddings": max(description["max_length"], data_args.max_source_length or 0),
+                       "pad_token_id": 0}  # fmt: skip
+            model = PerturbGenForConditionalGeneration(PerturbGenConfig(encoder=encoder, **overrides))
+    tokenizer.check_model_compatibility(model)
+    apply_objective(model, data_args)
+    return model
+
+
+def _time_scale(values):
+    # Trained time points a few sinusoid units apart: scale so the smallest gap is 1.
+    gaps = np.diff(sorted(values))
+    return float(1.0 / gaps.min()) if len(gaps) and gaps.min() > 0 else 1.0
+
+
+def apply_objective(model, data_args):
+    """Loss weights and frozen parts for the objective (the encoder stays as configured)."""
+    config = model.config
+    if data_args.objective == "tokens":
+        config.token_loss_weight, config.count_loss_weight = 1.0, 0.0
+    elif data_args.objective == "counts":
+        config.token_loss_weight, config.count_loss_weight = 0.0, 1.0
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.startswith("count_head.")
+    else:
+        config.token_loss_weight, config.count_loss_weight = 1.0, data_args.count_loss_weight
+
+
+def build_collators(model, data_args, description, train_positions, heldout_position):
+    config = model.config
+    common = {
+        "num_target_genes": config.num_target_genes,
+        "context_mode": config.context_mode,
+        "mask_schedule": config.mask_schedule,
+        "mask_schedule_exponent": config.mask_schedule_exponent,
+        "max_source_length": data_args.max_source_length,
+        "max_target_length": data_args.max_target_length,
+        "include_counts": data_args.objective != "tokens",
+    }
+    values = description["time_values"]
+    train = DataCollatorForPerturbGen(
+        time_values=[values[i] for i in train_positions], time_indices=train_positions,
+        target_time_points=data_args.target_time_points, mask=data_args.objective != "counts", **common,
+    )  # fmt: skip
+    if heldout_position is None:
+        # A collator of its own, always at epoch 0: validation masks stay the same from one evaluation to the next.
+        evaluation = DataCollatorForPerturbGen(
+            time_values=[values[i] for i in train_positions], time_indices=train_positions,
+            mask=data_args.objective != "counts", **common,
+        )  # fmt: skip
+    else:
+        positions = [*train_positions, heldout_position]
+        evaluation = DataCollatorForPerturbGen(
+            time_values=[values[i] for i in positions], time_indices=positions, target_index=len(positions) - 1,
+            mask=data_args.objective != "counts", **common,
+        )  # fmt: skip
+    return train, evaluation
+
+
+# -- trainer ----------------------------------------------------------------------------------------------------------
+
+
+class EpochSeedCallback(TrainerCallback):
+    """Tells the training collator the epoch, which its per-example random draws depend on."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.collator.epoch = int(state.epoch or 0)
+
+
+class PerturbGenTrainer(Trainer):
+    """
+    `Trainer` whose evaluation reports the token loss, perplexity, count negative log-likelihood and the mean squared
+    error of the predicted counts (each batch returns its sums; `compute_validation_metrics` pools them).
+    """
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            outputs = model(**inputs)
+        cells = inputs["input_ids"].shape[0]
+        sums = torch.zeros(1, 5, device=inputs["input_ids"].device)
+        sums[0, 0] = cells
+        if outputs.token_loss is not None:
+            with_masks = (inputs["labels"] != -100).any(dim=1).sum()
+            sums[0, 1], sums[0, 2] = outputs.token_loss * with_masks, with_masks
+        if outputs.count_loss is not None:
+            expected = outputs.count_mu
+            if outputs.count_zi_logits is not None:
+                expected = expected * torch.sigmoid(-outputs.count_zi_logits)
+            sums[0, 3] = outputs.count_loss * cells
+            sums[0, 4] = ((expected - inputs["target_counts"]) ** 2).mean(dim=1).sum()
+        loss = outputs.loss.detach() if outputs.loss is not None else None
+        # Trainer calls compute_metrics only when "labels" come back too; the sums carry everything needed.
+        return loss, sums, torch.zeros_like(sums[:, :1])
+
+
+def compute_validation_metrics(prediction):
+    sums = np.asarray(prediction.predictions).reshape(-1, 5).sum(axis=0)
+    metrics = {}
+    if sums[2] > 0:
+        metrics["token_loss"] = float(sums[1] / sums[2])
+        metrics["perplexity"] = float(math.exp(min(metrics["token_loss"], 50.0)))
+    if sums[3] != 0:
+        metrics["count_nll"] = float(sums[3] / sums[0])
+        metrics["count_mse"] = float(sums[4] / sums[0])
+    return metrics
+
+
+def train(model_args, data_args, training_args):
+    """Train and save; returns the trainer (its `state` holds the logs)."""
+    description = load_description(data_args.data)
+    tokenizer = PerturbGenTokenizer.from_pretrained(Path(data_args.data) / "tokenizer")
+    dataset = load_from_disk(str(Path(data_args.data) / "dataset"))
+    train_positions, heldout_position = time_point_split(description, data_args.heldout_time_point)
+    # Row ids seed each example's draws (see DataCollatorForPerturbGen), which makes resumed runs exact.
+    dataset = dataset.add_column("example_id", list(range(len(dataset))))
+    train_dataset, eval_dataset = split_by_source_cell(dataset, data_args.eval_fraction, training_args.seed)
+    if heldout_position is not None and eval_dataset is None:
+        eval_dataset = dataset  # the held-out time point is never trained on: all its cells validate
+    model = build_model(model_args, data_args, tokenizer, description, train_dataset, train_positions)
+    train_collator, eval_collator = build_collators(model, data_args, description, train_positions, heldout_position)
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once, with a model card, at the end
+    training_args.remove_unused_columns = False  # the collator reads the raw columns
+    training_args.label_names = ["labels", "target_counts"]
+    train_collator.seed = eval_collator.seed = training_args.seed
+    callbacks = [EpochSeedCallback(train_collator)]
+    if data_args.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
+    trainer = PerturbGenTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=train_collator, processing_class=tokenizer, compute_metrics=compute_validation_metrics,
+        callbacks=callbacks,
+    )  # fmt: skip
+    trainer.get_eval_dataloader = _with_collator(trainer.get_eval_dataloader, eval_collator)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = trainer.evaluate() if eval_dataset is not None else {}
+    save_model(trainer, tokenizer, description, model_args, data_args, training_args, metrics)
+    if push and trainer.is_world_process_zero():
+        push_to_hub(training_args.output_dir, training_args.hub_model_id, training_args.hub_token,
+                    training_args.hub_private_repo)  # fmt: skip
+    return trainer
+
+
+def _with_collator(get_dataloader, collator):
+    def patched(eval_dataset=None):
+        dataloader = get_dataloader(eval_dataset)
+        dataloader.collate_fn = collator
+        return dataloader
+
+    return patched
+
+
+def save_model(trainer, tokenizer, description, model_args, data_args, training_args, metrics):
+    trainer.save_model(training_args.output_dir)  # model (safetensors + code) and tokenizer
+    if not trainer.is_world_process_zero():
+        return
+    out = Path(training_args.output_dir)
+    (out / "training_summary.json").write_text(json.dumps({
+        "model_arguments": asdict(model_args), "data_arguments": asdict(data_args),
+        "final_metrics": metrics, "data": description,
+    }, indent=2, default=str))  # fmt: skip
+    (out / "README.md").write_text(model_card(trainer.model.config, description, model_args, data_args,
+                                              training_args, metrics))  # fmt: skip
+
+
+def model_card(config, description, model_args, data_args, training_args, metrics) -> str:
+    """A Hugging Face model card (README.md with YAML metadata) describing data, training and results."""
+    metric_lines = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()) if isinstance(v, float))
+    time_points = ", ".join(f"{n} ({v:g})" for n, v in zip(config.time_points, config.time_values))
+    source = description.get("input", {})
+    return f"""---
+library_name: transformers
+tags:
+- perturbgen
+- single-cell
+- perturbation
+- trust-remote-code
+pipeline_tag: other
+---
+
+# PerturbGen model
+
+A [perturbgen-hf](https://github.com/) model: from a source cell state (`{description["source"]}`) it generates the cell
+states at later time points and their expression counts, and predicts how an in silico gene perturbation of the
+source changes them. Load it with `import perturbgen_hf; AutoModel.from_pretrained(...)`, or without the package
+with `trust_remote_code=True`.
+
+## Data
+
+- input: `{source.get("path")}` (sha256 `{source.get("sha256")}`), {source.get("cells")} cells x {source.get("genes")} genes
+- source time point: `{description["source"]}`; target time points: {time_points}
+- held-out time point: {data_args.heldout_time_point or "none"}
+- {config.num_target_genes} target genes; {len(config.condition_tokens)} condition tokens
+- pairing: {description["pairing"]["mode"]} (key {description["pairing"]["key"]}, seed {description["pairing"]["seed"]}), {description["pairing"]["num_pairs"]} pairs
+
+## Training
+
+- objective: {data_args.objective}; count likelihood {config.count_likelihood}; library size {config.library_size}
+- encoder: {"Geneformer " + str(model_args.geneformer) if model_args.geneformer else "preset " + model_args.preset}, frozen: {config.freeze_encoder}
+- decoder: {config.decoder_num_layers} layers, hidden {config.decoder_hidden_size}, {config.decoder_num_heads} heads; context {config.context_mode}
+- steps: {training_args.max_steps if training_args.max_steps > 0 else str(training_args.num_train_epochs) + " epochs"}; batch {training_args.per_device_train_batch_size} per device; learning rate {training_args.learning_rate}; seed {training_args.seed}
+
+## Validation metrics (final)
+
+| metric | value |
+|---|---|
+{metric_lines or "| (no validation split) | |"}
+
+## Intended use and limits
+
+For research: predicting trajectories and in silico perturbation effects in the kind of cells it was trained on.
+Predictions are model outputs, not measurements; compare them with the package's baselines (no change, training
+mean, linear model) before trusting them. Time points far outside the trained range are extrapolations. Cells
+from other tissues, species or technologies than the training data are out of distribution.
+"""
+
+
+def push_to_hub(folder, repo_id, token=None, private=None):
+    """Upload a saved model folder (config, safetensors, code, tokenizer, model card) to the Hub."""
+    from huggingface_hub import HfApi
+
+    if not repo_id:
+        raise ValueError("--push_to_hub needs --hub_model_id (e.g. my-org/perturbgen-lps).")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    skipped = ["checkpoint-*", "checkpoint-*/**", "runs/**", "training_args.bin"]
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=skipped,
+                             commit_message="Upload PerturbGen model")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    model_args, data_args, training_args = parse_arguments(argv)
+    train(model_args, data_args, training_args)
+    return 0

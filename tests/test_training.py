@@ -1,0 +1,201 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+from datasets import Dataset, load_from_disk
+from hub_server import FakeHub
+from safetensors.torch import load_file
+from transformers import AutoModel, Trainer, TrainingArguments
+
+from perturbgen_hf import PerturbGenForConditionalGeneration
+from perturbgen_hf.cli import main as cli_main
+from perturbgen_hf.data import DataCollatorForPerturbGen, tokenize_anndata
+from perturbgen_hf.training import main as train_main
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--max_source_length", "64", "--max_target_length", "32", "--per_device_train_batch_size",
+        "8", "--per_device_eval_batch_size", "16", "--learning_rate", "3e-3", "--logging_steps", "2", "--seed", "0",
+        "--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lps_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lps") / "tokens"
+    tokenize_anndata(
+        SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad", out, time_key="time",
+        time_value_key="time_h", source="1h", gene_id_key="human_ensembl_id", n_hvg=60, progress=False,
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(lps_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    code = cli_main(["train", "--data", str(lps_data), "--out", str(out), *TINY, "--max_steps", "12",
+                     "--eval_strategy", "steps", "--eval_steps", "6", "--save_steps", "6", "--save_total_limit", "1"])  # fmt: skip
+    assert code == 0
+    return out
+
+
+def _weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def test_training_saves_a_loadable_model_with_card_and_metrics(trained, lps_data):
+    files = {p.name for p in trained.iterdir()}
+    assert {"config.json", "model.safetensors", "vocab.json", "tokenizer_config.json", "README.md",
+            "modeling_perturbgen.py", "training_summary.json"} <= files  # fmt: skip
+    assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-12"]  # save_total_limit
+    model = AutoModel.from_pretrained(trained)
+    assert type(model) is PerturbGenForConditionalGeneration
+    assert model.config.time_points == ["2h", "4h", "6h"]
+    summary = json.loads((trained / "training_summary.json").read_text())
+    metrics = summary["final_metrics"]
+    for key in ("eval_token_loss", "eval_perplexity", "eval_count_nll", "eval_count_mse"):
+        assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
+    history = json.loads((trained / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    card = (trained / "README.md").read_text()
+    assert "Intended use and limits" in card and "eval_token_loss" in card and "2h (2)" in card
+
+
+def test_resume_continues_bit_identically(lps_data, tmp_path):
+    common = ["--data", str(lps_data), *TINY, "--max_steps", "8", "--save_steps", "4", "--eval_fraction", "0"]
+    assert train_main([*common, "--out", str(tmp_path / "straight")]) == 0
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "straight" / "checkpoint-4", resumed / "checkpoint-4")
+    assert train_main([*common, "--out", str(resumed), "--resume_from_checkpoint", str(resumed / "checkpoint-4")]) == 0
+    a, b = _weights(tmp_path / "straight"), _weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_a_larger_batch(lps_data, tmp_path):
+    """Two accumulated micro-batches of 4 give the same step as one batch of 8 (fixed, pre-masked inputs)."""
+    dataset = load_from_disk(str(lps_data / "dataset")).select(range(8))
+    description = json.loads((lps_data / "perturbgen_data.json").read_text())
+    collator = DataCollatorForPerturbGen(description["time_values"], num_target_genes=description["num_target_genes"],
+                                         target_index=1, max_source_length=64, max_target_length=32, seed=0)  # fmt: skip
+    batch = collator([dataset[i] for i in range(8)])
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(8)]
+    stacked = Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
+
+    def stack(examples):
+        return {k: torch.tensor([e[k] for e in examples]) for k in examples[0]}
+
+    def one_step(batch_size, accumulation):
+        torch.manual_seed(0)
+        from conftest import tiny_config
+
+        from perturbgen_hf.training import PRESETS
+
+        config = tiny_config(num_target_genes=description["num_target_genes"], condition_tokens=[],
+                             time_points=description["time_points"], time_values=description["time_values"],
+                             encoder={**PRESETS["tiny"]["encoder"], "vocab_size": 18967, "max_position_embeddings": 64})  # fmt: skip
+        model = PerturbGenForConditionalGeneration(config)
+        args = TrainingArguments(output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
+                                 report_to="none", use_cpu=True, seed=0, remove_unused_columns=False, save_strategy="no",
+                                 lr_scheduler_type="constant")  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=stacked, data_collator=stack).train()
+        return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    big, accumulated = one_step(8, 1), one_step(4, 2)
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], atol=2e-6, rtol=1e-5)
+
+
+def test_two_stages_train_tokens_then_only_the_count_head(lps_data, trained, tmp_path):
+    stage2 = tmp_path / "stage2"
+    assert train_main(["--data", str(lps_data), "--out", str(stage2), *TINY, "--max_steps", "3", "--objective",
+                       "counts", "--model", str(trained), "--eval_fraction", "0"]) == 0  # fmt: skip
+    before, after = _weights(trained), _weights(stage2)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("count_head.") for k in changed)
+
+
+def test_heldout_time_point_is_not_trained(lps_data, tmp_path):
+    out = tmp_path / "interp"
+    assert train_main(["--data", str(lps_data), "--out", str(out), *TINY, "--max_steps", "3",
+                       "--heldout_time_point", "4h", "--eval_fraction", "0"]) == 0  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["time_points"] == ["2h", "6h"]
+    metrics = json.loads((out / "training_summary.json").read_text())["final_metrics"]
+    assert "eval_token_loss" in metrics  # validated on 4h, a time value never trained on
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--preset", "huge"], "Unknown --preset 'huge'"),
+        (["--objective", "counts"], "give --model"),
+        (["--heldout_time_point", "9h"], "'9h' is not a target time point"),
+        (["--objective", "both"], "Unknown --objective 'both'"),
+    ],
+)
+def test_bad_training_options(lps_data, tmp_path, capsys, argv, message):
+    code = cli_main(["train", "--data", str(lps_data), "--out", str(tmp_path / "m"), "--use_cpu", *argv])
+    assert code == 1
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    assert cli_main(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")]) == 1
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_torchrun_two_cpu_processes(lps_data, tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               str(REPO / "scripts" / "train.py"), "--data", str(lps_data), "--out", str(out), *TINY,
+               "--max_steps", "4", "--eval_fraction", "0", "--ddp_backend", "gloo"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "world_size" in result.stderr or (out / "model.safetensors").is_file()
+    model = AutoModel.from_pretrained(out)
+    assert torch.isfinite(next(model.parameters())).all()
+    state = json.loads((out / "training_summary.json").read_text())
+    assert state["data_arguments"]["data"] == str(lps_data)
+
+
+def test_push_to_a_hub_then_load_by_id_and_offline_from_the_cache(trained, tmp_path):
+    home = tmp_path / "hf_home"
+    with FakeHub() as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN="test-token", HF_HOME=str(home), HF_HUB_OFFLINE="0",
+                   HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH="")  # fmt: skip
+        push = f"from perturbgen_hf.training import push_to_hub; push_to_hub({str(trained)!r}, 'org/perturbgen-lps')"
+        result = subprocess.run([sys.executable, "-c", push], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, (result.stderr[-3000:], hub.unknown)
+        assert {"config.json", "model.safetensors", "modeling_perturbgen.py", "README.md",
+                "vocab.json"} <= set(hub.repos["org/perturbgen-lps"]["files"])  # fmt: skip
+        load = textwrap.dedent("""
+            import sys
+            sys.modules["perturbgen_hf"] = None  # a user without the package
+            import torch
+            from transformers import AutoModel, AutoTokenizer
+            model = AutoModel.from_pretrained("org/perturbgen-lps", trust_remote_code=True)
+            tokenizer = AutoTokenizer.from_pretrained("org/perturbgen-lps", trust_remote_code=True)
+            assert tokenizer.gene_to_id(tokenizer.target_genes[0]) > 3
+            print("ONLINE", float(sum(p.sum() for p in model.parameters())))
+        """)
+        result = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, env=env, timeout=300)
+        assert "ONLINE" in result.stdout, (result.stderr[-3000:], hub.unknown)
+    expected = float(sum(p.detach().sum() for p in AutoModel.from_pretrained(trained).parameters()))
+    assert float(result.stdout.split("ONLINE")[1]) == pytest.approx(expected, rel=1e-6)
+    # The hub is gone: the cached copy loads by its id offline (our users' `from_pretrained("org/perturbgen-lps")`).
+    offline = dict(env, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
+    script = "import perturbgen_hf; from transformers import AutoModel; print(type(AutoModel.from_pretrained('org/perturbgen-lps')).__name__)"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=offline, timeout=300)
+    assert "PerturbGenForConditionalGeneration" in result.stdout, result.stderr[-3000:]
