@@ -91,6 +91,9 @@ class DataArguments:
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "stop after this many evaluations without improvement"}
     )
+    overwrite: bool = field(
+        default=False, metadata={"help": "train into a non-empty output folder (its files may be replaced)"}
+    )
 
 
 def parse_arguments(argv=None):
@@ -115,7 +118,16 @@ def parse_arguments(argv=None):
         argv += ["--output_dir", out]
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     _validate(model_args, data_args)
+    _check_output_folder(training_args, data_args)
     return model_args, data_args, training_args
+
+
+def _check_output_folder(training_args, data_args):
+    out = Path(training_args.output_dir)
+    if out.is_dir() and any(out.iterdir()) and not (data_args.overwrite or training_args.resume_from_checkpoint):
+        raise FileExistsError(
+            f"Output folder {str(out)!r} is not empty; pass --overwrite to train into it, or --resume_from_checkpoint."
+        )
 
 
 def _option_value(argv, name):
@@ -353,6 +365,7 @@ def train(model_args, data_args, training_args):
     train_collator.seed = eval_collator.seed = training_args.seed
     callbacks = [EpochSeedCallback(train_collator)]
     if data_args.early_stopping_patience:
+        configure_early_stopping(training_args, eval_dataset)
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
     trainer = PerturbGenTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -367,6 +380,23 @@ def train(model_args, data_args, training_args):
         push_to_hub(training_args.output_dir, training_args.hub_model_id, training_args.hub_token,
                     training_args.hub_private_repo)  # fmt: skip
     return trainer
+
+
+def configure_early_stopping(training_args, eval_dataset):
+    """Early stopping keeps the best checkpoint by a validation metric (`eval_loss` unless another is named)."""
+    if eval_dataset is None:
+        raise ValueError(
+            "--early_stopping_patience needs validation data (--eval_fraction > 0 or --heldout_time_point)."
+        )
+    if str(training_args.eval_strategy) in ("no", "IntervalStrategy.NO"):
+        raise ValueError(
+            "--early_stopping_patience needs --eval_strategy steps or epoch (and the same --save_strategy)."
+        )
+    training_args.load_best_model_at_end = True
+    if training_args.metric_for_best_model is None:
+        training_args.metric_for_best_model = "eval_loss"
+    metric = training_args.metric_for_best_model
+    training_args.greater_is_better = not any(word in metric for word in ("loss", "nll", "perplexity", "mse"))
 
 
 def _with_collator(get_dataloader, collator):

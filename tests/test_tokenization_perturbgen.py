@@ -70,6 +70,17 @@ def test_chunks_and_processes_give_the_same_tokens(tokenizer):
         assert np.array_equal(other.tokens, whole.tokens)
 
 
+def test_parallel_chunks_stop_cleanly_when_the_consumer_stops():
+    from perturbgen_hf.tokenization.chunking import map_row_chunks
+
+    counts = sp.random(3000, 20, density=0.2, format="csr", random_state=0)
+    for index, _ in enumerate(map_row_chunks(counts, lambda i, block: block.shape[0], 100, num_proc=2)):
+        if index == 2:
+            break  # must not hang the pool
+    assert sum(map_row_chunks(counts, lambda i, block: block.shape[0], 100, num_proc=2)) == 3000
+    assert [i for i, _ in map_row_chunks(counts, lambda i, block: (i, 0), 700, num_proc=2)] == [0, 1, 2, 3, 4]
+
+
 def test_inputs_sparse_dense_anndata_and_backed(tokenizer, tmp_path):
     rng = np.random.default_rng(1)
     counts = rng.poisson(1.5, size=(30, 12)).astype(np.float32)

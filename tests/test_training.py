@@ -125,6 +125,33 @@ def test_two_stages_train_tokens_then_only_the_count_head(lps_data, trained, tmp
     assert changed and all(k.startswith("count_head.") for k in changed)
 
 
+def test_early_stopping_all_time_points_and_a_geneformer_encoder(lps_data, tmp_path):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from perturbgen_hf import PerturbGenTokenizer
+
+    vocab = PerturbGenTokenizer.from_pretrained(lps_data / "tokenizer").vocab_size
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=4096)).save_pretrained(tmp_path / "gf")  # fmt: skip
+    out = tmp_path / "gf_model"
+    # A learning rate of 0 never improves eval_loss: patience 1 stops after the second evaluation.
+    assert train_main(["--data", str(lps_data), "--out", str(out), *TINY, "--geneformer", str(tmp_path / "gf"),
+                       "--target_time_points", "all", "--max_steps", "40", "--learning_rate", "0",
+                       "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
+                       "--early_stopping_patience", "1"]) == 0  # fmt: skip
+    last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["global_step"] == 4  # not 40: stopped early
+    assert state["best_model_checkpoint"].endswith("checkpoint-2")
+    model = AutoModel.from_pretrained(out)
+    assert model.config.encoder.hidden_size == 24
+    gf = load_file(str(tmp_path / "gf" / "model.safetensors"))
+    torch.testing.assert_close(
+        model.encoder.embeddings.word_embeddings.weight, gf["bert.embeddings.word_embeddings.weight"]
+    )
+
+
 def test_heldout_time_point_is_not_trained(lps_data, tmp_path):
     out = tmp_path / "interp"
     assert train_main(["--data", str(lps_data), "--out", str(out), *TINY, "--max_steps", "3",
@@ -142,12 +169,21 @@ def test_heldout_time_point_is_not_trained(lps_data, tmp_path):
         (["--objective", "counts"], "give --model"),
         (["--heldout_time_point", "9h"], "'9h' is not a target time point"),
         (["--objective", "both"], "Unknown --objective 'both'"),
+        (["--early_stopping_patience", "2"], "needs --eval_strategy"),
     ],
 )
 def test_bad_training_options(lps_data, tmp_path, capsys, argv, message):
     code = cli_main(["train", "--data", str(lps_data), "--out", str(tmp_path / "m"), "--use_cpu", *argv])
     assert code == 1
     assert message in capsys.readouterr().err
+
+
+def test_a_non_empty_output_folder_is_not_overwritten(lps_data, tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("keep")
+    assert cli_main(["train", "--data", str(lps_data), "--out", str(tmp_path / "m"), *TINY, "--max_steps", "1"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "m" / "notes.txt").read_text() == "keep"
 
 
 def test_missing_data_folder(tmp_path, capsys):

@@ -118,7 +118,7 @@ class PerturbGenConfig(PreTrainedConfig):
         log_library_size_init (`float`, *optional*, defaults to `log(10_000)`):
             Initial bias of the library-size head (the log of a typical library size of the data).
         token_loss_weight (`float`, *optional*, defaults to 1.0):
-            Weight of the masked-token cross entropy in `loss`.
+            Weight of the masked-token cross entropy (averaged per cell, then over cells) in `loss`.
         count_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight of the count loss (mean negative log-likelihood per gene and cell) in `loss`.
         mask_schedule (`str`, *optional*, defaults to `"cosine"`):

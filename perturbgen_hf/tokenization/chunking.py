@@ -1,6 +1,7 @@
 """Read a count matrix (in memory or a backed h5ad) in blocks of rows, optionally in several processes."""
 
 import multiprocessing
+import threading
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -86,9 +87,24 @@ def map_row_chunks(counts, function: Callable, chunk_size: int = 2048, num_proc:
         return
     location = _backed_location(counts)
     context = multiprocessing.get_context("fork")
+    # At most a few blocks per process are in flight (handed out but not yet consumed): memory stays bounded, and
+    # unlike fixed windows of blocks, no worker waits for another at a window's end.
+    in_flight = threading.Semaphore(4 * num_proc)
+    stopped = threading.Event()
+
+    def feed():
+        for task in enumerate(blocks):
+            in_flight.acquire()
+            if stopped.is_set():
+                return
+            yield task
+
     with context.Pool(num_proc, _initialise_worker, (location, None if location else counts, function)) as pool:
-        # Windows of a few blocks per process keep the order and bound the finished blocks waiting to be consumed.
-        window = 4 * num_proc
-        for start in range(0, len(blocks), window):
-            tasks = list(enumerate(blocks))[start : start + window]
-            yield from pool.imap(_run_block, tasks, chunksize=1)
+        try:
+            for result in pool.imap(_run_block, feed(), chunksize=1):
+                in_flight.release()
+                yield result
+        finally:
+            # Let the feeding thread finish if the consumer stops early (or fails), so the pool can shut down.
+            stopped.set()
+            in_flight.release()
