@@ -18,6 +18,7 @@ from .modeling import (
     PerturbGenOutput,
     PerturbGenPreTrainedModel,
 )
+from .pipelines import PerturbationPipeline, PerturbationResult
 from .tokenization import PerturbGenTokenizer
 
 
@@ -39,7 +40,16 @@ def _register_auto_classes():
     PerturbGenTokenizer.register_for_auto_class("AutoTokenizer")
 
 
+def _register_pipeline():
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    PIPELINE_REGISTRY.register_pipeline(
+        "perturbation", pipeline_class=PerturbationPipeline, pt_model=AutoModel, type="multimodal"
+    )
+
+
 _register_auto_classes()
+_register_pipeline()
 
 __all__ = [
     "PerturbGenConfig",
@@ -48,5 +58,7 @@ __all__ = [
     "PerturbGenOutput",
     "PerturbGenPreTrainedModel",
     "PerturbGenTokenizer",
+    "PerturbationPipeline",
+    "PerturbationResult",
     "__version__",
 ]

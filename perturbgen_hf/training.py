@@ -240,6 +240,11 @@ def build_model(model_args, data_args, tokenizer, description, train_dataset, tr
                        "pad_token_id": 0}  # fmt: skip
             model = PerturbGenForConditionalGeneration(PerturbGenConfig(encoder=encoder, **overrides))
     tokenizer.check_model_compatibility(model)
+    # Recorded so that perturbation truncates source cells as training did.
+    model.config.max_source_length = min(
+        data_args.max_source_length or model.config.encoder.max_position_embeddings,
+        model.config.encoder.max_position_embeddings,
+    )
     apply_objective(model, data_args)
     return model
 

@@ -64,6 +64,9 @@ class PerturbGenConfig(PreTrainedConfig):
             Geneformer V2 shape (12 layers, hidden 512, vocabulary 20,275, 4,096 positions).
         freeze_encoder (`bool`, *optional*, defaults to `True`):
             Keep the encoder's weights fixed and the encoder in eval mode.
+        max_source_length (`int`, *optional*):
+            Source cells are truncated to their top-ranked genes (then `<eos>`) at this length, in training and in
+            perturbation alike. Defaults to the encoder's `max_position_embeddings`.
         decoder_hidden_size (`int`, *optional*, defaults to 512):
             Width of the decoder's residual stream.
         decoder_num_layers (`int`, *optional*, defaults to 6):
@@ -152,6 +155,7 @@ class PerturbGenConfig(PreTrainedConfig):
         self,
         encoder=None,
         freeze_encoder=True,
+        max_source_length=None,
         decoder_hidden_size=512,
         decoder_num_layers=6,
         decoder_num_heads=8,
@@ -188,6 +192,7 @@ class PerturbGenConfig(PreTrainedConfig):
     ):
         self.encoder = self._build_encoder_config(encoder)
         self.freeze_encoder = freeze_encoder
+        self.max_source_length = max_source_length
         self.decoder_hidden_size = decoder_hidden_size
         self.decoder_num_layers = decoder_num_layers
         self.decoder_num_heads = decoder_num_heads
@@ -273,6 +278,13 @@ class PerturbGenConfig(PreTrainedConfig):
             "count_hidden_size",
         ):
             _check_positive_int(name, getattr(self, name))
+        if self.max_source_length is not None:
+            _check_positive_int("max_source_length", self.max_source_length)
+            if self.max_source_length < 3 or self.max_source_length > self.encoder.max_position_embeddings:
+                raise ValueError(
+                    f"`max_source_length={self.max_source_length}` must lie in [3, {self.encoder.max_position_embeddings}]"
+                    " (the encoder's positions)."
+                )
         _check_probability("decoder_dropout", self.decoder_dropout)
         _check_probability("decoder_attention_dropout", self.decoder_attention_dropout)
         _check_choice("decoder_norm", self.decoder_norm, _NORMS)
