@@ -8,6 +8,7 @@ Errors in the user's input end the command with one line on stderr and exit code
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
 
@@ -50,7 +51,117 @@ def _run_train(args):
     return train_main(args.passthrough)
 
 
-SUBCOMMANDS = [_add_tokenize_parser, _add_train_parser]
+# YAML keys of the original PerturbGen's perturbation config that mean the same here.
+ORIGINAL_PERTURB_KEYS = {
+    "genes_to_perturb": "genes",
+    "perturbation_mode": "mode",
+    "perturbation_sequence": "site",
+    "pred_tps": "time_points",
+}
+PERTURB_KEYS = ("genes", "screen", "mode", "site", "time_points", "num_samples", "iterations", "temperature", "seed",
+                "batch_size", "group_key", "gene_ids", "layer")  # fmt: skip
+
+
+def _add_perturb_parser(subparsers):
+    parser = subparsers.add_parser(
+        "perturb",
+        help="in silico perturbation of source cells with a trained model",
+        description=(
+            "Perturb genes in source cells (an h5ad of raw counts), predict the later time points for control and "
+            "perturbed cells, and write the predictions, differential expression, a summary, the run's config and "
+            "PNG plots to OUT. Options may come from --config YAML (keys as below, or the original PerturbGen's "
+            "genes_to_perturb, perturbation_mode, perturbation_sequence, pred_tps); the command line wins."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="trained model folder or Hub id")
+    parser.add_argument("--adata", required=True, help="h5ad of source-state cells (raw counts)")
+    parser.add_argument("--out", required=True, help="output folder (refused if not empty, unless --overwrite)")
+    genes = parser.add_mutually_exclusive_group()
+    genes.add_argument("--genes", nargs="+", help="genes perturbed together (symbols or Ensembl IDs)")
+    genes.add_argument("--screen", nargs="+", help="genes perturbed one at a time")
+    parser.add_argument(
+        "--mode", choices=["mask", "pad", "delete", "overexpress"], help="perturbation (default: mask)"
+    )
+    parser.add_argument("--site", choices=["src", "tgt"], help="where the edit is made (default: src)")
+    parser.add_argument("--time-points", nargs="+", help="time points to predict, by name or value (default: all)")
+    parser.add_argument("--num-samples", type=int, help="generations averaged per cell (default: 1)")
+    parser.add_argument("--iterations", type=int, help="MaskGIT iterations (default: 16)")
+    parser.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0)")
+    parser.add_argument("--seed", type=int, help="random seed (default: 0)")
+    parser.add_argument("--batch-size", type=int, help="cells per generation batch (default: 32)")
+    parser.add_argument("--group-key", help="obs column for per-group statistics (e.g. cell_type)")
+    parser.add_argument(
+        "--gene-id-key", dest="gene_ids", help="var column with the gene identifiers (default: var_names)"
+    )
+    parser.add_argument("--layer", help="layer of raw counts to use instead of X")
+    parser.add_argument("--config", help="YAML file of the options above")
+    parser.add_argument(
+        "--fdr", type=float, default=0.05, help="BH-adjusted p-value threshold for plots and the summary"
+    )
+    parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.set_defaults(run=_run_perturb)
+
+
+def _perturb_options(args) -> dict:
+    options = {}
+    if args.config:
+        import yaml
+
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"Perturbation config not found: {str(path)!r}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a mapping of option names to values.")
+        if values.get("pert_tps"):
+            raise ValueError("pert_tps (perturbing a target time point) is not available yet; perturb the source.")
+        values.pop("pert_tps", None)
+        for key, value in values.items():
+            name = ORIGINAL_PERTURB_KEYS.get(key, key)
+            if name not in PERTURB_KEYS:
+                raise ValueError(
+                    f"Unknown key {key!r} in {path}; known: {sorted(PERTURB_KEYS + tuple(ORIGINAL_PERTURB_KEYS))}."
+                )
+            options[name] = value
+    for name in PERTURB_KEYS:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    if isinstance(options.get("genes"), str):
+        options["genes"] = [options["genes"]]
+    if "genes" in options and "screen" in options and args.config:
+        # A command-line choice replaces the config's.
+        options.pop("screen" if args.genes else "genes")
+    return options
+
+
+def _run_perturb(args):
+    from transformers import pipeline
+
+    import perturbgen_hf  # noqa: F401  (registers the task)
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"Output folder {str(out)!r} is not empty; pass --overwrite to replace it.")
+    if not Path(args.adata).is_file():
+        raise FileNotFoundError(f"Source h5ad not found: {args.adata!r}")
+    options = _perturb_options(args)
+    pipe = pipeline("perturbation", model=args.model)
+    result = pipe(args.adata, **options)
+    result.save(out, overwrite=args.overwrite)
+    if not args.no_plots:
+        result.plot(out / "plots", fdr=args.fdr)
+    hits = result.de[(result.de["group"] == "all") & (result.de["p_adjusted"] < args.fdr)]
+    unaffected = ", ".join(f"{k}: {v}" for k, v in result.summary["cells_unaffected"].items())
+    sys.stdout.write(
+        f"perturbed {', '.join(result.summary['perturbations'])} in {result.summary['cells']} cells (unaffected: "
+        f"{unaffected}); {len(hits)} gene x time point results with BH-adjusted p < {args.fdr}; wrote {out}\n"
+    )
+    return 0
+
+
+SUBCOMMANDS = [_add_tokenize_parser, _add_train_parser, _add_perturb_parser]
 PASSTHROUGH = {"train"}
 
 

@@ -145,3 +145,37 @@ def test_a_gene_no_cell_expresses_is_an_error(pipe, source_cells):
         pipe(source_cells, genes=[absent], mode="mask")
     result = pipe(source_cells[:10], genes=[absent], mode="overexpress")  # overexpression applies to every cell
     assert result.summary["cells_unaffected"][absent] == 0
+
+
+def test_perturb_command_with_an_original_style_config(lps_model, source_cells, tmp_path, capsys):
+    from perturbgen_hf.cli import main
+
+    source = tmp_path / "source.h5ad"
+    source_cells[:24].write_h5ad(source)
+    config = tmp_path / "perturbation.yaml"
+    config.write_text("genes_to_perturb: [TNF]\nperturbation_mode: delete\npred_tps: ['2h', '6h']\niterations: 3\n")
+    out = tmp_path / "ko"
+    argv = ["perturb", "--model", str(lps_model), "--adata", str(source), "--out", str(out), "--config", str(config),
+            "--gene-id-key", "human_ensembl_id", "--seed", "3"]  # fmt: skip
+    assert main(argv) == 0
+    assert "perturbed TNF in 24 cells" in capsys.readouterr().out
+    result = PerturbationResult.load(out)
+    assert set(result.adata.obs["time_point"]) == {"2h", "6h"}
+    assert result.config["mode"] == "delete"
+    assert {p.name for p in (out / "plots").iterdir()} == {"volcano_TNF.png", "responders_TNF.png",
+                                                          "significant_genes.png"}  # fmt: skip
+    assert main(argv) == 1  # an existing result is not overwritten
+    assert "--overwrite" in capsys.readouterr().err
+    config.write_text("genes_to_perturb: [TNF]\npert_tps: ['2h']\n")
+    assert main([*argv[:-2], "--overwrite"]) == 1
+    assert "pert_tps" in capsys.readouterr().err
+    config.write_text("genes: [TNF]\nwobble: 1\n")
+    assert main([*argv, "--overwrite"]) == 1
+    assert "Unknown key 'wobble'" in capsys.readouterr().err
+
+
+def test_time_points_by_value(pipe, source_cells):
+    result = pipe(source_cells[:8], genes=["TNF"], mode="overexpress", time_points=["3"], iterations=2)
+    assert list(result.adata.obs["time_point"].unique()) == ["3"]  # an unseen time value, given as text
+    with pytest.raises(ValueError, match="'9h'"):
+        pipe(source_cells[:8], genes=["TNF"], mode="overexpress", time_points=["9h"])

@@ -99,6 +99,27 @@ class PerturbationResult:
             raise
         return path
 
+    def plot(self, folder, fdr: float = 0.05, top: int = 6) -> list:
+        """
+        Write PNG plots into `folder`: a volcano per perturbation and time point, the number of significant genes
+        (BH-adjusted p below `fdr`) per time point and group, and the `top` responders' mean control and perturbed
+        expression over time. Returns the written paths.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths = []
+        table = self.de[self.de["group"] == "all"]
+        for label, part in table.groupby("perturbation", sort=False):
+            paths.append(_volcano(part, label, fdr, folder / f"volcano_{_safe(label)}.png", plt))
+            paths.append(_responders(part, self.adata, label, top, folder / f"responders_{_safe(label)}.png", plt))
+        paths.append(_significant_counts(self.de, fdr, folder / "significant_genes.png", plt))
+        return paths
+
     @classmethod
     def load(cls, path) -> "PerturbationResult":
         path = Path(path)
@@ -110,3 +131,66 @@ class PerturbationResult:
             summary=json.loads((path / "summary.json").read_text()),
             config=yaml.safe_load((path / "config.yaml").read_text()),
         )
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
+def _volcano(part, label, fdr, path, plt):
+    times = list(dict.fromkeys(part["time_point"]))
+    figure, axes = plt.subplots(1, len(times), figsize=(4 * len(times), 3.6), squeeze=False)
+    for axis, time_point in zip(axes[0], times):
+        rows = part[part["time_point"] == time_point]
+        significance = -np.log10(np.clip(rows["p_adjusted"].to_numpy(), 1e-300, 1.0))
+        hit = rows["p_adjusted"].to_numpy() < fdr
+        axis.scatter(rows["log2_fold_change"], significance, s=6, c=np.where(hit, "tab:red", "tab:gray"))
+        for _, row in rows[hit].nsmallest(5, "p_adjusted").iterrows():  # label significant genes only
+            axis.annotate(
+                row["gene"], (row["log2_fold_change"], -np.log10(max(row["p_adjusted"], 1e-300))), fontsize=7
+            )
+        axis.set_title(f"{label}: {time_point}")
+        axis.set_xlabel("log2 fold change (perturbed / control)")
+        axis.set_ylabel("-log10 BH-adjusted p")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _significant_counts(de, fdr, path, plt):
+    counts = (de.assign(hit=de["p_adjusted"] < fdr)
+              .groupby(["perturbation", "group", "time_point"], sort=False)["hit"].sum().unstack("time_point"))  # fmt: skip
+    figure, axis = plt.subplots(figsize=(max(4, 1.2 * counts.shape[1] + 2), 3.6))
+    counts.T.plot(kind="bar", ax=axis)
+    axis.set_ylabel(f"genes with BH-adjusted p < {fdr}")
+    axis.set_xlabel("time point")
+    axis.legend(fontsize=7, title="perturbation, group")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def _responders(part, adata, label, top, path, plt):
+    best = part.assign(size=part["log2_fold_change"].abs()).groupby("gene")["size"].max().nlargest(top).index
+    rows = (adata.obs["perturbation"] == label).to_numpy()
+    obs = adata.obs[rows]
+    times = list(dict.fromkeys(obs["time_point"]))
+    symbols = list(adata.var["gene_symbol"]) if "gene_symbol" in adata.var else list(adata.var_names)
+    figure, axes = plt.subplots(1, len(best), figsize=(2.6 * max(len(best), 1), 2.8), squeeze=False)
+    for axis, gene in zip(axes[0], best):
+        column = symbols.index(gene)
+        for layer, style in (("control", "-o"), ("perturbed", "--s")):
+            values = adata.layers[layer][rows]
+            normalized = np.expm1(log_normalize(values))[:, column]
+            means = [normalized[(obs["time_point"] == t).to_numpy()].mean() for t in times]
+            axis.plot(times, means, style, label=layer, markersize=3)
+        axis.set_title(gene, fontsize=9)
+        axis.set_ylabel("mean CP10k", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    figure.suptitle(f"{label}: top responders", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

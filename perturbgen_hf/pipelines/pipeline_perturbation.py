@@ -129,6 +129,8 @@ class PerturbationPipeline(Pipeline):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         cells = inputs["cells"]
         config = self.model.config
+        if time_points is not None:
+            time_points = [_as_time_point(t, config) for t in time_points]
         capacity = min(config.num_target_genes, config.decoder_max_position_embeddings - len(config.condition_tokens))
         settings = {"time_points": time_points, "num_iterations": iterations, "temperature": temperature}
         control, perturbed = [], {v["label"]: [] for v in inputs["variants"]}
@@ -241,6 +243,18 @@ def _stack(parts):
 def _cosine(a, b):
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return (a * b).sum(1) / np.where(norms > 0, norms, 1.0)
+
+
+def _as_time_point(value, config):
+    """A name of the model's time points, or a number (also given as text, e.g. from a command line)."""
+    if isinstance(value, str) and value not in config.time_points:
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(
+                f"Unknown time point {value!r}; this model knows {config.time_points} (or give a number)."
+            ) from None
+    return value
 
 
 def _time_name(config, value):
