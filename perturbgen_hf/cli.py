@@ -57,9 +57,11 @@ ORIGINAL_PERTURB_KEYS = {
     "perturbation_mode": "mode",
     "perturbation_sequence": "site",
     "pred_tps": "time_points",
+    "pert_tps": "perturb_time_points",
 }
-PERTURB_KEYS = ("genes", "screen", "mode", "site", "time_points", "num_samples", "iterations", "temperature", "seed",
-                "batch_size", "group_key", "gene_ids", "layer")  # fmt: skip
+PERTURB_KEYS = ("genes", "screen", "mode", "site", "perturb_time_points", "method", "targets", "time_points",
+                "num_samples", "iterations", "temperature", "seed", "batch_size", "variants_per_batch", "group_key",
+                "gene_ids", "layer")  # fmt: skip
 
 
 def _add_perturb_parser(subparsers):
@@ -70,7 +72,9 @@ def _add_perturb_parser(subparsers):
             "Perturb genes in source cells (an h5ad of raw counts), predict the later time points for control and "
             "perturbed cells, and write the predictions, differential expression, a summary, the run's config and "
             "PNG plots to OUT. Options may come from --config YAML (keys as below, or the original PerturbGen's "
-            "genes_to_perturb, perturbation_mode, perturbation_sequence, pred_tps); the command line wins."
+            "genes_to_perturb, perturbation_mode, perturbation_sequence, pred_tps, pert_tps); the command line wins. "
+            "Large screens run data-parallel: `torchrun --nproc_per_node N -m perturbgen_hf.cli perturb ...` (or "
+            "`accelerate launch`) shares the cell x gene grid between processes and writes one result."
         ),
     )
     parser.add_argument("--model", required=True, help="trained model folder or Hub id")
@@ -82,13 +86,32 @@ def _add_perturb_parser(subparsers):
     parser.add_argument(
         "--mode", choices=["mask", "pad", "delete", "overexpress"], help="perturbation (default: mask)"
     )
-    parser.add_argument("--site", choices=["src", "tgt"], help="where the edit is made (default: src)")
+    parser.add_argument(
+        "--site", choices=["src", "tgt"], help="edit the source cell or predicted target cells (default: src)"
+    )
+    parser.add_argument(
+        "--perturb-time-points", nargs="+", help="with --site tgt: the time points whose cells are edited"
+    )
+    parser.add_argument(
+        "--method",
+        choices=["generate", "teacher_forced"],
+        help="generate the future states (default), or read out observed target cells given by --targets",
+    )
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        metavar="TIME=H5AD",
+        help="with --method teacher_forced: observed target cells per time point, one row per source cell",
+    )
     parser.add_argument("--time-points", nargs="+", help="time points to predict, by name or value (default: all)")
     parser.add_argument("--num-samples", type=int, help="generations averaged per cell (default: 1)")
     parser.add_argument("--iterations", type=int, help="MaskGIT iterations (default: 16)")
     parser.add_argument("--temperature", type=float, help="sampling temperature (default: 1.0)")
     parser.add_argument("--seed", type=int, help="random seed (default: 0)")
-    parser.add_argument("--batch-size", type=int, help="cells per generation batch (default: 32)")
+    parser.add_argument("--batch-size", type=int, help="cells per batch and rows per model call (default: 32)")
+    parser.add_argument(
+        "--variants-per-batch", type=int, help="perturbations of a screen per unit of parallel work (default: 8)"
+    )
     parser.add_argument("--group-key", help="obs column for per-group statistics (e.g. cell_type)")
     parser.add_argument(
         "--gene-id-key", dest="gene_ids", help="var column with the gene identifiers (default: var_names)"
@@ -114,9 +137,6 @@ def _perturb_options(args) -> dict:
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of option names to values.")
-        if values.get("pert_tps"):
-            raise ValueError("pert_tps (perturbing a target time point) is not available yet; perturb the source.")
-        values.pop("pert_tps", None)
         for key, value in values.items():
             name = ORIGINAL_PERTURB_KEYS.get(key, key)
             if name not in PERTURB_KEYS:
@@ -128,12 +148,31 @@ def _perturb_options(args) -> dict:
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
+    site = options.get("site")
+    if isinstance(site, (list, tuple)):  # the original writes perturbation_sequence: [src]
+        if len(site) != 1:
+            raise ValueError(f"Perturb one site per run (src or tgt), got {site}.")
+        options["site"] = site[0]
+    if isinstance(options.get("targets"), (list, tuple)):
+        options["targets"] = _parse_targets(options["targets"])
     if isinstance(options.get("genes"), str):
         options["genes"] = [options["genes"]]
     if "genes" in options and "screen" in options and args.config:
         # A command-line choice replaces the config's.
         options.pop("screen" if args.genes else "genes")
     return options
+
+
+def _parse_targets(items) -> dict:
+    targets = {}
+    for item in items:
+        name, sep, path = str(item).partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--targets takes TIME=H5AD pairs, got {item!r}.")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Target h5ad for {name} not found: {path!r}")
+        targets[name] = path
+    return targets
 
 
 def _run_perturb(args):
@@ -147,8 +186,14 @@ def _run_perturb(args):
     if not Path(args.adata).is_file():
         raise FileNotFoundError(f"Source h5ad not found: {args.adata!r}")
     options = _perturb_options(args)
-    pipe = pipeline("perturbation", model=args.model)
+    from .pipelines.pipeline_perturbation import process_state
+
+    state = process_state()  # under torchrun / accelerate launch: this process's device and rank
+    device = state.device if state.num_processes > 1 else None
+    pipe = pipeline("perturbation", model=args.model, device=device)
     result = pipe(args.adata, **options)
+    if not state.is_main_process:  # every process holds the gathered result; one writes it
+        return 0
     result.save(out, overwrite=args.overwrite)
     if not args.no_plots:
         result.plot(out / "plots", fdr=args.fdr)

@@ -103,3 +103,58 @@ def test_context_mode_none_generates_time_points_independently(config):
 def test_bad_generation_arguments(model, config, kwargs, message):
     with pytest.raises(ValueError, match=message):
         _generate(model, config, **kwargs)
+
+
+def test_noise_index_gives_each_cell_its_own_draws(model, config):
+    batch = tiny_batch(config)
+    lengths = torch.tensor([12, 5, 25])
+    full = _generate(model, config, seed=3, sequence_length=lengths, temperature=5.0)
+    same = _generate(model, config, seed=3, sequence_length=lengths, temperature=5.0, noise_index=torch.arange(3))
+    assert torch.equal(full.sequences, same.sequences)  # arange draws exactly as no index
+    # cells 2 and 0 alone, in another order, with their rows of a 3-row draw: the same predictions
+    rows = torch.tensor([2, 0])
+    subset = model.generate(
+        batch["input_ids"][rows], batch["attention_mask"][rows], sequence_length=lengths[rows], temperature=5.0,
+        generator=torch.Generator().manual_seed(3), noise_index=rows, num_noise_rows=3,
+    )  # fmt: skip
+    width = subset.sequences.shape[-1]
+    assert torch.equal(subset.sequences, full.sequences[rows][..., :width])
+    torch.testing.assert_close(subset.counts, full.counts[rows])
+    with pytest.raises(ValueError, match="num_noise_rows"):
+        model.generate(batch["input_ids"][rows], noise_index=rows, num_noise_rows=2)
+
+
+def test_sequence_editor_edits_a_time_point_and_its_context(model, config):
+    lengths = torch.tensor([12, 5, 25])
+
+    def knock_out_first_gene(tokens, time_value):
+        edited = tokens.clone()
+        edited[:, 0] = config.mask_token_id
+        return edited
+
+    plain = _generate(model, config, seed=1, sequence_length=lengths, time_points=["2h", "6h"])
+    edited = _generate(model, config, seed=1, sequence_length=lengths, time_points=["2h", "6h"],
+                       sequence_editor=knock_out_first_gene, edit_time_points=["2h"])  # fmt: skip
+    assert (edited.sequences[:, 0, 0] == config.mask_token_id).all()
+    assert not torch.allclose(edited.counts[:, 0], plain.counts[:, 0])  # the edited state is read out
+    assert not torch.equal(edited.sequences[:, 1], plain.sequences[:, 1]) or not torch.allclose(
+        edited.counts[:, 1], plain.counts[:, 1]
+    )  # and is the context of 6h
+    with pytest.raises(ValueError, match="edit_time_points"):
+        _generate(model, config, time_points=["2h"], sequence_editor=knock_out_first_gene, edit_time_points=["6h"])
+
+
+def test_teacher_forced_readout(model, config):
+    batch = tiny_batch(config)
+    targets = torch.stack([batch["labels"].clamp(min=0), batch["labels"].clamp(min=0)], dim=1)
+    targets = torch.where(targets >= config.first_gene_token_id, targets, torch.zeros_like(targets))
+    out = model.readout(batch["input_ids"], targets, ["2h", "6h"], batch["attention_mask"])
+    assert out.counts.shape == (3, 2, config.num_target_genes)
+    assert torch.equal(out.sequences, targets)
+    # with context, a time point's readout depends on the other given states ("previous": 6h reads 2h)
+    changed = targets.clone()
+    changed[:, 0] = 0
+    other = model.readout(batch["input_ids"], changed, ["2h", "6h"], batch["attention_mask"])
+    assert not torch.allclose(other.counts[:, 1], out.counts[:, 1])
+    with pytest.raises(ValueError, match="distinct time points"):
+        model.readout(batch["input_ids"], targets, ["2h"])

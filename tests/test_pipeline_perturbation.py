@@ -2,6 +2,7 @@ import anndata as ad
 import numpy as np
 import pytest
 from conftest import SHARED_DATA
+from scipy import stats
 from transformers import pipeline
 
 import perturbgen_hf  # noqa: F401  (registers the "perturbation" task)
@@ -126,7 +127,12 @@ def test_screen_shares_the_control(pipe, source_cells):
         ({}, ValueError, "Name the genes"),
         ({"genes": ["TNFF"]}, KeyError, "did you mean TNF"),
         ({"genes": ["TNF"], "mode": "silence"}, ValueError, "'silence'"),
-        ({"genes": ["TNF"], "site": "tgt"}, ValueError, "not available yet"),
+        ({"genes": ["TNF"], "site": "tgt"}, ValueError, "needs perturb_time_points"),
+        ({"genes": ["TNF"], "perturb_time_points": ["2h"]}, ValueError, "site='tgt' only"),
+        ({"genes": ["TNF"], "site": "cytoplasm"}, ValueError, "'cytoplasm'"),
+        ({"genes": ["TNF"], "method": "teacher_forced"}, ValueError, "needs `targets`"),
+        ({"genes": ["TNF"], "targets": {"2h": None}}, ValueError, "teacher_forced"),
+        ({"genes": ["TNF"], "mode": "overexpress", "num_samples": 0}, ValueError, "num_samples"),
         ({"genes": ["TNF"], "screen": ["EGR1"]}, ValueError, "not both"),
         ({"genes": ["TNF"], "colour": "red"}, TypeError, "colour"),
     ],
@@ -141,8 +147,13 @@ def test_a_gene_no_cell_expresses_is_an_error(pipe, source_cells):
     ids = source_cells.var["human_ensembl_id"].astype(str).to_numpy()
     silent = np.asarray(source_cells.X.sum(0)).ravel() == 0
     absent = next(g for g in ids[silent] if g in pipe.tokenizer.vocab and not (ids[~silent] == g).any())
-    with pytest.raises(ValueError, match="No source cell expresses"):
+    with pytest.raises(ValueError, match="no source cell expresses it"):
         pipe(source_cells, genes=[absent], mode="mask")
+    screen = pipe(source_cells, screen=["TNF", absent], mode="mask", iterations=2)
+    assert screen.summary["perturbations"] == ["TNF"]  # a screen reports the silent gene instead of failing
+    assert absent in screen.summary["perturbations_skipped"]
+    with pytest.raises(ValueError, match="No gene of the screen"):
+        pipe(source_cells, screen=[absent], mode="mask")
     result = pipe(source_cells[:10], genes=[absent], mode="overexpress")  # overexpression applies to every cell
     assert result.summary["cells_unaffected"][absent] == 0
 
@@ -166,9 +177,9 @@ def test_perturb_command_with_an_original_style_config(lps_model, source_cells, 
                                                           "significant_genes.png"}  # fmt: skip
     assert main(argv) == 1  # an existing result is not overwritten
     assert "--overwrite" in capsys.readouterr().err
-    config.write_text("genes_to_perturb: [TNF]\npert_tps: ['2h']\n")
+    config.write_text("genes_to_perturb: [TNF]\nperturbation_sequence: [src, tgt]\n")
     assert main([*argv[:-2], "--overwrite"]) == 1
-    assert "pert_tps" in capsys.readouterr().err
+    assert "one site per run" in capsys.readouterr().err
     config.write_text("genes: [TNF]\nwobble: 1\n")
     assert main([*argv, "--overwrite"]) == 1
     assert "Unknown key 'wobble'" in capsys.readouterr().err
@@ -179,3 +190,116 @@ def test_time_points_by_value(pipe, source_cells):
     assert list(result.adata.obs["time_point"].unique()) == ["3"]  # an unseen time value, given as text
     with pytest.raises(ValueError, match="'9h'"):
         pipe(source_cells[:8], genes=["TNF"], mode="overexpress", time_points=["9h"])
+
+
+def test_a_screen_equals_its_single_gene_runs(pipe, source_cells):
+    # Each cell's random draws are its own, so neither the other genes of the screen nor how the perturbed rows are
+    # grouped changes a gene's prediction.
+    cells = source_cells[:30]
+    screen = pipe(cells, screen=["TNF", "EGR1"], mode="mask", seed=2, batch_size=16, variants_per_batch=2)
+    alone = pipe(cells, genes=["EGR1"], mode="mask", seed=2, batch_size=16)
+    rows = (screen.adata.obs["perturbation"] == "EGR1").to_numpy()
+    np.testing.assert_allclose(screen.adata.layers["perturbed"][rows], alone.adata.layers["perturbed"], rtol=1e-5)
+    np.testing.assert_allclose(screen.adata.layers["control"][rows], alone.adata.layers["control"], rtol=1e-5)
+    split = pipe(cells, screen=["TNF", "EGR1"], mode="mask", seed=2, batch_size=16, variants_per_batch=1)
+    np.testing.assert_allclose(split.adata.layers["perturbed"], screen.adata.layers["perturbed"], rtol=1e-5)
+
+
+def test_per_gene_embedding_shift(pipe, source_cells):
+    result = pipe(source_cells[:20], genes=["TNF"], mode="delete", seed=0, time_points=["2h"])
+    shift = result.adata.layers["gene_embedding_cosine"]
+    changed = result.adata.obs["changed"].to_numpy()
+    finite = np.isfinite(shift)
+    assert finite.any() and (shift[finite] <= 1 + 1e-5).all() and (shift[finite] >= -1 - 1e-5).all()
+    assert np.allclose(shift[~changed][finite[~changed]], 1.0)  # unaffected cells keep every gene's embedding
+    assert changed.any() and "embedding_cosine" in result.de.columns
+
+
+def test_gene_cosine_matches_genes_not_positions():
+    from types import SimpleNamespace
+
+    from perturbgen_hf.pipelines.pipeline_perturbation import _gene_cosine
+
+    config = SimpleNamespace(first_gene_token_id=4, num_target_genes=3)
+    # control: genes 4, 5 at positions 0, 1; perturbed: gene 5 moved to position 0, gene 6 new, gene 4 gone
+    control_sequences = np.array([[[[4, 5]]]])
+    sequences = np.array([[[[5, 6]]]])
+    control_hidden = np.array([[[[[1.0, 0.0], [0.0, 1.0]]]]])
+    hidden = np.array([[[[[1.0, 1.0], [5.0, 5.0]]]]])
+    shift = _gene_cosine(control_sequences, control_hidden, sequences, hidden, config)
+    assert shift.shape == (1, 1, 3)
+    assert np.isnan(shift[0, 0, 0]) and np.isnan(shift[0, 0, 2])  # in one prediction only
+    np.testing.assert_allclose(shift[0, 0, 1], 1 / np.sqrt(2))  # gene 5: [0, 1] vs [1, 1]
+
+
+def test_target_site_knockout_propagates_through_context(pipe, source_cells):
+    assert pipe.model.config.context_mode != "none"
+    result = pipe(source_cells[:40], genes=["TNF"], site="tgt", perturb_time_points=["2h"], mode="mask",
+                  time_points=["2h", "6h"], seed=4)  # fmt: skip
+    obs = result.adata.obs
+    changed = obs["changed"].to_numpy()
+    assert changed.any(), "some generated 2h cells should contain TNF"
+    difference = np.abs(result.adata.layers["control"] - result.adata.layers["perturbed"]).sum(1)
+    for time_point in ("2h", "6h"):  # the edited state is read out at 2h and is the context of 6h
+        at = (obs["time_point"] == time_point).to_numpy()
+        assert (difference[at & changed] > 0).all()
+        assert (difference[at & ~changed] == 0).all()
+    tnf = list(result.adata.var["gene_symbol"]).index("TNF")
+    at_2h = (obs["time_point"] == "2h").to_numpy()
+    assert np.isnan(result.adata.layers["gene_embedding_cosine"][at_2h & changed, tnf]).all()  # masked out
+    assert result.config["perturb_time_points"] == ["2h"] and result.summary["site"] == "tgt"
+    with pytest.raises(KeyError, match="not among the model's"):
+        pipe(source_cells[:5], genes=["ACTB"], site="tgt", perturb_time_points=["2h"])
+
+
+def test_teacher_forced_readout_of_observed_targets(pipe, source_cells, lps_model):
+    adata = ad.read_h5ad(SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad")
+    cells = source_cells[:25]
+    targets = {t: adata[(adata.obs["time"] == t).to_numpy()][:25].copy() for t in ("2h", "6h")}
+    result = pipe(cells, genes=["TNF"], mode="delete", method="teacher_forced", targets=targets)
+    obs = result.adata.obs
+    assert set(obs["time_point"]) == {"2h", "6h"} and result.summary["method"] == "teacher_forced"
+    changed = obs["changed"].to_numpy()
+    difference = np.abs(result.adata.layers["control"] - result.adata.layers["perturbed"]).sum(1)
+    assert (difference[changed] > 0).all() and (difference[~changed] == 0).all()
+    # the readout scales to each observed cell's library size (ZINB zeros aside, the totals follow it)
+    tokenizer = pipe.tokenizer
+    observed = np.asarray(tokenizer.target_counts(targets["6h"].X, targets["6h"].var["human_ensembl_id"]).sum(1))
+    at_6h = (obs["time_point"] == "6h").to_numpy()
+    totals = result.adata.layers["control"][at_6h].sum(1)
+    assert stats.spearmanr(totals, observed.ravel()).statistic > 0.95
+    assert np.all(totals <= observed.ravel() * (1 + 1e-4))
+    again = pipe(cells, genes=["TNF"], mode="delete", method="teacher_forced", targets=targets, seed=9)
+    np.testing.assert_array_equal(again.adata.layers["perturbed"], result.adata.layers["perturbed"])  # no sampling
+    # editing the observed 2h cells instead changes 2h and, through context, 6h
+    edited = pipe(cells, genes=["TNF"], site="tgt", perturb_time_points=["2h"], method="teacher_forced",
+                  targets=targets)  # fmt: skip
+    assert edited.adata.obs["changed"].any()
+    with pytest.raises(ValueError, match="25 source cells"):
+        pipe(cells, genes=["TNF"], method="teacher_forced", targets={"2h": targets["2h"][:10]})
+
+
+def test_a_screen_run_on_two_processes_equals_one(lps_model, source_cells, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    source = tmp_path / "source.h5ad"
+    source_cells[:40].write_h5ad(source)
+    common = ["perturb", "--model", str(lps_model), "--adata", str(source), "--screen", "TNF", "EGR1", "ACTB",
+              "--mode", "delete", "--gene-id-key", "human_ensembl_id", "--batch-size", "16", "--variants-per-batch",
+              "1", "--iterations", "3", "--time-points", "2h", "6h", "--seed", "5", "--no-plots"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "perturbgen_hf.cli", *common, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    two = subprocess.run([*launcher, "perturbgen_hf.cli", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    first, second = PerturbationResult.load(tmp_path / "one"), PerturbationResult.load(tmp_path / "two")
+    for layer in ("control", "perturbed"):
+        np.testing.assert_array_equal(first.adata.layers[layer], second.adata.layers[layer])
+    assert first.adata.obs.equals(second.adata.obs)
+    assert first.summary == second.summary
+    assert first.summary["perturbations_skipped"].keys() == {"ACTB"}  # not expressed in these cells

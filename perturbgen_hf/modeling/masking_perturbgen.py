@@ -103,11 +103,34 @@ def num_masked_after_step(
     return torch.floor(lengths.double() * ratio).long()
 
 
-def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample from `softmax(logits / temperature)` with the Gumbel-max trick; `temperature <= 0` is the argmax."""
+def gumbel_argmax(
+    logits: torch.Tensor,
+    temperature: float,
+    generator: torch.Generator | None = None,
+    noise_index: torch.Tensor | None = None,
+    num_noise_rows: int | None = None,
+) -> torch.Tensor:
+    """
+    Sample from `softmax(logits / temperature)` with the Gumbel-max trick; `temperature <= 0` is the argmax.
+
+    Args:
+        logits (`torch.FloatTensor` of shape `(batch_size, seq_len, vocab)`).
+        temperature (`float`): sampling temperature.
+        generator (`torch.Generator`, *optional*): source of the random draws.
+        noise_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*): row `i` uses the draws of row
+            `noise_index[i]` of a draw made for `num_noise_rows` rows. Rows of a batch that are variants of the same
+            cell (control and perturbed) then share their random draws exactly, whatever else the batch holds.
+        num_noise_rows (`int`, *optional*): rows of that draw; defaults to `noise_index.max() + 1`.
+    """
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    uniform = torch.rand(logits.shape, generator=generator, device=_generator_device(generator, logits.device))
+    shape = logits.shape
+    if noise_index is not None:
+        rows = int(num_noise_rows) if num_noise_rows is not None else int(noise_index.max()) + 1
+        shape = (rows, *logits.shape[1:])
+    uniform = torch.rand(shape, generator=generator, device=_generator_device(generator, logits.device))
+    if noise_index is not None:
+        uniform = uniform[noise_index.to(uniform.device)]
     uniform = uniform.to(logits.device).clamp_(1e-20, 1.0)
     gumbel = -torch.log(-torch.log(uniform))
     return (logits / temperature + gumbel).argmax(dim=-1)

@@ -794,12 +794,12 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         committed = is_gene & (tokens != self.config.mask_token_id)
         return banned.scatter(1, tokens.masked_fill(~committed, 0), committed) | banned
 
-    def _unmask_step(self, logits, tokens, is_gene, keep_masked, temperature, top_k, generator):
+    def _unmask_step(self, logits, tokens, is_gene, keep_masked, temperature, top_k, generator, noise=(None, None)):
         """One MaskGIT step: sample masked positions, commit the most confident unique genes, re-mask the rest."""
         masked = is_gene & (tokens == self.config.mask_token_id)
         logits = logits.float().masked_fill(self._banned_ids(tokens, is_gene)[:, None, :], float("-inf"))
         logits = top_k_filter(logits, top_k)
-        proposal = gumbel_argmax(logits, temperature, generator)
+        proposal = gumbel_argmax(logits, temperature, generator, *noise)
         confidence = margin_confidence(logits)
         unique = first_occurrence(proposal, confidence, masked, self.config.decoder_vocab_size)
         # Commit the `num_masked - keep_masked` most confident unique proposals of each cell.
@@ -823,6 +823,10 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         library_size: torch.FloatTensor | None = None,
         generator: torch.Generator | None = None,
         output_hidden_states: bool = False,
+        noise_index: torch.LongTensor | None = None,
+        num_noise_rows: int | None = None,
+        sequence_editor=None,
+        edit_time_points=None,
     ) -> PerturbGenGenerateOutput:
         r"""
         Predict target cells at one or more time points from source cells by MaskGIT iterative decoding.
@@ -854,6 +858,16 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
                 `config.library_size == "observed"`.
             generator (`torch.Generator`, *optional*): makes the sampling reproducible.
             output_hidden_states (`bool`, *optional*, defaults to `False`): also return the final hidden states.
+            noise_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*): cell `i` takes the random draws
+                of row `noise_index[i]` of a draw made for `num_noise_rows` rows, so that variants of one cell (its
+                control and its perturbations) share their draws wherever they sit in a batch. A batch of the
+                unedited cells with `noise_index=arange(n)` draws exactly as a call without it.
+            num_noise_rows (`int`, *optional*): rows of each draw; defaults to `noise_index.max() + 1`.
+            sequence_editor (`Callable[[torch.LongTensor, float], torch.LongTensor]`, *optional*): applied to the
+                generated `(batch_size, length)` sequences of the time points in `edit_time_points` (with the time
+                value) before they are read out and used as context by later time points: an in silico
+                perturbation of a target state.
+            edit_time_points (`list`, *optional*): names or values of the time points `sequence_editor` edits.
 
         Returns:
             [`PerturbGenGenerateOutput`].
@@ -873,11 +887,18 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
             condition_ids = torch.zeros(batch_size, 0, dtype=torch.long, device=input_ids.device)
         self._check_conditions(condition_ids, batch_size)
         lengths = self._resolve_lengths(sequence_length, input_ids, attention_mask, condition_ids.shape[1])
+        noise = self._check_noise_index(noise_index, num_noise_rows, batch_size)
+        edit_values = set()
+        if sequence_editor is not None:
+            edit_values = set(self._resolve_time_values(edit_time_points)) if edit_time_points is not None else set()
+            if not edit_values <= set(times):
+                raise ValueError(f"`edit_time_points` {edit_time_points} must be among the generated time points.")
 
         source = self.encode(input_ids, attention_mask)  # once per call
         source_mask = attention_mask.bool()
+        generators = self._time_point_generators(generator, len(times))
         generated, contexts = [], []
-        for time_value in times:
+        for time_value, generator in zip(times, generators):
             time_tensor = torch.full((batch_size,), time_value, dtype=source.dtype, device=source.device)
             memory = torch.cat([source, *[c[0] for c in contexts]], dim=1)
             memory_mask = torch.cat([source_mask, *[c[1] for c in contexts]], dim=1)
@@ -885,8 +906,10 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
             tokens, is_gene = self._initial_target(lengths, condition_ids)
             tokens = self._maskgit_loop(
                 tokens, is_gene, lengths, time_tensor, memory_key_values, memory_mask,
-                num_iterations, temperature, top_k, schedule, generator,
+                num_iterations, temperature, top_k, schedule, generator, noise,
             )  # fmt: skip
+            if time_value in edit_values:
+                tokens = sequence_editor(tokens, time_value)
             hidden = self._decode(tokens, time_tensor, memory_key_values, memory_mask)
             generated.append((tokens, hidden))
             if self.config.context_mode != "none" and time_value != times[-1]:
@@ -894,6 +917,101 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
                 context = self._decode(tokens, time_tensor, source_kv, source_mask)
                 contexts.append((context, tokens != self.config.pad_token_id))
         return self._generate_output(generated, times, library_size, output_hidden_states)
+
+    @torch.no_grad()
+    def readout(
+        self,
+        input_ids: torch.LongTensor,
+        decoder_input_ids: torch.LongTensor,
+        time_points,
+        attention_mask: torch.LongTensor | None = None,
+        library_size: torch.FloatTensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> PerturbGenGenerateOutput:
+        r"""
+        Teacher-forced readout of observed (complete) target cells, as the original PerturbGen's perturbation
+        "inference" mode: no generation; each time point is decoded from the source and, as context, the other given
+        time points (`context_mode` "previous": the earlier ones; "all": all others), then pooled and read out by the
+        count head.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, source_len)`): source cells.
+            decoder_input_ids (`torch.LongTensor` of shape `(batch_size, num_time_points, target_len)`): observed
+                target cells in the decoder vocabulary (condition tokens, then genes by rank, padded with 0).
+            time_points (`list`): names or values of the `num_time_points` time points, in that order.
+            attention_mask (`torch.LongTensor` of shape `(batch_size, source_len)`, *optional*).
+            library_size (`torch.FloatTensor` of shape `(batch_size, num_time_points)`, *optional*): observed
+                library sizes of the targets (required when `config.library_size == "observed"`).
+            output_hidden_states (`bool`, *optional*, defaults to `False`).
+
+        Returns:
+            [`PerturbGenGenerateOutput`] whose `sequences` are the given targets.
+        """
+        if decoder_input_ids.dim() != 3:
+            raise ValueError(
+                f"`decoder_input_ids` must be (batch, time points, length); got shape {tuple(decoder_input_ids.shape)}."
+            )
+        if isinstance(time_points, (str, int, float)):
+            time_points = [time_points]
+        times = [self.config.time_value(t) for t in time_points]
+        if len(times) != decoder_input_ids.shape[1] or len(set(times)) != len(times):
+            raise ValueError(
+                f"`time_points` {list(time_points)} must name {decoder_input_ids.shape[1]} distinct time points."
+            )
+        self._check_target_ids(decoder_input_ids, "decoder_input_ids")
+        if attention_mask is None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        batch_size, num_times, length = decoder_input_ids.shape
+        source = self.encode(input_ids, attention_mask)
+        source_mask = attention_mask.bool()
+        time_tensor = torch.tensor(times, dtype=source.dtype, device=source.device)
+        use_context = self.config.context_mode != "none" and num_times > 1
+        if use_context:
+            # Every slot's context states depend only on the source and the slot, so they are computed once.
+            context, context_mask = self.encode_context(
+                source, source_mask, decoder_input_ids, time_tensor.expand(batch_size, num_times)
+            )
+        generated = []
+        for index in range(num_times):
+            memory, memory_mask = source, source_mask
+            if use_context:
+                used = [
+                    other != index and (self.config.context_mode == "all" or times[other] < times[index])
+                    for other in range(num_times)
+                ]
+                slots = torch.tensor(used, device=source.device).repeat_interleave(length)
+                memory = torch.cat([source, context], dim=1)
+                memory_mask = torch.cat([source_mask, context_mask & slots], dim=1)
+            tokens = decoder_input_ids[:, index]
+            hidden = self._decode(tokens, time_tensor[index].expand(batch_size), self.decoder.project_memory(memory),
+                                  memory_mask)  # fmt: skip
+            generated.append((tokens, hidden))
+        return self._generate_output(generated, times, library_size, output_hidden_states)
+
+    @staticmethod
+    def _time_point_generators(generator, num_times):
+        """
+        One generator per time point, seeded from `generator` up front, so that the draws of a time point do not
+        depend on how many steps earlier time points took (a batch stops early once every position is committed).
+        """
+        if generator is None:
+            return [None] * num_times
+        seeds = torch.randint(0, 2**62, (num_times,), generator=generator, device=generator.device).tolist()
+        return [torch.Generator(device=generator.device).manual_seed(int(seed)) for seed in seeds]
+
+    @staticmethod
+    def _check_noise_index(noise_index, num_noise_rows, batch_size):
+        if noise_index is None:
+            if num_noise_rows is not None:
+                raise ValueError("`num_noise_rows` needs `noise_index`.")
+            return None, None
+        noise_index = torch.as_tensor(noise_index, dtype=torch.long).reshape(-1)
+        if noise_index.shape[0] != batch_size:
+            raise ValueError(f"`noise_index` has {noise_index.shape[0]} entries for {batch_size} cells.")
+        rows = int(noise_index.max()) + 1 if num_noise_rows is None else int(num_noise_rows)
+        if int(noise_index.min()) < 0 or int(noise_index.max()) >= rows:
+            raise ValueError(f"`noise_index` must lie in [0, {rows}) (num_noise_rows).")
+        return noise_index, rows
 
     def _check_conditions(self, condition_ids, batch_size):
         if condition_ids.shape[0] != batch_size:
@@ -908,7 +1026,7 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
 
     def _maskgit_loop(
         self, tokens, is_gene, lengths, time_values, memory_key_values, memory_mask,
-        num_iterations, temperature, top_k, schedule, generator,
+        num_iterations, temperature, top_k, schedule, generator, noise=(None, None),
     ):  # fmt: skip
         exponent = self.config.mask_schedule_exponent
         step = 0
@@ -926,18 +1044,19 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
             )
             step_temperature = temperature * (1.0 - (step + 1) / num_iterations) if scheduled else 0.0
             logits = self.lm_head(self._decode(tokens, time_values, memory_key_values, memory_mask))
-            tokens = self._unmask_step(logits, tokens, is_gene, keep, step_temperature, top_k, generator)
+            tokens = self._unmask_step(logits, tokens, is_gene, keep, step_temperature, top_k, generator, noise)
             step += 1
         return tokens
 
     def _generate_output(self, generated, times, library_size, output_hidden_states):
         width = max(tokens.shape[1] for tokens, _ in generated)
         sequences, embeddings, params = [], [], []
-        for tokens, hidden in generated:
+        for index, (tokens, hidden) in enumerate(generated):
             sequences.append(F.pad(tokens, (0, width - tokens.shape[1]), value=self.config.pad_token_id))
             pooled = self.pool(hidden, tokens)
             embeddings.append(pooled)
-            params.append(self.count_head(pooled, library_size))
+            library = library_size[:, index] if library_size is not None and library_size.dim() == 2 else library_size
+            params.append(self.count_head(pooled, library))
         stacked = {key: [p[key] for p in params] for key in ("mu", "zi_logits", "library_size")}
         counts = torch.stack([self.count_head.expected_counts(p) for p in params], dim=1)
         hidden_states = None

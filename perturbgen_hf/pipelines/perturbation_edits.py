@@ -1,5 +1,5 @@
 """
-In silico perturbation of rank-value encoded cells: edits of a cell's token sequence (`<cls>` genes... `<eos>`).
+In silico perturbation of rank-value encoded cells: edits of a cell's token sequence.
 
 - `mask`: the gene's token becomes `<mask>` (the model sees that something was there);
 - `pad`: the gene's token becomes `<pad>`, which attention ignores;
@@ -7,23 +7,60 @@ In silico perturbation of rank-value encoded cells: edits of a cell's token sequ
 - `overexpress`: the gene moves to the top rank (inserted there if the cell did not express it; the lowest-ranked
   gene drops out if the sequence is full).
 
-Knockout-like modes leave a cell that does not express the gene unchanged; callers count such cells.
+A source cell is `<cls>` genes... `<eos>` in the encoder vocabulary ([`perturb_tokens`]); a target cell is its
+condition tokens, then genes, in the decoder vocabulary ([`perturb_target_tokens`], which keeps the length: an
+overexpressed gene pushes the lowest-ranked one out, as in the original). Knockout-like modes leave a cell that does
+not express the gene unchanged; callers count such cells.
 """
 
 import numpy as np
+import torch
 
 
 PAD_ID, MASK_ID, CLS_ID, EOS_ID = 0, 1, 2, 3
 MODES = ("mask", "pad", "delete", "overexpress")
 
 
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"Unknown perturbation mode {mode!r}; choose one of {list(MODES)}.")
+
+
+def edit_genes(genes: np.ndarray, gene_ids, mode: str, limit: int) -> tuple[np.ndarray, bool]:
+    """
+    Apply one perturbation to a ranked list of gene tokens (no special or condition tokens).
+
+    Args:
+        genes (`np.ndarray` of shape `(length,)`): gene tokens, highest rank first.
+        gene_ids (`Sequence[int]`): token ids of the perturbed genes (all perturbed together).
+        mode (`str`): one of `mask`, `pad`, `delete`, `overexpress`.
+        limit (`int`): most genes the result may hold (for `overexpress`).
+
+    Returns:
+        `(new_genes, changed)`.
+    """
+    _check_mode(mode)
+    genes = np.asarray(genes)
+    perturbed = np.asarray(list(gene_ids), dtype=genes.dtype)
+    present = np.isin(genes, perturbed)
+    if mode == "overexpress":
+        new = np.concatenate([perturbed, genes[~present]])[:limit].astype(genes.dtype)
+        return new, not np.array_equal(new, genes)
+    if not present.any():
+        return genes.copy(), False
+    if mode == "delete":
+        return genes[~present], True
+    replacement = MASK_ID if mode == "mask" else PAD_ID
+    return np.where(present, replacement, genes).astype(genes.dtype), True
+
+
 def perturb_tokens(tokens: np.ndarray, gene_ids, mode: str, max_length: int | None = None) -> tuple[np.ndarray, bool]:
     """
-    Apply one perturbation to one cell.
+    Apply one perturbation to one source cell.
 
     Args:
         tokens (`np.ndarray` of shape `(length,)`): the cell's tokens, `<cls>` first and `<eos>` last, no padding.
-        gene_ids (`Sequence[int]`): token ids of the perturbed genes (all perturbed together).
+        gene_ids (`Sequence[int]`): encoder token ids of the perturbed genes (all perturbed together).
         mode (`str`): one of `mask`, `pad`, `delete`, `overexpress`.
         max_length (`int`, *optional*): longest sequence allowed (for `overexpress`); defaults to the input's length
             plus the number of inserted genes.
@@ -31,20 +68,51 @@ def perturb_tokens(tokens: np.ndarray, gene_ids, mode: str, max_length: int | No
     Returns:
         `(new_tokens, changed)`: the edited sequence and whether anything changed.
     """
-    if mode not in MODES:
-        raise ValueError(f"Unknown perturbation mode {mode!r}; choose one of {list(MODES)}.")
+    _check_mode(mode)
     tokens = np.asarray(tokens)
-    genes = np.asarray(list(gene_ids), dtype=tokens.dtype)
-    present = np.isin(tokens, genes)
-    present[[0, -1]] = False  # never <cls> or <eos>
-    if mode == "overexpress":
-        body = tokens[1:-1][~np.isin(tokens[1:-1], genes)]
-        limit = (max_length if max_length is not None else len(tokens) + len(genes)) - 2
-        new = np.concatenate([[tokens[0]], np.concatenate([genes, body])[:limit], [tokens[-1]]]).astype(tokens.dtype)
-        return new, not np.array_equal(new, tokens)
-    if not present.any():
-        return tokens.copy(), False
-    if mode == "delete":
-        return tokens[~present], True
-    replacement = MASK_ID if mode == "mask" else PAD_ID
-    return np.where(present, replacement, tokens).astype(tokens.dtype), True
+    limit = (max_length if max_length is not None else len(tokens) + len(list(gene_ids))) - 2
+    body, changed = edit_genes(tokens[1:-1], gene_ids, mode, limit)
+    return np.concatenate([tokens[:1], body, tokens[-1:]]).astype(tokens.dtype), changed
+
+
+def perturb_target_tokens(tokens: np.ndarray, gene_ids, mode: str, num_conditions: int = 0) -> tuple[np.ndarray, bool]:
+    """
+    Apply one perturbation to one target cell, keeping its width.
+
+    Args:
+        tokens (`np.ndarray` of shape `(width,)`): condition tokens, genes by rank, then `<pad>` to the width.
+        gene_ids (`Sequence[int]`): decoder ids of the perturbed genes.
+        mode (`str`): one of `mask`, `pad`, `delete`, `overexpress`.
+        num_conditions (`int`, *optional*, defaults to 0): leading condition tokens, left untouched.
+
+    Returns:
+        `(new_tokens, changed)`, `new_tokens` of the input's width (a deletion leaves `<pad>` at the end).
+    """
+    tokens = np.asarray(tokens)
+    body = tokens[num_conditions:]
+    # The cell's genes end at its last non-pad token (a `pad` edit may leave holes before it).
+    filled = np.flatnonzero(body != PAD_ID)
+    length = int(filled[-1]) + 1 if len(filled) else 0
+    genes, changed = edit_genes(
+        body[:length], gene_ids, mode, limit=max(length, 1) if mode == "overexpress" else length
+    )
+    # Only an overexpression into an empty cell grows it.
+    new = np.full(max(len(tokens), num_conditions + len(genes)), PAD_ID, dtype=tokens.dtype)
+    new[:num_conditions] = tokens[:num_conditions]
+    new[num_conditions : num_conditions + len(genes)] = genes
+    return new, changed
+
+
+def edit_target_batch(
+    tokens: torch.Tensor, gene_ids_per_row, mode: str, num_conditions: int = 0
+) -> tuple[torch.Tensor, np.ndarray]:
+    """
+    [`perturb_target_tokens`] over a batch `(batch, width)`, each row with its own perturbed genes.
+
+    Returns:
+        `(new_tokens, changed)`: a tensor like `tokens` and a boolean array `(batch,)`.
+    """
+    rows = tokens.detach().cpu().numpy()
+    edited = [perturb_target_tokens(row, genes, mode, num_conditions) for row, genes in zip(rows, gene_ids_per_row)]
+    new = torch.as_tensor(np.stack([e[0] for e in edited]), dtype=tokens.dtype, device=tokens.device)
+    return new, np.array([e[1] for e in edited], dtype=bool)

@@ -7,7 +7,20 @@ The "perturbation" pipeline: predict how perturbing genes in source cells change
     result = pipe(source_adata, genes=["IL1B"], mode="mask", time_points=["6h", "10h"], seed=0)
     result.adata, result.de, result.summary
 
-The model is duck-typed (`generate`, `config`), so the pipeline also runs as remote code.
+How the work is organised (and why):
+
+- The source cells are cut into batches of `batch_size` cells. Every cell of a batch has its own row of random
+  draws, made from a generator seeded by `(seed, batch start, sample)`; the control run and every perturbed run of a
+  cell use that same row (`noise_index` of `generate`), so control and perturbed differ by the edit alone, and the
+  result does not depend on how the perturbed rows are grouped.
+- The control of a batch is generated once and shared by every perturbation of a screen; a perturbed run holds only
+  the cells its edit changes (the others are the control by construction), and the changed cells of several
+  perturbations go through the model together, `batch_size` rows at a time.
+- The work is a grid of units (cell batch x chunk of `variants_per_batch` perturbations), fixed by the data and not
+  by the number of processes. Launched under `torchrun` / `accelerate launch`, each process takes a contiguous share
+  of the units and the results are gathered, so every process returns the same result as a single-process run.
+
+The model is duck-typed (`generate`, `readout`, `config`), so the pipeline also runs as remote code.
 """
 
 import logging
@@ -16,16 +29,24 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 from transformers import Pipeline
 
-from .perturbation_edits import MODES, perturb_tokens
+from .perturbation_edits import MODES, edit_target_batch, perturb_target_tokens, perturb_tokens
 from .perturbation_result import PerturbationResult, paired_differential_expression
 
 
 logger = logging.getLogger(__name__)
 
-_PREPROCESS_KEYS = ("genes", "screen", "mode", "site", "gene_ids", "layer", "group_key", "method")
-_FORWARD_KEYS = ("time_points", "num_samples", "iterations", "temperature", "seed", "cell_batch_size")
+_PREPROCESS_KEYS = (
+    "genes", "screen", "mode", "site", "perturb_time_points", "gene_ids", "layer", "group_key", "method", "targets",
+)  # fmt: skip
+_FORWARD_KEYS = (
+    "time_points", "num_samples", "iterations", "temperature", "seed", "cell_batch_size", "variants_per_batch",
+    "progress",
+)  # fmt: skip
+SITES = ("src", "tgt")
+METHODS = ("generate", "teacher_forced")
 
 
 class PerturbationPipeline(Pipeline):
@@ -35,14 +56,20 @@ class PerturbationPipeline(Pipeline):
     Call arguments (also accepted by `pipeline(...)` itself):
         genes (`list[str]`): genes perturbed together (symbols or Ensembl IDs). screen (`list[str]`): genes perturbed
             one at a time instead. mode (`str`, defaults to `"mask"`): `mask`, `pad`, `delete` or `overexpress`.
-        site (`str`, defaults to `"src"`): where the edit is made (only the source cell for now).
-        method (`str`, defaults to `"generate"`): MaskGIT generation of the future states.
+        site (`str`, defaults to `"src"`): edit the source cell (`"src"`) or the predicted cells at
+            `perturb_time_points` (`"tgt"`), whose edited state is then the context of the later time points.
+        method (`str`, defaults to `"generate"`): `"generate"` predicts the future states by MaskGIT;
+            `"teacher_forced"` reads out observed target cells (the original's "inference" mode), given as
+            `targets={time point: AnnData}` with one row per source cell, in the source's order.
         time_points (`list`): names or values of the predicted time points (default: the model's).
         num_samples (`int`, defaults to 1): generations averaged per cell. iterations (`int`, defaults to 16),
             temperature (`float`, defaults to 1.0): MaskGIT settings. seed (`int`, defaults to 0).
-        batch_size (`int`, defaults to 32): cells per generation batch.
+        batch_size (`int`, defaults to 32): cells per batch and rows per model call (bounds the memory).
+        variants_per_batch (`int`, defaults to 8): perturbations of a screen per unit of work (the granularity of
+            data-parallel screens).
         gene_ids (`str` or `list`): var column (or list) of the source's gene identifiers (default: var_names).
         layer (`str`): layer of raw counts instead of X. group_key (`str`): obs column for per-group statistics.
+        progress (`bool`, defaults to `True`): show a progress bar (on the main process).
 
     Returns:
         [`PerturbationResult`].
@@ -70,149 +97,455 @@ class PerturbationPipeline(Pipeline):
 
     # -- preprocess: tokenize, resolve genes, edit ---------------------------------------------------------------
 
-    def preprocess(self, source, genes=None, screen=None, mode="mask", site="src", gene_ids=None, layer=None,
-                   group_key=None, method="generate"):  # fmt: skip
-        adata = self._read_source(source)
-        if mode not in MODES:
-            raise ValueError(f"Unknown mode {mode!r}; choose one of {list(MODES)}.")
-        if site != "src":
-            raise ValueError(f"site={site!r} is not available yet; perturb the source cell (site='src').")
-        if method != "generate":
-            raise ValueError(f"method={method!r} is not available yet; use method='generate'.")
+    def preprocess(self, source, genes=None, screen=None, mode="mask", site="src", perturb_time_points=None,
+                   gene_ids=None, layer=None, group_key=None, method="generate", targets=None):  # fmt: skip
+        adata = _read_anndata(source, "source")
+        _check_choice("mode", mode, MODES)
+        _check_choice("site", site, SITES)
+        _check_choice("method", method, METHODS)
+        perturb_time_points = _as_list(perturb_time_points)
+        if site == "tgt" and not perturb_time_points:
+            raise ValueError("site='tgt' needs perturb_time_points: the predicted time points whose cells are edited.")
+        if site == "src" and perturb_time_points:
+            raise ValueError("perturb_time_points applies to site='tgt' only; a source edit affects every time point.")
+        if method == "generate" and targets is not None:
+            raise ValueError("`targets` (observed target cells) are read only by method='teacher_forced'.")
         perturbations = _perturbation_sets(genes, screen)
-        ids = {gene: self.tokenizer.gene_to_id(gene) for names in perturbations for gene in names}
+        to_id = self.tokenizer.target_gene_to_id if site == "tgt" else self.tokenizer.gene_to_id
+        ids = {gene: to_id(gene) for names in perturbations for gene in names}
         config = self.model.config
         max_length = getattr(config, "max_source_length", None) or config.encoder.max_position_embeddings
         counts, identifiers = _counts_and_genes(adata, gene_ids, layer)
         ranked = self.tokenizer.rank_cells(counts, identifiers, max_length)
         cells = [ranked.cell(i) for i in range(len(ranked))]
-        variants, unaffected = [], {}
+        observed = None
+        if method == "teacher_forced":
+            observed = self._observed_targets(targets, adata.n_obs, gene_ids, layer)
+            missing = [t for t in perturb_time_points if t not in observed["time_points"]]
+            if missing:
+                raise ValueError(f"perturb_time_points {missing} are not among the targets {observed['time_points']}.")
+        variants, skipped = [], {}
         for names in perturbations:
-            label = "+".join(names)
-            edited = [perturb_tokens(c, [ids[g] for g in names], mode, max_length) for c in cells]
-            changed = np.array([flag for _, flag in edited])
-            if not changed.any():
-                raise ValueError(
-                    f"No source cell expresses {label} among the {max_length - 2} top-ranked genes the model reads (mode "
-                    f"{mode!r}): a knockout would change nothing. Check the gene, or use mode='overexpress'."
+            gene_tokens = [ids[g] for g in names]
+            variant = {"label": "+".join(names), "genes": gene_tokens, "sources": cells, "targets": None}
+            if site == "src":
+                edited = [perturb_tokens(c, gene_tokens, mode, max_length) for c in cells]
+                variant["sources"] = [t for t, _ in edited]
+                variant["changed"] = np.array([flag for _, flag in edited], dtype=bool)
+            elif observed is not None:
+                variant["targets"], variant["changed"] = _edit_observed(
+                    observed, perturb_time_points, gene_tokens, mode
                 )
-            unaffected[label] = int((~changed).sum())
-            if unaffected[label]:
-                logger.info("%d of %d cells do not express %s: their prediction equals the control.",
-                            unaffected[label], len(cells), label)  # fmt: skip
-            variants.append({"label": label, "tokens": [t for t, _ in edited], "changed": changed})
+            else:
+                variant["changed"] = None  # known only once the edited time point is generated
+            if variant["changed"] is not None and not variant["changed"].any():
+                where = "source cell" if site == "src" else f"target cell at {perturb_time_points}"
+                message = f"no {where} expresses it among the genes the model reads (mode {mode!r})"
+                if screen is None:
+                    raise ValueError(
+                        f"{variant['label']}: {message}, so a knockout would change nothing. Check the gene, or use "
+                        "mode='overexpress'."
+                    )
+                skipped[variant["label"]] = message  # one silent gene does not end a screen; it is reported
+                logger.warning("Screen: skipping %s: %s.", variant["label"], message)
+                continue
+            variants.append(variant)
+        if not variants:
+            raise ValueError(f"No gene of the screen changes any cell: {skipped}.")
         groups = None
         if group_key is not None:
             if group_key not in adata.obs.columns:
                 raise KeyError(f"group_key {group_key!r} is not an obs column; available: {list(adata.obs.columns)}.")
             groups = adata.obs[group_key].astype(str).to_numpy()
         return {
-            "cells": cells, "variants": variants, "cell_ids": adata.obs_names.astype(str).to_numpy(), "groups": groups,
-            "summary": {"cells": len(cells), "cells_unaffected": unaffected, "mode": mode, "site": site},
+            "cells": cells, "variants": variants, "observed": observed, "mode": mode,
+            "perturb_time_points": perturb_time_points, "cell_ids": adata.obs_names.astype(str).to_numpy(),
+            "groups": groups, "summary": {"cells": len(cells), "mode": mode, "site": site, "method": method,
+                        "perturbations_skipped": skipped},
         }  # fmt: skip
 
-    def _read_source(self, source):
-        if isinstance(source, ad.AnnData):
-            adata = source
-        else:
-            adata = ad.read_h5ad(str(source))  # FileNotFoundError names a missing file
-        if adata.n_obs == 0:
-            raise ValueError("The source AnnData has no cells.")
-        return adata
+    def _observed_targets(self, targets, num_cells, gene_ids, layer):
+        """Rank observed target cells (one AnnData per time point, paired row by row with the source)."""
+        if not isinstance(targets, dict) or not targets:
+            raise ValueError(
+                "method='teacher_forced' needs `targets`: a dict {time point: AnnData or h5ad path} of observed "
+                "target cells, one row per source cell in the source's order."
+            )
+        config = self.model.config
+        capacity = min(config.num_target_genes, config.decoder_max_position_embeddings - len(config.condition_tokens))
+        if config.condition_tokens:
+            raise ValueError("method='teacher_forced' does not handle condition tokens yet; this model has some.")
+        names, tokens, library = [], [], []
+        for name, data in targets.items():
+            config.time_value(name)  # names an unknown time point
+            adata = _read_anndata(data, f"targets[{name!r}]")
+            if adata.n_obs != num_cells:
+                raise ValueError(
+                    f"targets[{name!r}] has {adata.n_obs} cells for {num_cells} source cells; pair them row by row."
+                )
+            counts, identifiers = _counts_and_genes(adata, gene_ids, layer)
+            ranked = self.tokenizer.rank_targets(counts, identifiers, capacity)
+            names.append(str(name))
+            tokens.append([ranked.cell(i) for i in range(num_cells)])
+            library.append(np.asarray(self.tokenizer.target_counts(counts, identifiers).sum(axis=1)).ravel())
+        return {"time_points": names, "tokens": tokens, "library_size": np.stack(library, axis=1)}
 
-    # -- forward: one control per cell batch, perturbed variants with the same random draws ----------------------
+    # -- forward: a grid of units (cell batch x chunk of perturbations), shared over processes -------------------
 
     def _forward(self, inputs, time_points=None, num_samples=1, iterations=16, temperature=1.0, seed=0,
-                 cell_batch_size=None):  # fmt: skip
-        cell_batch_size = cell_batch_size or getattr(self, "_batch_size", None) or 32
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
-        cells = inputs["cells"]
+                 cell_batch_size=None, variants_per_batch=8, progress=True):  # fmt: skip
+        batch_size = cell_batch_size or getattr(self, "_batch_size", None) or 32
+        for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
+                            ("variants_per_batch", variants_per_batch)):  # fmt: skip
+            if int(value) < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
         config = self.model.config
-        if time_points is not None:
-            time_points = [_as_time_point(t, config) for t in time_points]
-        capacity = min(config.num_target_genes, config.decoder_max_position_embeddings - len(config.condition_tokens))
-        settings = {"time_points": time_points, "num_iterations": iterations, "temperature": temperature}
-        control, perturbed = [], {v["label"]: [] for v in inputs["variants"]}
-        for start in range(0, len(cells), cell_batch_size):
-            batch = slice(start, start + cell_batch_size)
-            # As many genes as the (unperturbed) source cell expresses, within what the decoder can emit.
-            lengths = torch.tensor([min(max(len(c) - 2, 1), capacity) for c in cells[batch]])
-            # Every variant of this batch reuses the control's lengths and seeds: only the edit differs.
-            reference = self._generate(cells[batch], lengths, seed, start, num_samples, settings)
-            control.append(reference)
-            for variant in inputs["variants"]:
-                changed = variant["changed"][batch]
-                if not changed.any():
-                    perturbed[variant["label"]].append(reference)
-                    continue
-                result = self._generate(variant["tokens"][batch], lengths, seed, start, num_samples, settings)
-                perturbed[variant["label"]].append(result)
-        return {**inputs, "control": _stack(control), "perturbed": {k: _stack(v) for k, v in perturbed.items()},
-                "settings": {**settings, "num_samples": num_samples, "seed": seed}}  # fmt: skip
+        if inputs["observed"] is not None:
+            if time_points is not None:
+                raise ValueError("With method='teacher_forced' the time points are those of `targets`.")
+            time_points = inputs["observed"]["time_points"]
+        elif time_points is not None:
+            time_points = [_as_time_point(t, config) for t in _as_list(time_points)]
+        run = {
+            "time_points": time_points, "num_samples": int(num_samples), "seed": int(seed), "batch_size": int(batch_size),
+            "generate": {"num_iterations": iterations, "temperature": temperature},
+        }  # fmt: skip
+        num_cells, num_variants = len(inputs["cells"]), len(inputs["variants"])
+        units = [(start, chunk) for start in range(0, num_cells, batch_size)
+                 for chunk in range(0, num_variants, variants_per_batch)]  # fmt: skip
+        rank, world = _process_grid()
+        mine = units[rank * len(units) // world : (rank + 1) * len(units) // world]
+        results, control = [], None
+        for start, chunk in tqdm(mine, desc="perturbation", unit="unit", disable=not progress or rank != 0):
+            rows = np.arange(start, min(start + batch_size, num_cells))
+            if control is None or control["start"] != start:
+                control = {"start": start, **self._predict(inputs, rows, None, rows - start, run)}
+            variants = range(chunk, min(chunk + variants_per_batch, num_variants))
+            results.append({
+                "start": start, "control": _public(control) if chunk == 0 else None,
+                "variants": {v: self._run_variant(inputs, v, rows, control, run) for v in variants},
+            })  # fmt: skip
+        if world > 1:
+            from accelerate.utils import gather_object
 
-    def _generate(self, tokens, lengths, seed, offset, num_samples, settings):
-        width = max(len(t) for t in tokens)
-        input_ids = torch.zeros(len(tokens), width, dtype=torch.long)
-        for row, t in enumerate(tokens):
-            input_ids[row, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-        attention_mask = (input_ids != 0).long()
+            results = gather_object(results)
+        return {**inputs, **_assemble(results, num_cells, num_variants, config), "settings": run}
+
+    def _run_variant(self, inputs, index, rows, control, run):
+        """Predict the perturbed cells of one perturbation among `rows` (one cell batch)."""
+        variant = inputs["variants"][index]
+        if variant["changed"] is not None:
+            rows = rows[variant["changed"][rows]]
+        if len(rows) == 0:
+            return {"rows": rows}
+        positions = rows - control["start"]  # each cell's row of random draws and of the control
+        out = self._predict(inputs, rows, variant, positions, run)
+        changed = out.pop("changed")
+        out.pop("time_values")
+        cosine = _gene_cosine(control["sequences"][positions], control["hidden"][positions], out.pop("sequences"),
+                              out.pop("hidden"), self.model.config)  # fmt: skip
+        return {"rows": rows[changed], "gene_cosine": cosine[changed], **{k: v[changed] for k, v in out.items()}}
+
+    def _predict(self, inputs, rows, variant, positions, run):
+        """Control (`variant=None`) or perturbed predictions of `rows`, `batch_size` rows per model call."""
+        parts = []
+        for first in range(0, len(rows), run["batch_size"]):
+            chunk = slice(first, first + run["batch_size"])
+            if inputs["observed"] is not None:
+                parts.append(self._readout(inputs, rows[chunk], variant))
+            else:
+                parts.append(self._generate(inputs, rows[chunk], variant, positions[chunk], run))
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def _generate(self, inputs, rows, variant, positions, run):
+        config, device = self.model.config, self.model.device
+        sources = inputs["cells"] if variant is None else variant["sources"]
+        input_ids, attention_mask = _pad_rows([sources[r] for r in rows], device)
+        # The unperturbed cell's length (as many genes as it expresses), so control and perturbed runs match.
+        capacity = min(config.num_target_genes, config.decoder_max_position_embeddings - len(config.condition_tokens))
+        lengths = torch.tensor([min(max(len(inputs["cells"][r]) - 2, 1), capacity) for r in rows], device=device)
+        edits = {"changed": np.ones(len(rows), dtype=bool)}
+        extra = {}
+        if variant is not None and inputs["perturb_time_points"]:
+            extra = {"sequence_editor": _TargetEditor(variant["genes"], inputs["mode"], len(config.condition_tokens),
+                                                      len(rows), edits),
+                     "edit_time_points": inputs["perturb_time_points"]}  # fmt: skip
+        batch_start = int(rows[0] - positions[0])
+        samples = []
+        for sample in range(run["num_samples"]):
+            generator = torch.Generator(device=device).manual_seed(
+                run["seed"] * 1_000_003 + batch_start * 131 + sample
+            )
+            out = self.model.generate(
+                input_ids, attention_mask, time_points=run["time_points"], sequence_length=lengths,
+                generator=generator, noise_index=torch.as_tensor(positions), num_noise_rows=run["batch_size"],
+                output_hidden_states=True, **run["generate"], **extra,
+            )  # fmt: skip
+            samples.append(out)
+        return {**_average_samples(samples), "changed": edits["changed"]}
+
+    def _readout(self, inputs, rows, variant):
+        observed = inputs["observed"]
         device = self.model.device
-        counts, embeddings = 0.0, 0.0
-        for sample in range(num_samples):
-            generator = torch.Generator(device=device).manual_seed(int(seed) * 1_000_003 + offset * 131 + sample)
-            out = self.model.generate(input_ids.to(device), attention_mask.to(device), sequence_length=lengths.to(device),
-                                      generator=generator, **settings)  # fmt: skip
-            counts = counts + out.counts.float().cpu().numpy()
-            embeddings = embeddings + out.cell_embeddings.float().cpu().numpy()
-        return {"counts": counts / num_samples, "embeddings": embeddings / num_samples,
-                "time_values": out.time_values.cpu().numpy()}  # fmt: skip
+        sources = inputs["cells"] if variant is None else variant["sources"]
+        targets = observed["tokens"] if variant is None or variant["targets"] is None else variant["targets"]
+        input_ids, attention_mask = _pad_rows([sources[r] for r in rows], device)
+        width = max(1, *(len(targets[t][r]) for t in range(len(targets)) for r in rows))
+        decoder_input_ids = torch.zeros(len(rows), len(targets), width, dtype=torch.long)
+        for t, cells in enumerate(targets):
+            for i, r in enumerate(rows):
+                decoder_input_ids[i, t, : len(cells[r])] = torch.as_tensor(cells[r], dtype=torch.long)
+        library = torch.as_tensor(observed["library_size"][rows], dtype=torch.float32, device=device)
+        out = self.model.readout(input_ids, decoder_input_ids.to(device), observed["time_points"], attention_mask,
+                                 library_size=library, output_hidden_states=True)  # fmt: skip
+        if self.model.config.library_size == "predicted":
+            # As the original's readout: the predicted composition at each observed cell's own library size.
+            out.counts = out.counts * (library / out.library_size.clamp(min=1e-8))[..., None]
+        return {**_average_samples([out]), "changed": np.ones(len(rows), dtype=bool)}
 
     # -- postprocess: AnnData, statistics, summary ---------------------------------------------------------------
 
     def postprocess(self, outputs):
         config = self.model.config
-        time_values = outputs["control"]["time_values"]
+        time_values = outputs["time_values"]
         names = [_time_name(config, v) for v in time_values]
         genes = list(config.target_genes or [f"gene_{i}" for i in range(config.num_target_genes)])
         symbols = [self.tokenizer.gene_symbols.get(g, g) for g in genes]
-        blocks, tables = [], []
-        for label, predicted in outputs["perturbed"].items():
-            variant = next(v for v in outputs["variants"] if v["label"] == label)
+        control = outputs["control"]
+        blocks, tables, unaffected = [], [], {}
+        for variant, predicted in zip(outputs["variants"], outputs["perturbed"]):
+            label, changed = variant["label"], predicted["changed"]
+            unaffected[label] = int((~changed).sum())
+            if unaffected[label]:
+                logger.info("%d of %d cells are unaffected by %s: their prediction equals the control.",
+                            unaffected[label], len(changed), label)  # fmt: skip
+            if not changed.any():
+                logger.warning(
+                    "%s changed no cell (not in any edited cell): its prediction equals the control.", label
+                )
             for t, (name, value) in enumerate(zip(names, time_values)):
-                control, perturbed = outputs["control"]["counts"][:, t], predicted["counts"][:, t]
                 obs = pd.DataFrame({
                     "cell_id": outputs["cell_ids"], "time_point": name, "time_value": float(value), "perturbation": label,
-                    "group": outputs["groups"] if outputs["groups"] is not None else "all",
-                    "changed": variant["changed"],
-                    "cosine_similarity": _cosine(outputs["control"]["embeddings"][:, t], predicted["embeddings"][:, t]),
+                    "group": outputs["groups"] if outputs["groups"] is not None else "all", "changed": changed,
+                    "cosine_similarity": _cosine(control["embeddings"][:, t], predicted["embeddings"][:, t]),
                 })  # fmt: skip
-                blocks.append((obs, control, perturbed))
-                tables += _de_tables(control, perturbed, symbols, obs, label, name)
+                blocks.append(
+                    (obs, control["counts"][:, t], predicted["counts"][:, t], predicted["gene_cosine"][:, t])
+                )
+                table = _de_tables(control["counts"][:, t], predicted["counts"][:, t], symbols, obs, label, name)
+                tables += _with_gene_shift(table, predicted["gene_cosine"][:, t], obs)
         obs = pd.concat([b[0] for b in blocks], ignore_index=True)
         obs.index = obs.index.astype(str)
         adata = ad.AnnData(
             X=np.vstack([b[2] for b in blocks]).astype(np.float32), obs=obs,
             var=pd.DataFrame({"gene_symbol": symbols}, index=pd.Index(genes, name="gene_id")),
             layers={"control": np.vstack([b[1] for b in blocks]).astype(np.float32),
-                    "perturbed": np.vstack([b[2] for b in blocks]).astype(np.float32)},
+                    "perturbed": np.vstack([b[2] for b in blocks]).astype(np.float32),
+                    "gene_embedding_cosine": np.vstack([b[3] for b in blocks]).astype(np.float32)},
         )  # fmt: skip
-        summary = {**outputs["summary"], "perturbations": list(outputs["perturbed"]), "time_points": names}
-        settings = {
-            k: (list(map(str, v)) if isinstance(v, (list, tuple)) else v) for k, v in outputs["settings"].items()
-        }
+        summary = {**outputs["summary"], "cells_unaffected": unaffected,
+                   "perturbations": [v["label"] for v in outputs["variants"]], "time_points": names}  # fmt: skip
+        settings = outputs["settings"]
+        config_out = {
+            "mode": summary["mode"], "site": summary["site"], "method": summary["method"],
+            "genes_to_perturb": summary["perturbations"], "perturb_time_points": list(outputs["perturb_time_points"]),
+            "time_points": names, "num_samples": settings["num_samples"], "seed": settings["seed"],
+            "batch_size": settings["batch_size"], **settings["generate"],
+        }  # fmt: skip
         return PerturbationResult(adata=adata, de=pd.concat(tables, ignore_index=True), summary=summary,
-                                  config={**settings, "mode": summary["mode"], "site": summary["site"],
-                                          "genes_to_perturb": summary["perturbations"]})  # fmt: skip
+                                  config=config_out)  # fmt: skip
+
+
+class _TargetEditor:
+    """`sequence_editor` of `generate`: edits generated target cells and records which ones changed."""
+
+    def __init__(self, gene_ids, mode, num_conditions, num_rows, record):
+        self.gene_ids, self.mode, self.num_conditions = gene_ids, mode, num_conditions
+        self.record = record
+        record["changed"] = np.zeros(num_rows, dtype=bool)
+
+    def __call__(self, tokens, time_value):
+        edited, changed = edit_target_batch(tokens, [self.gene_ids] * tokens.shape[0], self.mode, self.num_conditions)
+        self.record["changed"] |= changed
+        return edited
+
+
+def process_state():
+    """
+    accelerate's `PartialState` of this process: under `torchrun` / `accelerate launch` it joins the process group
+    (gloo on CPU-only machines, where accelerate would otherwise treat each process as alone).
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _process_grid():
+    """`(rank, world size)` of a `torchrun` / `accelerate launch` run; `(0, 1)` otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    state = process_state()
+    return state.process_index, state.num_processes
+
+
+def _public(prediction):
+    """What a unit reports of a control: no hidden states (only used in-process for the per-gene shifts)."""
+    return {k: v for k, v in prediction.items() if k not in ("hidden", "start")}
+
+
+def _assemble(results, num_cells, num_variants, config):
+    """Put the units' results (from any process, in any order) back into whole arrays."""
+    results = sorted(results, key=lambda r: r["start"])
+    controls = [r["control"] for r in results if r["control"] is not None]
+    control = {key: np.concatenate([c[key] for c in controls]) for key in ("counts", "embeddings", "sequences")}
+    time_values = controls[0]["time_values"][0]
+    # An unaffected cell's genes keep their embeddings exactly (cosine 1); genes it does not predict have none.
+    unaffected = np.where(_gene_presence(control["sequences"], config), 1.0, np.nan).astype(np.float32)
+    perturbed = []
+    for index in range(num_variants):
+        merged = {
+            "counts": control["counts"].copy(), "embeddings": control["embeddings"].copy(),
+            "gene_cosine": unaffected.copy(),
+            "changed": np.zeros(num_cells, dtype=bool),
+        }  # fmt: skip
+        for result in results:
+            part = result["variants"].get(index)
+            if part is None or len(part["rows"]) == 0:
+                continue
+            rows = part["rows"]
+            for key in ("counts", "embeddings", "gene_cosine"):
+                merged[key][rows] = part[key]
+            merged["changed"][rows] = True
+        perturbed.append(merged)
+    return {"control": control, "perturbed": perturbed, "time_values": time_values}
+
+
+def _gene_presence(sequences, config):
+    """`(cells, T, genes)`: whether a gene is in a cell's control prediction (any sample)."""
+    cells, _, times, _ = sequences.shape
+    present = np.zeros((cells, times, config.num_target_genes), dtype=bool)
+    genes = sequences - config.first_gene_token_id
+    c, s, t, p = np.nonzero((genes >= 0) & (genes < config.num_target_genes))
+    present[c, t, genes[c, s, t, p]] = True
+    return present
+
+
+def _average_samples(outputs):
+    """Counts and embeddings averaged over samples; sequences and hidden states of each sample (for gene shifts)."""
+    return {
+        "counts": np.mean([o.counts.float().cpu().numpy() for o in outputs], axis=0),
+        "embeddings": np.mean([o.cell_embeddings.float().cpu().numpy() for o in outputs], axis=0),
+        "sequences": np.stack([o.sequences.cpu().numpy() for o in outputs], axis=1),  # (rows, samples, T, L)
+        "hidden": np.stack([o.decoder_hidden_states.float().cpu().numpy() for o in outputs], axis=1),
+        "time_values": np.repeat(outputs[0].time_values.cpu().numpy()[None], len(outputs[0].counts), axis=0),
+    }
+
+
+def _gene_cosine(control_sequences, control_hidden, sequences, hidden, config):
+    """
+    Per-gene embedding shift: for each gene present in both the control and the perturbed prediction of a cell, the
+    cosine similarity of its decoder hidden states (mean over samples); NaN where it is absent from either.
+
+    Args:
+        control_sequences, sequences (`np.ndarray` of shape `(rows, samples, T, L)`); control_hidden, hidden
+            (`np.ndarray` of shape `(rows, samples, T, L, hidden)`).
+
+    Returns:
+        `np.ndarray` of shape `(rows, T, num_target_genes)`.
+    """
+    rows, samples, times, _ = sequences.shape
+    first, num_genes = config.first_gene_token_id, config.num_target_genes
+    total = np.zeros((rows, times, num_genes))
+    seen = np.zeros((rows, times, num_genes))
+    for s in range(samples):
+        for t in range(times):
+            where = _gene_positions(control_sequences[:, s, t], first, num_genes)
+            genes = sequences[:, s, t] - first
+            valid = (genes >= 0) & (genes < num_genes)
+            r, p = np.nonzero(valid)
+            q = where[r, genes[r, p]]
+            keep = q >= 0
+            r, p, q, g = r[keep], p[keep], q[keep], genes[r[keep], p[keep]]
+            a, b = hidden[r, s, t, p], control_hidden[r, s, t, q]
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            total[r, t, g] += (a * b).sum(1) / np.where(norms > 0, norms, 1.0)
+            seen[r, t, g] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(seen > 0, total / np.maximum(seen, 1), np.nan).astype(np.float32)
+
+
+def _gene_positions(sequences, first, num_genes):
+    """`(rows, num_genes)`: the position of each gene in each row's sequence, -1 if absent."""
+    where = np.full((sequences.shape[0], num_genes), -1, dtype=np.int64)
+    genes = sequences - first
+    r, p = np.nonzero((genes >= 0) & (genes < num_genes))
+    where[r, genes[r, p]] = p
+    return where
+
+
+def _with_gene_shift(tables, gene_cosine, obs):
+    """Add each gene's mean embedding cosine (over cells of the table's group where the gene is predicted)."""
+    groups = obs["group"].to_numpy()
+    for table in tables:
+        group = table["group"].iloc[0]
+        rows = np.ones(len(groups), dtype=bool) if group == "all" else groups == group
+        values = gene_cosine[rows]
+        with np.errstate(invalid="ignore"):
+            seen = np.isfinite(values).sum(0)
+            table["embedding_cosine"] = np.where(seen > 0, np.nansum(values, 0) / np.maximum(seen, 1), np.nan)
+    return tables
+
+
+def _edit_observed(observed, perturb_time_points, gene_tokens, mode):
+    """Edit observed target cells at the perturbed time points; which cells changed."""
+    targets, changed = [], np.zeros(len(observed["tokens"][0]), dtype=bool)
+    for name, cells in zip(observed["time_points"], observed["tokens"]):
+        if name not in perturb_time_points:
+            targets.append(cells)
+            continue
+        edited = [perturb_target_tokens(c, gene_tokens, mode) for c in cells]
+        # A deletion leaves trailing pads; drop them so lengths stay the cells' own.
+        targets.append([e[0][: len(c) if mode != "delete" else len(c) - int(e[1])] for e, c in zip(edited, cells)])
+        changed |= np.array([e[1] for e in edited], dtype=bool)
+    return targets, changed
+
+
+def _pad_rows(tokens, device):
+    width = max(len(t) for t in tokens)
+    input_ids = torch.zeros(len(tokens), width, dtype=torch.long)
+    for row, t in enumerate(tokens):
+        input_ids[row, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+    return input_ids.to(device), (input_ids != 0).long().to(device)
+
+
+def _read_anndata(data, what):
+    if isinstance(data, ad.AnnData):
+        adata = data
+    else:
+        adata = ad.read_h5ad(str(data))  # FileNotFoundError names a missing file
+    if adata.n_obs == 0:
+        raise ValueError(f"The {what} AnnData has no cells.")
+    return adata
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; choose one of {list(choices)}.")
+
+
+def _as_list(value):
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, int, float)) else list(value)
 
 
 def _perturbation_sets(genes, screen):
     if genes is not None and screen is not None:
         raise ValueError("Give `genes` (perturbed together) or `screen` (one at a time), not both.")
     if screen is not None:
-        sets = [[g] for g in screen]
+        sets = [[g] for g in _as_list(screen)]
     elif genes is not None:
-        sets = [list(genes)] if not isinstance(genes, str) else [[genes]]
+        sets = [_as_list(genes)]
     else:
         raise ValueError("Name the genes to perturb: genes=[...] or screen=[...].")
     if not sets or not all(sets):
@@ -232,12 +565,6 @@ def _counts_and_genes(adata, gene_ids, layer):
             raise KeyError(f"No layer {layer!r}; available: {list(adata.layers.keys())}.")
         return adata.layers[layer], identifiers
     return adata.X, identifiers
-
-
-def _stack(parts):
-    return {
-        key: np.concatenate([p[key] for p in parts]) if key != "time_values" else parts[0][key] for key in parts[0]
-    }
 
 
 def _cosine(a, b):

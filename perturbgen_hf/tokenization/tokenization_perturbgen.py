@@ -740,6 +740,28 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
         """Encoder token id of each target gene, in decoder order."""
         return np.array([self.vocab[g] for g in self.target_genes], dtype=np.int64)
 
+    def target_gene_to_id(self, gene: str) -> int:
+        """
+        Decoder id of a target gene given by Ensembl ID, symbol or alias.
+
+        Raises:
+            `KeyError` naming the gene when it is unknown or not among the decoder's target genes.
+        """
+        resolved = self.resolve_gene(gene)
+        if resolved is None:
+            raise KeyError(self._unknown_gene_message([gene]))
+        if resolved not in self._target_index():
+            raise KeyError(
+                f"{gene!r} is not among the model's {self.num_target_genes} target genes, so it cannot be perturbed "
+                "in a target cell; perturb it in the source (site='src')."
+            )
+        return NUM_SPECIAL_TOKENS + self._target_index()[resolved]
+
+    def _target_index(self) -> dict:
+        if getattr(self, "_target_positions", (None,))[0] is not self.target_genes:
+            self._target_positions = (self.target_genes, {g: i for i, g in enumerate(self.target_genes)})
+        return self._target_positions[1]
+
     def condition_token_id(self, condition: str) -> int:
         """Decoder id of a condition token."""
         if condition not in self.condition_tokens:
