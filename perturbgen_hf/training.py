@@ -34,6 +34,11 @@ PRESETS = {
         "decoder": {"decoder_hidden_size": 32, "decoder_num_layers": 2, "decoder_num_heads": 4,
                     "decoder_intermediate_size": 64},
     },
+    "compact": {
+        "encoder": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
+        "decoder": {"decoder_hidden_size": 64, "decoder_num_layers": 3, "decoder_num_heads": 4,
+                    "decoder_intermediate_size": 256},
+    },
     "small": {
         "encoder": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256},
         "decoder": {"decoder_hidden_size": 128, "decoder_num_layers": 4, "decoder_num_heads": 4,
@@ -52,7 +57,9 @@ OBJECTIVES = ("joint", "tokens", "counts")
 class ModelArguments:
     """Which model to train."""
 
-    preset: str = field(default="tiny", metadata={"help": "size of a model built from scratch: tiny, small or base"})
+    preset: str = field(
+        default="tiny", metadata={"help": "size of a model built from scratch: tiny, compact, small or base"}
+    )
     geneformer: str | None = field(
         default=None, metadata={"help": "local Geneformer BertForMaskedLM folder to use as the encoder"}
     )

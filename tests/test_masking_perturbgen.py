@@ -46,3 +46,22 @@ def test_first_occurrence_keeps_the_most_confident_duplicate():
 def test_top_k_filter_keeps_k_largest():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
     assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, True, False]]
+
+
+def test_sample_categorical_follows_the_distribution_and_never_draws_banned_ids():
+    from perturbgen_hf.modeling.masking_perturbgen import sample_categorical
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2, 0.0]))  # the last id is banned (-inf)
+    logits = logits.expand(4000, 5, 4).contiguous()
+    ids = sample_categorical(logits, 1.0, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(ids.flatten(), minlength=4).float() / ids.numel()
+    torch.testing.assert_close(frequencies, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.01, rtol=0)
+    # a low temperature sharpens towards the argmax; 0 is the argmax
+    cold = sample_categorical(logits, 0.05, torch.Generator().manual_seed(0))
+    assert (cold == 0).float().mean() > 0.99
+    assert (sample_categorical(logits, 0.0) == 0).all()
+    # rows given the same noise row draw the same ids
+    shared = sample_categorical(logits[:3], 1.0, torch.Generator().manual_seed(1), torch.tensor([2, 0, 2]), 3)
+    assert torch.equal(shared[0], shared[2])
+    full = sample_categorical(logits[:3], 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(shared[1], full[0]) and torch.equal(shared[0], full[2])

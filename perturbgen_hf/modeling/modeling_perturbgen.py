@@ -34,9 +34,9 @@ from .likelihoods_perturbgen import (
 )
 from .masking_perturbgen import (
     first_occurrence,
-    gumbel_argmax,
     margin_confidence,
     num_masked_after_step,
+    sample_categorical,
     top_k_filter,
 )
 
@@ -799,7 +799,7 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         masked = is_gene & (tokens == self.config.mask_token_id)
         logits = logits.float().masked_fill(self._banned_ids(tokens, is_gene)[:, None, :], float("-inf"))
         logits = top_k_filter(logits, top_k)
-        proposal = gumbel_argmax(logits, temperature, generator, *noise)
+        proposal = sample_categorical(logits, temperature, generator, *noise)
         confidence = margin_confidence(logits)
         unique = first_occurrence(proposal, confidence, masked, self.config.decoder_vocab_size)
         # Commit the `num_masked - keep_masked` most confident unique proposals of each cell.

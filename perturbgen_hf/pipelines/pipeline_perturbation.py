@@ -255,7 +255,7 @@ class PerturbationPipeline(Pipeline):
                 parts.append(self._readout(inputs, rows[chunk], variant))
             else:
                 parts.append(self._generate(inputs, rows[chunk], variant, positions[chunk], run))
-        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        return {key: _concat_ragged([p[key] for p in parts]) for key in parts[0]}
 
     def _generate(self, inputs, rows, variant, positions, run):
         config, device = self.model.config, self.model.device
@@ -273,9 +273,7 @@ class PerturbationPipeline(Pipeline):
         batch_start = int(rows[0] - positions[0])
         samples = []
         for sample in range(run["num_samples"]):
-            generator = torch.Generator(device=device).manual_seed(
-                run["seed"] * 1_000_003 + batch_start * 131 + sample
-            )
+            generator = torch.Generator(device=device).manual_seed(cell_batch_seed(run["seed"], batch_start, sample))
             out = self.model.generate(
                 input_ids, attention_mask, time_points=run["time_points"], sequence_length=lengths,
                 generator=generator, noise_index=torch.as_tensor(positions), num_noise_rows=run["batch_size"],
@@ -370,6 +368,11 @@ class _TargetEditor:
         return edited
 
 
+def cell_batch_seed(seed: int, batch_start: int, sample: int) -> int:
+    """Seed of the random draws of the cell batch starting at `batch_start` (one row per cell), for one sample."""
+    return int(seed) * 1_000_003 + int(batch_start) * 131 + int(sample)
+
+
 def process_state():
     """
     accelerate's `PartialState` of this process: under `torchrun` / `accelerate launch` it joins the process group
@@ -397,7 +400,7 @@ def _assemble(results, num_cells, num_variants, config):
     """Put the units' results (from any process, in any order) back into whole arrays."""
     results = sorted(results, key=lambda r: r["start"])
     controls = [r["control"] for r in results if r["control"] is not None]
-    control = {key: np.concatenate([c[key] for c in controls]) for key in ("counts", "embeddings", "sequences")}
+    control = {key: _concat_ragged([c[key] for c in controls]) for key in ("counts", "embeddings", "sequences")}
     time_values = controls[0]["time_values"][0]
     # An unaffected cell's genes keep their embeddings exactly (cosine 1); genes it does not predict have none.
     unaffected = np.where(_gene_presence(control["sequences"], config), 1.0, np.nan).astype(np.float32)
@@ -418,6 +421,20 @@ def _assemble(results, num_cells, num_variants, config):
             merged["changed"][rows] = True
         perturbed.append(merged)
     return {"control": control, "perturbed": perturbed, "time_values": time_values}
+
+
+def _concat_ragged(arrays):
+    """Concatenate along rows; sequences `(rows, S, T, L)` and hidden states `(rows, S, T, L, H)` of different batches
+    may differ in `L` and are padded with 0 (`<pad>`) to the longest."""
+    if arrays[0].ndim < 4:
+        return np.concatenate(arrays)
+    width = max(a.shape[3] for a in arrays)
+    padded = []
+    for a in arrays:
+        pad = [(0, 0)] * a.ndim
+        pad[3] = (0, width - a.shape[3])
+        padded.append(np.pad(a, pad))
+    return np.concatenate(padded)
 
 
 def _gene_presence(sequences, config):
