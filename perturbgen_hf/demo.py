@@ -279,7 +279,9 @@ def _summarise(scores, settings, seconds, result, out, plots, curve):
     others = scores[scores["method"] != "PerturbGen (this model)"]
     best_baseline = others.groupby("time_point")["auroc"].max()
     target_met = bool((model["auroc"] >= 0.75).all())
+    changes = result.de[result.de["group"] == "all"].groupby("time_point")["log2_fold_change"]
     return {
+        "median_abs_predicted_change": {t: float(v) for t, v in changes.apply(lambda x: x.abs().median()).items()},
         "seconds": round(seconds, 1),
         "regulator": settings.regulator,
         "auroc": model["auroc"].round(3).to_dict(),
@@ -318,6 +320,13 @@ def _report(summary, scores, settings, control) -> str:
         if summary["beats_every_baseline"]
         else "**It does not beat every baseline at every time point** (see the table)."
     )
+    size = summary["median_abs_predicted_change"]
+    if max(size.values()) < 0.01:
+        margin += (
+            f" The model's predicted changes are close to zero (median |log2 fold change| "
+            f"{', '.join(f'{t}: {v:.1e}' for t, v in size.items())}): it has not learned to read the regulator's "
+            "state in the source cell, so its ranking is noise. More training, or a pretrained encoder, is needed."
+        )
     lines = [
         "# perturbgen-hf demo: an in silico knockout scored against a known truth",
         "",
