@@ -119,3 +119,18 @@ def test_fast_demo_end_to_end(tmp_path):
     assert summary["seconds"] > 0
     with pytest.raises(FileExistsError, match="overwrite"):
         run_demo(out, FAST, progress=False)
+
+
+def test_fast_demo_on_user_data(tmp_path):
+    adata = simulate_trajectory(num_clones=40, seed=1)
+    adata.var_names = adata.var["gene_symbol"].astype(str).to_numpy()
+    path = tmp_path / "mine.h5ad"
+    adata.write_h5ad(path)
+    summary = run_demo(tmp_path / "out", FAST, adata=str(path), time_key="time", source="0h", gene="REG1",
+                       progress=False)  # fmt: skip
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "REG1 knocked out at 0h" in report and "no truth to score" in report
+    assert (tmp_path / "out" / "plots" / "training_loss.png").is_file()
+    assert summary["cells_perturbed"] == 80
+    with pytest.raises(ValueError, match="--time-key, --source and --gene"):
+        run_demo(tmp_path / "other", FAST, adata=str(path), progress=False)
