@@ -22,6 +22,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .data.simulate import simulate_trajectory, true_effects
+from .pipelines.perturbation_result import log_normalize
 
 
 logger = logging.getLogger(__name__)
@@ -85,12 +86,6 @@ def effect_scores(predicted: np.ndarray, truth: np.ndarray, responder_threshold:
             "unaffected": int(unaffected.sum())}  # fmt: skip
 
 
-def _log_cp10k(counts) -> np.ndarray:
-    counts = sp.csr_matrix(counts, dtype=np.float64)
-    totals = np.asarray(counts.sum(axis=1)).ravel()
-    return np.log1p((sp.diags(1e4 / np.where(totals > 0, totals, 1.0)) @ counts).toarray())
-
-
 def _lfc_from_log(control_log, perturbed_log):
     """The pipeline's log2 fold change of mean CP10k, from predicted log1p CP10k."""
     control, perturbed = np.clip(np.expm1(control_log), 0, None), np.clip(np.expm1(perturbed_log), 0, None)
@@ -108,7 +103,7 @@ def linear_baseline_effects(train: ad.AnnData, source: ad.AnnData, gene_column: 
     """
     times = train.obs[time_key].astype(str).to_numpy()
     clones = train.obs[clone_key].astype(str).to_numpy()
-    profiles = _log_cp10k(train.X)
+    profiles = log_normalize(sp.csr_matrix(train.X, dtype=np.float64).toarray())
     names = sorted(set(clones))
 
     def clone_means(time_point):
@@ -118,7 +113,7 @@ def linear_baseline_effects(train: ad.AnnData, source: ad.AnnData, gene_column: 
     x_mean = x.mean(0)
     x_centred = x - x_mean
     gram = x_centred.T @ x_centred + ridge * np.eye(x.shape[1])
-    held = _log_cp10k(source.X)
+    held = log_normalize(sp.csr_matrix(source.X, dtype=np.float64).toarray())
     knocked = held.copy()
     knocked[:, gene_column] = 0.0
     effects = {}
