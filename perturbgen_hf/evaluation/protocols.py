@@ -1,0 +1,627 @@
+"""
+`perturbgen-hf evaluate`: hold something out, train (or take) a model that never saw it, predict it by generation
+from source cells, and score the prediction beside baselines computed the same way.
+
+Protocols:
+
+- `heldout-time`: a whole time point is left out of training (between two trained ones: interpolation; after the
+  last: extrapolation); it is predicted from every source cell.
+- `heldout-group`: every cell of one group (e.g. a cell type) is left out; its later states are predicted from its
+  source cells (Kang et al.: learn ctrl -> stim on the other cell types, predict stimulated CD4 T cells).
+- `heldout-cells`: a random fraction of the cells of every time point is left out; their later states are
+  predicted from the held-out source cells.
+
+Everything is scored on the model's target genes, as log1p CP10k of the counts of those genes (for observed cells,
+predictions and baselines alike). The reference state of every delta is the observed source cells of the evaluated
+group. Distribution metrics (E-distance, MMD) are computed on principal components fitted on the observed source
+and target cells of the evaluated group; the per-gene Wasserstein distance on the expression itself.
+"""
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from tqdm.auto import tqdm
+
+from ..data.tokenize_dataset import load_description, resolve_time_points
+from . import baselines, metrics
+
+
+logger = logging.getLogger(__name__)
+
+PROTOCOLS = ("heldout-time", "heldout-group", "heldout-cells")
+MODEL = "PerturbGen (this model)"
+
+
+@dataclass
+class EvaluationSettings:
+    """Every number an evaluation run uses (training sizes, generation, metric depths)."""
+
+    preset: str = "compact"
+    max_steps: int = 400
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    freeze_encoder: bool = True
+    n_hvg: int = 500
+    max_source_length: int = 256
+    max_target_length: int = 128
+    iterations: int = 8
+    generation_batch_size: int = 32
+    heldout_fraction: float = 0.2
+    top_de: int = 20
+    top_r2: int = 100
+    overlap_k: int = 50
+    token_k: int = 25
+    n_pcs: int = 50
+    linear_components: int = 10
+    linear_ridge: float = 0.1
+    fdr: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class _Split:
+    """Which cells train the model and which are evaluated."""
+
+    train: np.ndarray  # bool per cell
+    source: dict  # group -> bool per cell: the source cells predictions start from
+    observed: dict  # (time point, group) -> bool per cell: the observed cells to compare with
+
+
+def run_evaluation(adata, out, protocol, time_key, source, heldout=None, group_key=None, time_order=None,
+                   time_value_key=None, gene_id_key=None, pairing_key=None, model=None, settings=None,
+                   overwrite=False, progress=True) -> dict:  # fmt: skip
+    """
+    Run a protocol and write `metrics.json`, `metrics.csv` and `plots/` under `out`.
+
+    Args:
+        adata (`str`, `os.PathLike` or `AnnData`): raw counts with every time point (and group).
+        out (`str` or `os.PathLike`): output folder (refused if not empty, unless `overwrite`); the trained model
+            (`model/`) and its tokenized data (`tokens/`) go there too.
+        protocol (`str`): one of `PROTOCOLS`.
+        time_key (`str`), source (`str`), time_order, time_value_key, gene_id_key: as for `perturbgen-hf tokenize`.
+        heldout (`str`): the held-out time point (`heldout-time`) or group (`heldout-group`).
+        group_key (`str`): obs column of groups (`heldout-group`; with the other protocols, metrics are also given
+            per group).
+        pairing_key (`str`, *optional*): stratify the training pairs by this obs column (default: `group_key`).
+        model (`str` or `os.PathLike`, *optional*): a saved model trained without the held-out part (default:
+            train one with `settings`).
+        settings ([`EvaluationSettings`], *optional*).
+
+    Returns:
+        `dict`: the contents of `metrics.json`.
+    """
+    settings = settings or EvaluationSettings()
+    started = time.perf_counter()
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"Unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}.")
+    adata = _read(adata)
+    order, values = resolve_time_points(adata.obs, time_key, time_order, time_value_key)
+    if source not in order:
+        raise ValueError(f"Source time point {source!r} is not in obs[{time_key!r}]: {order}.")
+    out = _prepare(out, overwrite)
+    times = adata.obs[time_key].astype(str).to_numpy()
+    groups = _groups(adata, group_key, protocol)
+    split = _split(protocol, times, groups, order, source, heldout, settings)
+    value_of = dict(zip(order, values))
+    if model is None:
+        model = _train_model(adata, split, out, time_key, source, order, values, time_value_key, gene_id_key,
+                             pairing_key or group_key, settings, progress)  # fmt: skip
+    model, tokenizer = _load_model(model)
+    if protocol == "heldout-time" and heldout in model.config.time_points:
+        raise ValueError(f"The model was trained on the held-out time point {heldout!r}; train one without it.")
+    identifiers = _identifiers(adata, gene_id_key)
+    evaluated = sorted({t for t, _ in split.observed}, key=order.index)
+    generated = _predict(model, tokenizer, adata, identifiers, split, evaluated, value_of, settings, progress)
+    expression = _observed_expression(adata, tokenizer, identifiers)
+    rows, details = _score_all(split, expression, generated, tokenizer, times, groups, order, value_of, source,
+                               protocol, settings)  # fmt: skip
+    table = pd.DataFrame(rows, columns=["metric", "time_point", "group", "method", "value"])
+    table.to_csv(out / "metrics.csv", index=False)
+    plots = _plot(out / "plots", table, details)
+    result = _summary(table, protocol, heldout, split, evaluated, source, settings, model, started, out, plots)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    return result
+
+
+# -- data and splits --------------------------------------------------------------------------------------------------
+
+
+def _read(adata):
+    if not isinstance(adata, ad.AnnData):
+        path = Path(adata)
+        if not path.is_file():
+            raise FileNotFoundError(f"Input file not found: {str(path)!r}")
+        adata = ad.read_h5ad(path)
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"The input is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    return adata
+
+
+def _prepare(out, overwrite):
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise FileExistsError(f"Output folder {str(out)!r} is not empty; pass --overwrite to replace it.")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _groups(adata, group_key, protocol):
+    if group_key is None:
+        if protocol == "heldout-group":
+            raise ValueError("--protocol heldout-group needs --group-key (the obs column of the groups).")
+        return np.full(adata.n_obs, "all", dtype=object)
+    if group_key not in adata.obs.columns:
+        raise KeyError(f"group_key {group_key!r} is not an obs column; available: {list(adata.obs.columns)}.")
+    return adata.obs[group_key].astype(str).to_numpy()
+
+
+def _split(protocol, times, groups, order, source, heldout, settings) -> _Split:
+    targets = order[order.index(source) + 1 :]
+    if not targets:
+        raise ValueError(f"No time point after the source {source!r} to predict.")
+    in_course = np.isin(times, [source, *targets])
+    if protocol == "heldout-time":
+        if heldout not in targets:
+            raise ValueError(f"--heldout {heldout!r} must be a time point after the source {source!r}: {targets}.")
+        if len(targets) < 2:
+            raise ValueError("Holding out the only target time point leaves nothing to train on.")
+        return _Split(train=in_course & (times != heldout), source={"all": times == source},
+                      observed={(heldout, "all"): times == heldout})  # fmt: skip
+    if protocol == "heldout-group":
+        if heldout not in set(groups):
+            raise ValueError(f"--heldout {heldout!r} is not a group; groups: {sorted(set(groups))}.")
+        held = groups == heldout
+        if not (held & (times == source)).any():
+            raise ValueError(f"Group {heldout!r} has no cells at the source time point {source!r} to predict from.")
+        observed = {(t, heldout): held & (times == t) for t in targets if (held & (times == t)).any()}
+        if not observed:
+            raise ValueError(f"Group {heldout!r} has no cells after the source time point: nothing to compare with.")
+        return _Split(train=in_course & ~held, source={heldout: held & (times == source)}, observed=observed)
+    if not 0 < settings.heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must lie in (0, 1), got {settings.heldout_fraction}.")
+    rng = np.random.default_rng(settings.seed)
+    held = np.zeros(len(times), dtype=bool)
+    for t in [source, *targets]:
+        cells = np.flatnonzero(times == t)
+        count = round(settings.heldout_fraction * len(cells))
+        if count < 2 or count > len(cells) - 2:
+            raise ValueError(f"Time point {t!r} has {len(cells)} cells: too few to hold out a fraction of them.")
+        held[rng.choice(cells, count, replace=False)] = True
+    names = sorted(set(groups))
+    return _Split(
+        train=in_course & ~held,
+        source={g: held & (times == source) & (groups == g) for g in names},
+        observed={(t, g): held & (times == t) & (groups == g) for t in targets for g in names
+                  if (held & (times == t) & (groups == g)).sum() >= 2},
+    )  # fmt: skip
+
+
+def _identifiers(adata, gene_id_key):
+    if gene_id_key is None:
+        return [str(g) for g in adata.var_names]
+    if gene_id_key not in adata.var.columns:
+        raise KeyError(f"gene_id_key {gene_id_key!r} is not a var column; available: {list(adata.var.columns)}.")
+    return ["" if pd.isna(g) else str(g) for g in adata.var[gene_id_key]]
+
+
+# -- the model ----------------------------------------------------------------------------------------------------------
+
+
+def _train_model(adata, split, out, time_key, source, order, values, time_value_key, gene_id_key, pairing_key,
+                 settings, progress):  # fmt: skip
+    from ..data import tokenize_anndata
+    from ..training import parse_arguments, train
+
+    train_data = adata[split.train].copy()
+    kept = [t for t in order if t in set(train_data.obs[time_key].astype(str))]
+    tokenize_anndata(
+        train_data, out / "tokens", time_key=time_key, source=source, time_order=kept,
+        time_value_key=time_value_key, gene_id_key=gene_id_key, n_hvg=min(settings.n_hvg, adata.n_vars),
+        pairing="stratified" if pairing_key else "random", pairing_key=pairing_key, seed=settings.seed,
+        max_length=settings.max_source_length, progress=progress,
+    )  # fmt: skip
+    if time_value_key is None:
+        # The tokenizer derives values from the kept names alone; keep the full course's values instead.
+        description_path = out / "tokens" / "perturbgen_data.json"
+        description = json.loads(description_path.read_text())
+        value_of = dict(zip(order, values))
+        description["source_time_value"] = value_of[source]
+        description["time_values"] = [value_of[t] for t in description["time_points"]]
+        description_path.write_text(json.dumps(description, indent=2))
+    argv = [
+        "--data", str(out / "tokens"), "--out", str(out / "model"), "--preset", settings.preset,
+        "--max_steps", str(settings.max_steps), "--per_device_train_batch_size", str(settings.batch_size),
+        "--learning_rate", str(settings.learning_rate), "--warmup_steps", str(max(1, settings.max_steps // 10)),
+        "--max_source_length", str(settings.max_source_length), "--max_target_length",
+        str(settings.max_target_length), "--use_cpu", "--freeze_encoder", str(settings.freeze_encoder).lower(),
+        "--report_to", "none", "--eval_fraction", "0", "--seed", str(settings.seed), "--logging_steps",
+        str(max(1, settings.max_steps // 20)), "--save_strategy", "no", "--disable_tqdm", str(not progress).lower(),
+    ]  # fmt: skip
+    train(*parse_arguments(argv))
+    return out / "model"
+
+
+def _load_model(path):
+    from ..modeling import PerturbGenForConditionalGeneration
+    from ..tokenization import PerturbGenTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Model folder not found: {str(path)!r}")
+    model = PerturbGenForConditionalGeneration.from_pretrained(path).eval()
+    tokenizer = PerturbGenTokenizer.from_pretrained(path)
+    tokenizer.check_model_compatibility(model)
+    return model, tokenizer
+
+
+def _predict(model, tokenizer, adata, identifiers, split, evaluated, value_of, settings, progress):
+    """Generated counts and token sequences per (time point, group), from the source cells of each group."""
+    from ..pipelines.pipeline_perturbation import _pad_rows, cell_batch_seed
+
+    config = model.config
+    wanted = {value_of[t]: t for t in evaluated}
+    # Generate every time point the model knows plus the evaluated ones, so that each one has the context of the
+    # earlier ones, as in training.
+    time_values = sorted(set(config.time_values) | set(wanted))
+    max_length = config.max_source_length or config.encoder.max_position_embeddings
+    capacity = min(config.num_target_genes, config.decoder_max_position_embeddings - len(config.condition_tokens))
+    if config.condition_tokens:
+        raise ValueError("evaluate does not handle models with condition tokens yet.")
+    predictions = {}
+    for group, mask in split.source.items():
+        rows = np.flatnonzero(mask)
+        ranked = tokenizer.rank_cells(adata.X[rows], identifiers, max_length)
+        cells = [ranked.cell(i) for i in range(len(ranked))]
+        counts, sequences = [], []
+        size = settings.generation_batch_size
+        for start in tqdm(range(0, len(cells), size), desc=f"generating ({group})", disable=not progress):
+            batch = cells[start : start + size]
+            input_ids, attention_mask = _pad_rows(batch, model.device)
+            lengths = torch.tensor([min(max(len(c) - 2, 1), capacity) for c in batch])
+            generator = torch.Generator().manual_seed(cell_batch_seed(settings.seed, start, 0))
+            with torch.inference_mode():
+                out = model.generate(input_ids, attention_mask, time_points=time_values, sequence_length=lengths,
+                                     num_iterations=settings.iterations, generator=generator)  # fmt: skip
+            counts.append(out.counts.float().cpu().numpy())
+            sequences.append([[s.tolist() for s in row] for row in out.sequences.cpu()])
+        counts = np.concatenate(counts)
+        order = [float(v) for v in out.time_values.cpu()]
+        gene_ids = set(range(config.first_gene_token_id, config.first_gene_token_id + config.num_target_genes))
+        for value, name in wanted.items():
+            t = order.index(float(value))
+            tokens = [[i for i in row[t] if i in gene_ids] for batch in sequences for row in batch]
+            predictions[(name, group)] = {"counts": counts[:, t], "tokens": tokens}
+    return predictions
+
+
+# -- scoring ------------------------------------------------------------------------------------------------------------
+
+
+def _observed_expression(adata, tokenizer, identifiers):
+    """log1p CP10k of every cell on the model's target genes, and those counts."""
+    counts = tokenizer.target_counts(adata.X, identifiers)
+    counts = counts.toarray() if sp.issparse(counts) else np.asarray(counts)
+    return {"counts": counts, "expression": metrics.log_normalize(counts)}
+
+
+def _trained_targets(split, times, order, source):
+    return [t for t in order[order.index(source) + 1 :] if (split.train & (times == t)).any()]
+
+
+def _baseline_rows(split, times, order, value_of, source, protocol, time_point, group) -> dict:
+    """The real cells that the cell-carrying baselines predict, as row numbers."""
+    trained = _trained_targets(split, times, order, source)
+    rows = {"no change": np.flatnonzero(split.source[group])}
+    if protocol == "heldout-group":
+        rows["training mean"] = np.flatnonzero(split.train & (times == time_point))  # the other groups' state mean
+    else:
+        rows["training mean"] = np.flatnonzero(split.train & np.isin(times, trained))  # mean over trained times
+    if protocol == "heldout-time":
+        known = {value_of[t]: t for t in [source, *trained]}
+        nearest = known[baselines.nearest_time_value(list(known), value_of[time_point])]
+        rows["nearest time point"] = np.flatnonzero(split.train & (times == nearest))
+    return rows
+
+
+def _baselines(split, expression, times, groups, order, value_of, source, protocol, time_point, group, settings):
+    """Each baseline's predicted cells (log1p CP10k) for one evaluated (time point, group)."""
+    x = expression["expression"]
+    rows = _baseline_rows(split, times, order, value_of, source, protocol, time_point, group)
+    result = {
+        "no change": baselines.no_change(x[rows["no change"]]),
+        "training mean": baselines.training_mean([x[rows["training mean"]]]),
+    }
+    if "nearest time point" in rows:
+        result["nearest time point"] = x[rows["nearest time point"]]
+    conditions, features, source_features, target_features = _linear_design(
+        protocol, split.train, times, groups, order, value_of, source, time_point,
+        _trained_targets(split, times, order, source),
+    )  # fmt: skip
+    result["linear (PCA + ridge)"] = baselines.linear_model(
+        [x[c] for c in conditions], features, x[rows["no change"]], source_features, target_features,
+        settings.linear_components, settings.linear_ridge,
+    )  # fmt: skip
+    return result, rows
+
+
+def _linear_design(protocol, train, times, groups, order, value_of, source, time_point, trained_targets):
+    """Training conditions (cell masks) and their features for the linear baseline (see `linear_model`)."""
+    course = [source, *trained_targets]
+    if protocol == "heldout-time":
+        # A linear trend in (standardised) time per component: inter- or extrapolates to the held-out value.
+        known = np.array([value_of[t] for t in course])
+        centre, scale = known.mean(), known.std() or 1.0
+
+        def feature(t):
+            return np.array([1.0, (value_of[t] - centre) / scale])
+
+        return [train & (times == t) for t in course], np.stack([feature(t) for t in course]), feature(source), \
+            feature(time_point)  # fmt: skip
+    states = {t: i for i, t in enumerate(course if time_point in course else [*course, time_point])}
+    if protocol == "heldout-cells":
+        conditions = [train & (times == t) for t in course]
+        names = list(course)
+        group_of = [None] * len(course)
+    else:
+        # An additive model of group and state, fitted on the other groups; the held-out group's shift is the
+        # state effect alone.
+        other = sorted(set(groups[train]))
+        pairs = [(g, t) for g in other for t in course if (train & (groups == g) & (times == t)).any()]
+        conditions = [train & (groups == g) & (times == t) for g, t in pairs]
+        names = [t for _, t in pairs]
+        group_of = [other.index(g) for g, _ in pairs]
+    num_groups = max([g + 1 for g in group_of if g is not None], default=0)
+
+    def feature(t, g=None):
+        vector = np.zeros(num_groups + len(states))
+        if g is not None:
+            vector[g] = 1.0
+        vector[num_groups + states[t]] = 1.0
+        return vector
+
+    features = np.stack([feature(t, g) for t, g in zip(names, group_of)])
+    return conditions, features, feature(source), feature(time_point)
+
+
+def _score_all(split, expression, generated, tokenizer, times, groups, order, value_of, source, protocol, settings):
+    rows, details = [], {}
+    genes = list(tokenizer.target_genes)
+    symbols = [tokenizer.gene_symbols.get(g, g) for g in genes]
+    deltas = {}
+    for (time_point, group), mask in split.observed.items():
+        observed = expression["expression"][mask]
+        reference = expression["expression"][split.source[group]]
+        model_cells = metrics.log_normalize(generated[(time_point, group)]["counts"])
+        baseline_cells, baseline_rows = _baselines(split, expression, times, groups, order, value_of, source,
+                                                   protocol, time_point, group, settings)  # fmt: skip
+        methods = {MODEL: model_cells, **baseline_cells}
+        observed_de = metrics.differential_expression(observed, reference, symbols)
+        context = _Context(observed, reference, observed_de, settings)
+        tokens = _token_lists(generated[(time_point, group)]["tokens"], expression["counts"], np.flatnonzero(mask),
+                              baseline_rows, tokenizer, settings.seed)  # fmt: skip
+        for method, cells in methods.items():
+            values = _score(cells, context, symbols, tokens.get(method))
+            rows += [(name, time_point, group, method, value) for name, value in values.items()]
+            deltas.setdefault(method, {})[(time_point, group)] = cells.mean(0) - reference.mean(0)
+        deltas.setdefault("observed", {})[(time_point, group)] = observed.mean(0) - reference.mean(0)
+        details[(time_point, group)] = {"methods": methods, "observed": observed, "reference": reference,
+                                        "observed_de": observed_de, "symbols": symbols}  # fmt: skip
+    rows += _discrimination(deltas)
+    return rows, details
+
+
+@dataclass
+class _Context:
+    """What every method of one evaluated (time point, group) is compared with."""
+
+    observed: np.ndarray
+    reference: np.ndarray
+    observed_de: pd.DataFrame
+    settings: EvaluationSettings
+
+    def __post_init__(self):
+        s = self.settings
+        self.top_de = metrics.top_de_genes(self.observed_de, min(s.top_de, len(self.observed_de)))
+        self.top_r2 = metrics.top_de_genes(self.observed_de, min(s.top_r2, len(self.observed_de)))
+        both = np.vstack([self.observed, self.reference])
+        self.centre = both.mean(0)
+        components = max(1, min(s.n_pcs, both.shape[0] - 1, both.shape[1]))
+        self.axes = np.linalg.svd(both - self.centre, full_matrices=False)[2][:components].T
+
+    def project(self, cells):
+        return (cells - self.centre) @ self.axes
+
+
+def _score(cells, context, symbols, token_pairs) -> dict:
+    s = context.settings
+    x_hat, x, r = cells.mean(0), context.observed.mean(0), context.reference.mean(0)
+    values = {
+        "pearson": metrics.pearson(x_hat, x),
+        "pearson_delta": metrics.pearson_delta(x_hat, x, r),
+        f"pearson_delta_top{s.top_de}_de": metrics.pearson_delta_top_de(x_hat, x, r, context.top_de),
+        "mse": metrics.mse(x_hat, x),
+        "mae": metrics.mae(x_hat, x),
+        "mse_delta": metrics.mse_delta(x_hat, x, r),
+        "mae_delta": metrics.mae_delta(x_hat, x, r),
+        "r2_means": metrics.r2_means(x_hat, x),
+        f"r2_means_top{s.top_r2}_de": metrics.r2_means(x_hat, x, context.top_r2),
+    }
+    if len(cells) >= 2:
+        projected, observed = context.project(cells), context.project(context.observed)
+        values["e_distance_squared"] = metrics.e_distance(projected, observed, squared=True)
+        values["e_distance"] = metrics.e_distance(projected, observed, squared=False)
+        values["mmd_rbf"] = metrics.mmd_rbf(projected, observed)
+    values["wasserstein_per_gene"] = metrics.wasserstein_per_gene(cells, context.observed)
+    predicted_de = metrics.differential_expression(cells, context.reference, symbols)
+    values["overlap_at_N"] = metrics.overlap_at_k(context.observed_de, predicted_de, None, s.fdr)
+    values[f"overlap_at_{s.overlap_k}"] = metrics.overlap_at_k(context.observed_de, predicted_de, s.overlap_k, s.fdr)
+    values["de_direction_match"] = metrics.direction_match(context.observed_de, predicted_de, s.fdr)
+    values["de_spearman_lfc_sig"] = metrics.spearman_lfc_sig(context.observed_de, predicted_de, s.fdr)
+    if token_pairs is not None:
+        values[f"token_top{s.token_k}_overlap"] = metrics.token_topk_overlap(*token_pairs, s.token_k)
+    return values
+
+
+def _token_lists(model_tokens, counts, observed_rows, baseline_rows, tokenizer, seed):
+    """
+    Rank lists to compare at the token level: each predicted cell (generated, or a real cell a baseline carries
+    over) paired with a random observed cell of the evaluated state (seeded). The linear baseline has no counts to
+    rank, so it has no token score.
+    """
+    rng = np.random.default_rng(seed)
+
+    def ranked(rows):
+        lists = tokenizer.rank_targets(sp.csr_matrix(counts[rows]), list(tokenizer.target_genes))
+        return [list(lists.cell(i)) for i in range(len(rows))]
+
+    observed = ranked(observed_rows)
+
+    def paired(predicted):
+        return predicted, [observed[i] for i in rng.integers(0, len(observed), size=len(predicted))]
+
+    return {MODEL: paired(model_tokens), **{name: paired(ranked(rows)) for name, rows in baseline_rows.items()}}
+
+
+def _discrimination(deltas) -> list:
+    """cell-eval's discrimination score (l1) per method, where two or more states were evaluated."""
+    observed = deltas.pop("observed")
+    keys = list(observed)
+    if len(keys) < 2:
+        return []
+    truth = np.stack([observed[k] for k in keys])
+    rows = []
+    for method, by_key in deltas.items():
+        scores = metrics.discrimination_score(np.stack([by_key[k] for k in keys]), truth, "l1")
+        rows += [("discrimination_score_l1", t, g, method, float(s)) for (t, g), s in zip(keys, scores)]
+    return rows
+
+
+# -- outputs --------------------------------------------------------------------------------------------------------
+
+
+# Whether larger is better, for the summary of which method wins each metric.
+_HIGHER_IS_BETTER = ("pearson", "r2_", "overlap", "direction", "spearman", "discrimination", "token_")
+
+
+def _higher_is_better(metric: str) -> bool:
+    return any(metric.startswith(p) for p in _HIGHER_IS_BETTER)
+
+
+def _summary(table, protocol, heldout, split, evaluated, source, settings, model, started, out, plots):
+    wins = {}
+    for (metric, time_point, group), part in table.groupby(["metric", "time_point", "group"], sort=False):
+        values = part.set_index("method")["value"].dropna()
+        if MODEL not in values or len(values) < 2:
+            continue
+        best = values.idxmax() if _higher_is_better(metric) else values.idxmin()
+        wins.setdefault(f"{time_point} / {group}", {})[metric] = best
+    nested = {}
+    for row in table.itertuples(index=False):
+        nested.setdefault(row.time_point, {}).setdefault(row.group, {}).setdefault(row.method, {})[row.metric] = (
+            row.value
+        )
+    return {
+        "protocol": protocol,
+        "heldout": heldout,
+        "source": source,
+        "time_points": evaluated,
+        "cells": {
+            "train": int(split.train.sum()),
+            "source": {g: int(m.sum()) for g, m in split.source.items()},
+            "observed": {f"{t} / {g}": int(m.sum()) for (t, g), m in split.observed.items()},
+        },
+        "model": str(getattr(model, "name_or_path", "")),
+        "metrics": nested,
+        "best_method": wins,
+        "seconds": round(time.perf_counter() - started, 1),
+        "settings": asdict(settings),
+        "files": {"metrics_csv": str(out / "metrics.csv"), "plots": [str(p) for p in plots]},
+    }
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"Cannot write {type(value).__name__} to JSON.")
+
+
+def _plot(folder, table, details) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for (time_point, group), part in table.groupby(["time_point", "group"], sort=False):
+        names = list(dict.fromkeys(part["metric"]))
+        columns = 4
+        rows = -(-len(names) // columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 2.6 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names):
+            values = part[part["metric"] == name].set_index("method")["value"]
+            colours = ["tab:red" if m == MODEL else "tab:grey" for m in values.index]
+            ax.barh(range(len(values)), values.to_numpy(dtype=float), color=colours)
+            ax.set_yticks(range(len(values)), [m.replace(" (this model)", "") for m in values.index], fontsize=7)
+            ax.set_title(f"{name} ({'higher' if _higher_is_better(name) else 'lower'} is better)", fontsize=8)
+            ax.tick_params(axis="x", labelsize=7)
+        for ax in list(axes.flat)[len(names) :]:
+            ax.axis("off")
+        fig.suptitle(f"{time_point} / {group}: model (red) and baselines")
+        fig.tight_layout()
+        paths.append(folder / f"metrics_{_safe(time_point)}_{_safe(group)}.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    for (time_point, group), detail in details.items():
+        paths.append(_plot_means(folder, time_point, group, detail, plt))
+    return paths
+
+
+def _plot_means(folder, time_point, group, detail, plt):
+    """Predicted against observed mean expression of the top DE genes, one panel per method."""
+    top = metrics.top_de_genes(detail["observed_de"], min(20, len(detail["observed_de"])))
+    observed = detail["observed"].mean(0)[top]
+    methods = detail["methods"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.6), squeeze=False)
+    for ax, (method, cells) in zip(axes[0], methods.items()):
+        predicted = cells.mean(0)[top]
+        ax.scatter(observed, predicted, s=14, color="tab:red" if method == MODEL else "tab:grey")
+        for i in np.argsort(-np.abs(observed - detail["reference"].mean(0)[top]))[:5]:
+            ax.annotate(detail["symbols"][top[i]], (observed[i], predicted[i]), fontsize=6)
+        low, high = 0.0, float(max(observed.max(), predicted.max(), 1e-6)) * 1.05
+        ax.plot([low, high], [low, high], color="grey", lw=0.6)
+        ax.set_title(method, fontsize=8)
+        ax.set_xlabel("observed mean log1p CP10k", fontsize=7)
+        ax.set_ylabel("predicted", fontsize=7)
+    fig.suptitle(f"{time_point} / {group}: top {len(top)} DE genes (observed vs source)")
+    fig.tight_layout()
+    path = folder / f"means_{_safe(time_point)}_{_safe(group)}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _safe(text) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
+
+
+def options_from_tokenized(folder) -> dict:
+    """The input h5ad and tokenize options recorded in a `perturbgen-hf tokenize` output folder."""
+    description = load_description(folder)
+    path = description["input"].get("path")
+    if not path:
+        raise ValueError(f"{folder} was tokenized from an in-memory AnnData; give the h5ad instead.")
+    return {"adata": path, "time_key": description["time_key"], "source": description["source"],
+            "gene_id_key": description["input"].get("gene_id_key"),
+            "pairing_key": description["pairing"].get("key")}  # fmt: skip
