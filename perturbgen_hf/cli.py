@@ -299,6 +299,8 @@ def _add_evaluate_parser(subparsers):
     parser.add_argument("--iterations", type=int, default=defaults.iterations, help="MaskGIT steps per time point")
     parser.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction,
                         help="share of each time point's cells held out (heldout-cells)")  # fmt: skip
+    parser.add_argument("--model-counts", choices=("sample", "mean"), default=defaults.model_counts,
+                        help="the model's predicted cells: counts drawn from its distribution, or expected counts")  # fmt: skip
     parser.add_argument("--top-de", type=int, default=defaults.top_de, help="DE genes of pearson_delta_top*_de")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of splits, training and generation")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -321,6 +323,7 @@ def _run_evaluate(args):
         preset=args.preset, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         n_hvg=args.n_hvg, max_source_length=args.max_source_length, max_target_length=args.max_target_length,
         iterations=args.iterations, heldout_fraction=args.heldout_fraction, top_de=args.top_de, seed=args.seed,
+        model_counts=args.model_counts,
     )  # fmt: skip
     result = run_evaluation(
         options.pop("adata"), args.out, args.protocol, heldout=args.heldout, group_key=args.group_key,
