@@ -346,7 +346,34 @@ def _evaluation_lines(result) -> str:
     return "\n".join(lines) + "\n"
 
 
-SUBCOMMANDS = [_add_tokenize_parser, _add_train_parser, _add_perturb_parser, _add_evaluate_parser, _add_demo_parser]
+def _add_convert_original_parser(subparsers):
+    from .convert_original import add_convert_arguments, run_convert_command
+
+    parser = subparsers.add_parser(
+        "convert-original",
+        help="convert an original PerturbGen checkpoint (.ckpt) into a folder AutoModel and the pipeline load",
+        description=(
+            "Convert a checkpoint of the original PerturbGen (Lotfollahi-lab/Perturbgen: stage 1 'masking' or stage 2 "
+            "'count' Lightning .ckpt) and its vocabulary pickles into a folder that AutoModel.from_pretrained, "
+            "AutoTokenizer.from_pretrained and pipeline('perturbation') load. The configuration selects the original "
+            "architecture, so the converted model computes what the original computed. Checkpoints are read without "
+            "executing anything in them (AnnData objects in their hyper-parameters become inert placeholders); "
+            "every unexpected or missing key and every shape mismatch is reported by name."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_convert_arguments(parser)
+    parser.set_defaults(run=run_convert_command)
+
+
+SUBCOMMANDS = [
+    _add_tokenize_parser,
+    _add_train_parser,
+    _add_perturb_parser,
+    _add_evaluate_parser,
+    _add_convert_original_parser,
+    _add_demo_parser,
+]
 PASSTHROUGH = {"train"}
 
 

@@ -26,7 +26,14 @@ _NORMS = ("pre", "post")
 _LIKELIHOODS = ("zinb", "nb", "mse")
 _LIBRARY_SIZES = ("predicted", "observed")
 _SCHEDULES = ("cosine", "pow", "linear")
-_CONTEXT_MODES = ("previous", "all", "none")
+_CONTEXT_MODES = ("previous", "all", "chained", "none")
+_ENCODER_TYPES = ("bert", "original")
+_TIME_ENCODINGS = ("value", "ordinal")
+_SINUSOID_LAYOUTS = ("halves", "interleaved")
+_POOLINGS = ("genes", "non_special")
+_COUNT_HEAD_NORMS = ("layernorm", "l2")
+_COUNT_PREDICTIONS = ("mean", "mu")
+_GENERATION_MODES = ("maskgit", "original")
 NUM_SPECIAL_TOKENS = 4
 # log(10,000): a typical 10x library size, the starting point of the library-size head.
 DEFAULT_LOG_LIBRARY_SIZE = math.log(10_000)
@@ -134,6 +141,53 @@ class PerturbGenConfig(PreTrainedConfig):
         pad_token_id, mask_token_id, cls_token_id, eos_token_id (`int`, *optional*, defaults to 0, 1, 2, 3):
             Special token ids, shared by encoder and decoder vocabularies (as in Geneformer).
 
+    Switches that reproduce the original PerturbGen (Lotfollahi lab) exactly; `perturbgen-hf convert-original` sets
+    them, and the package's own defaults stay as above:
+
+        encoder_type (`str`, *optional*, defaults to `"bert"`):
+            `"bert"` (a Geneformer BERT) or `"original"`: the original's own encoder (token embedding + fixed
+            sinusoids of position and of time row `encoder_time_index`, post-norm blocks of self-attention and
+            feed-forward without cross-attention). `encoder` then only carries its shape (`vocab_size` = embedding
+            rows, `hidden_size`, `num_hidden_layers`, `num_attention_heads`, `intermediate_size`,
+            `max_position_embeddings`, `layer_norm_eps`).
+        encoder_head_dim (`int`, *optional*):
+            Width of one attention head of the original encoder (its attention width is heads x head dim).
+        encoder_chain_blocks (`bool`, *optional*, defaults to `True`):
+            For the original encoder: `False` reproduces the original, where every block reads the embeddings and
+            only the last block's output is used (so blocks 0..n-2 have no effect); `True` chains the blocks as a
+            usual transformer. Converted models set `False`.
+        encoder_time_index (`int`, *optional*, defaults to 1):
+            Row of the time sinusoid added to every source token by the original encoder.
+        time_encoding (`str`, *optional*, defaults to `"value"`):
+            `"value"`: a learned map of the sinusoid of the time value (any value can be asked for); `"ordinal"`: the
+            original's fixed sinusoid of the time point's 1-based index plus `time_index_offset` (only the
+            configured time points exist).
+        time_index_offset (`int`, *optional*, defaults to 1):
+            Offset of the ordinal time encoding (the original adds 1).
+        sinusoid_layout (`str`, *optional*, defaults to `"halves"`):
+            `"halves"` (all sines, then all cosines) or `"interleaved"` (sin, cos, sin, ...: the original's layout)
+            for the fixed position and time sinusoids.
+        pooling (`str`, *optional*, defaults to `"genes"`):
+            Which decoder positions the cell embedding averages: `"genes"` (target-gene tokens) or `"non_special"`
+            (every id but `<pad>`, `<mask>`, `<cls>`, `<eos>` and condition tokens: the original's rule, which also
+            counts reserve ids).
+        decoder_vocab_reserve (`int`, *optional*, defaults to 0):
+            Unused decoder ids after the genes and condition tokens (the original reserves some).
+        count_head_norm (`str`, *optional*, defaults to `"layernorm"`):
+            Last step of the count head's MLP: `"layernorm"`, or `"l2"` (L2 normalisation, the original's).
+        num_dispersion_conditions (`int`, *optional*, defaults to 1):
+            Per-gene inverse dispersions per condition (the original's `theta` has one column per batch
+            condition); with more than 1, the count likelihood needs each cell's `dispersion_condition`.
+        count_prediction (`str`, *optional*, defaults to `"mean"`):
+            What `counts` reports: the distribution's mean (`"mean"`, the zero-inflated mean for "zinb") or `"mu"`
+            (the negative-binomial mean; the original's prediction).
+        generation_mode (`str`, *optional*, defaults to `"maskgit"`):
+            `"maskgit"` (this package's) or `"original"`: the original's MaskGIT loop (multiplicative re-mask count,
+            margin confidence, ban of ids already in the cell, linear temperature anneal, top-fraction filter,
+            Gumbel noise from one uniform per vocabulary entry). See [`PerturbGenForConditionalGeneration.generate`].
+        original_filter_threshold (`float`, *optional*, defaults to 0.9):
+            The original generation keeps the `ceil((1 - threshold) * vocab)` largest logits per position.
+
     Example:
 
     ```python
@@ -188,6 +242,20 @@ class PerturbGenConfig(PreTrainedConfig):
         mask_token_id=1,
         cls_token_id=2,
         eos_token_id=3,
+        encoder_type="bert",
+        encoder_head_dim=None,
+        encoder_chain_blocks=True,
+        encoder_time_index=1,
+        time_encoding="value",
+        time_index_offset=1,
+        sinusoid_layout="halves",
+        pooling="genes",
+        decoder_vocab_reserve=0,
+        count_head_norm="layernorm",
+        num_dispersion_conditions=1,
+        count_prediction="mean",
+        generation_mode="maskgit",
+        original_filter_threshold=0.9,
         **kwargs,
     ):
         self.encoder = self._build_encoder_config(encoder)
@@ -237,6 +305,20 @@ class PerturbGenConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
         self.cls_token_id = cls_token_id
+        self.encoder_type = encoder_type
+        self.encoder_head_dim = encoder_head_dim
+        self.encoder_chain_blocks = encoder_chain_blocks
+        self.encoder_time_index = encoder_time_index
+        self.time_encoding = time_encoding
+        self.time_index_offset = time_index_offset
+        self.sinusoid_layout = sinusoid_layout
+        self.pooling = pooling
+        self.decoder_vocab_reserve = decoder_vocab_reserve
+        self.count_head_norm = count_head_norm
+        self.num_dispersion_conditions = num_dispersion_conditions
+        self.count_prediction = count_prediction
+        self.generation_mode = generation_mode
+        self.original_filter_threshold = original_filter_threshold
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs)
         self.validate_perturbgen()
 
@@ -300,8 +382,25 @@ class PerturbGenConfig(PreTrainedConfig):
             raise ValueError(f"`mask_schedule_exponent` must be positive, got {self.mask_schedule_exponent!r}.")
         if not (isinstance(self.time_embedding_scale, (int, float)) and self.time_embedding_scale > 0):
             raise ValueError(f"`time_embedding_scale` must be positive, got {self.time_embedding_scale!r}.")
+        self._validate_original_switches()
         self._validate_time_points()
         self._validate_vocabulary()
+
+    def _validate_original_switches(self):
+        for name, choices in (("encoder_type", _ENCODER_TYPES), ("time_encoding", _TIME_ENCODINGS),
+                              ("sinusoid_layout", _SINUSOID_LAYOUTS), ("pooling", _POOLINGS),
+                              ("count_head_norm", _COUNT_HEAD_NORMS), ("count_prediction", _COUNT_PREDICTIONS),
+                              ("generation_mode", _GENERATION_MODES)):  # fmt: skip
+            _check_choice(name, getattr(self, name), choices)
+        _check_positive_int("num_dispersion_conditions", self.num_dispersion_conditions)
+        _check_positive_int("decoder_vocab_reserve", self.decoder_vocab_reserve, allow_zero=True)
+        _check_positive_int("time_index_offset", self.time_index_offset, allow_zero=True)
+        _check_positive_int("encoder_time_index", self.encoder_time_index, allow_zero=True)
+        if not isinstance(self.encoder_chain_blocks, bool):
+            raise ValueError(f"`encoder_chain_blocks` must be True or False, got {self.encoder_chain_blocks!r}.")
+        if self.encoder_type == "original":
+            _check_positive_int("encoder_head_dim", self.encoder_head_dim)
+        _check_probability("original_filter_threshold", self.original_filter_threshold)
 
     def _validate_time_points(self):
         if not self.time_points:
@@ -352,8 +451,8 @@ class PerturbGenConfig(PreTrainedConfig):
 
     @property
     def decoder_vocab_size(self) -> int:
-        """Size of the decoder vocabulary: special tokens, target genes, condition tokens."""
-        return NUM_SPECIAL_TOKENS + self.num_target_genes + len(self.condition_tokens)
+        """Size of the decoder vocabulary: special tokens, target genes, condition tokens, reserve ids."""
+        return NUM_SPECIAL_TOKENS + self.num_target_genes + len(self.condition_tokens) + self.decoder_vocab_reserve
 
     def time_value(self, time_point) -> float:
         """

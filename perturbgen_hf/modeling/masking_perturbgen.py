@@ -15,7 +15,9 @@ import torch
 SCHEDULES = ("cosine", "pow", "linear")
 
 
-def mask_ratio(progress: torch.Tensor | float, schedule: str = "cosine", exponent: float = 2.0) -> torch.Tensor:
+def mask_ratio(
+    progress: torch.Tensor | float, schedule: str = "cosine", exponent: float = 2.0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """
     Fraction of positions still masked at a given progress of decoding.
 
@@ -24,11 +26,13 @@ def mask_ratio(progress: torch.Tensor | float, schedule: str = "cosine", exponen
         schedule (`str`, *optional*, defaults to `"cosine"`): `"cosine"` cos(pi r / 2), `"pow"` 1 - r^exponent,
             `"linear"` 1 - r.
         exponent (`float`, *optional*, defaults to 2.0): exponent of the `"pow"` schedule.
+        dtype (`torch.dtype`, *optional*, defaults to `torch.float64`): precision of the computation (the original
+            PerturbGen computes it in float32, which decides its re-mask counts).
 
     Returns:
         `torch.Tensor` shaped like `progress`, values in [0, 1].
     """
-    r = torch.as_tensor(progress, dtype=torch.float64).clamp(0.0, 1.0)
+    r = torch.as_tensor(progress, dtype=dtype).clamp(0.0, 1.0)
     if schedule == "cosine":
         ratio = torch.cos(r * math.pi / 2)
     elif schedule == "pow":

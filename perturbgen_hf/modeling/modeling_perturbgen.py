@@ -23,10 +23,12 @@ from torch import nn
 from transformers import BertForMaskedLM, BertModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.bert.modeling_bert import BertEmbeddings
 from transformers.utils import ModelOutput, logging
 
 from .configuration_perturbgen import PerturbGenConfig
+from .generation_original_perturbgen import OriginalGenerationMixin
 from .likelihoods_perturbgen import (
     negative_binomial_log_prob,
     zero_inflated_negative_binomial_log_prob,
@@ -121,24 +123,34 @@ class PerturbGenGenerateOutput(ModelOutput):
     decoder_hidden_states: torch.FloatTensor | None = None
 
 
-def sinusoidal_embedding(values: torch.Tensor, dim: int) -> torch.Tensor:
+def sinusoidal_embedding(values: torch.Tensor, dim: int, layout: str = "halves") -> torch.Tensor:
     """
     Transformer sinusoidal embedding of real-valued positions or times.
 
     Args:
         values (`torch.Tensor` of any shape `S`): positions or (scaled) time values; need not be integers.
         dim (`int`): embedding width.
+        layout (`str`, *optional*, defaults to `"halves"`): `"halves"` puts `sin(v * w_i)` in the first half and
+            `cos(v * w_i)` in the second; `"interleaved"` alternates them (`sin` at even, `cos` at odd columns) and
+            computes the frequencies as the original PerturbGen does, `exp(2i * (-ln(10000) / dim))` in float32, so
+            that its stored tables are reproduced bit for bit.
 
     Returns:
-        `torch.FloatTensor` of shape `S + (dim,)`: `sin(v * w_i)` in the first half, `cos(v * w_i)` in the second,
-        with `w_i = 10000^(-i / (dim // 2))`.
+        `torch.FloatTensor` of shape `S + (dim,)`, with `w_i = 10000^(-i / (dim // 2))`.
     """
     half = dim // 2
-    frequencies = torch.exp(
-        -math.log(10_000.0) * torch.arange(half, device=values.device, dtype=torch.float32) / max(half, 1)
-    )
-    angles = values.float().unsqueeze(-1) * frequencies
-    embedding = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    if layout == "interleaved":
+        frequencies = torch.exp(
+            torch.arange(0, 2 * half, 2, device=values.device, dtype=torch.float32) * (-math.log(10_000.0) / dim)
+        )
+        angles = values.float().unsqueeze(-1) * frequencies
+        embedding = torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+    else:
+        frequencies = torch.exp(
+            -math.log(10_000.0) * torch.arange(half, device=values.device, dtype=torch.float32) / max(half, 1)
+        )
+        angles = values.float().unsqueeze(-1) * frequencies
+        embedding = torch.cat([angles.sin(), angles.cos()], dim=-1)
     if dim % 2:
         embedding = F.pad(embedding, (0, 1))
     return embedding
@@ -154,18 +166,19 @@ def _attention_key_mask(key_padding_mask: torch.Tensor) -> torch.Tensor:
 class PerturbGenAttention(nn.Module):
     """Multi-head attention, never causal; the attention width `heads * head_dim` may differ from the hidden size."""
 
-    def __init__(self, config: PerturbGenConfig):
+    def __init__(self, config: PerturbGenConfig, hidden_size=None, num_heads=None, head_dim=None, dropout=None):
         super().__init__()
         # transformers' sdpa integration treats a module without `is_causal` as causal; this one never is.
         self.is_causal = False
-        self.num_heads = config.decoder_num_heads
-        self.head_dim = config.decoder_head_dim
+        hidden_size = hidden_size or config.decoder_hidden_size
+        self.num_heads = num_heads or config.decoder_num_heads
+        self.head_dim = head_dim or config.decoder_head_dim
         inner = self.num_heads * self.head_dim
-        self.q_proj = nn.Linear(config.decoder_hidden_size, inner, bias=False)
-        self.k_proj = nn.Linear(config.decoder_hidden_size, inner, bias=False)
-        self.v_proj = nn.Linear(config.decoder_hidden_size, inner, bias=False)
-        self.o_proj = nn.Linear(inner, config.decoder_hidden_size)
-        self.dropout = config.decoder_attention_dropout
+        self.q_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, hidden_size)
+        self.dropout = config.decoder_attention_dropout if dropout is None else dropout
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         batch_size, length, _ = states.shape
@@ -208,10 +221,12 @@ class PerturbGenAttention(nn.Module):
 
 
 class PerturbGenFeedForward(nn.Module):
-    def __init__(self, config: PerturbGenConfig):
+    def __init__(self, config: PerturbGenConfig, hidden_size=None, intermediate_size=None):
         super().__init__()
-        self.fc1 = nn.Linear(config.decoder_hidden_size, config.decoder_intermediate_size)
-        self.fc2 = nn.Linear(config.decoder_intermediate_size, config.decoder_hidden_size)
+        hidden_size = hidden_size or config.decoder_hidden_size
+        intermediate_size = intermediate_size or config.decoder_intermediate_size
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(hidden_states)))
@@ -255,6 +270,62 @@ class PerturbGenDecoderLayer(GradientCheckpointingLayer):
         return self._residual(hidden_states, self.mlp_norm, self.mlp)
 
 
+class PerturbGenOriginalEncoderLayer(nn.Module):
+    """A block of the original PerturbGen encoder: post-norm self-attention and feed-forward, no cross-attention."""
+
+    def __init__(self, config: PerturbGenConfig):
+        super().__init__()
+        encoder = config.encoder
+        self.self_attn = PerturbGenAttention(config, encoder.hidden_size, encoder.num_attention_heads,
+                                             config.encoder_head_dim, dropout=0.0)  # fmt: skip
+        self.self_attn_norm = nn.LayerNorm(encoder.hidden_size, eps=encoder.layer_norm_eps)
+        self.mlp = PerturbGenFeedForward(config, encoder.hidden_size, encoder.intermediate_size)
+        self.mlp_norm = nn.LayerNorm(encoder.hidden_size, eps=encoder.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.self_attn_norm(hidden_states + self.self_attn(hidden_states, attention_mask))
+        return self.mlp_norm(hidden_states + self.mlp(hidden_states))
+
+
+class PerturbGenOriginalEncoder(nn.Module):
+    """
+    The original PerturbGen's own encoder (`encoder_type="original"`), for converted checkpoints: token embeddings
+    plus fixed sinusoids of the position and of time row `encoder_time_index` (no scaling), then post-norm blocks.
+
+    In the original every block reads the embeddings, not the previous block's output, so only the last block
+    affects the result; `encoder_chain_blocks=False` (set by the converter) reproduces that, `True` chains them.
+    """
+
+    def __init__(self, config: PerturbGenConfig):
+        super().__init__()
+        self.config = config
+        encoder = config.encoder
+        self.embed_tokens = nn.Embedding(encoder.vocab_size, encoder.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList([PerturbGenOriginalEncoderLayer(config) for _ in range(encoder.num_hidden_layers)])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BaseModelOutput:
+        """
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, source_len)`), attention_mask (`(batch, source_len)`).
+
+        Returns:
+            `BaseModelOutput` whose `last_hidden_state` is `(batch, source_len, hidden)`, padding rows included.
+        """
+        width, layout = self.config.encoder.hidden_size, self.config.sinusoid_layout
+        positions = sinusoidal_embedding(torch.arange(input_ids.shape[1], device=input_ids.device), width, layout)
+        time = sinusoidal_embedding(torch.tensor(float(self.config.encoder_time_index), device=input_ids.device),
+                                    width, layout)  # fmt: skip
+        embeddings = self.embed_tokens(input_ids) + time + positions
+        mask = attention_mask.bool()
+        if self.config.encoder_chain_blocks:
+            hidden_states = embeddings
+            for layer in self.layers:
+                hidden_states = layer(hidden_states, mask)
+        else:
+            hidden_states = self.layers[-1](embeddings, mask)  # the earlier blocks' outputs are discarded
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
 class PerturbGenDecoder(nn.Module):
     """Token + position + time embeddings and a stack of [`PerturbGenDecoderLayer`]."""
 
@@ -264,8 +335,12 @@ class PerturbGenDecoder(nn.Module):
         self.hidden_size = config.decoder_hidden_size
         self.embed_tokens = nn.Embedding(config.decoder_vocab_size, config.decoder_hidden_size, config.pad_token_id)
         # The sinusoid of the (real-valued) time goes through a learned map so the model can use it freely while any
-        # time value, seen in training or not, still has an embedding.
-        self.time_proj = nn.Linear(config.decoder_hidden_size, config.decoder_hidden_size)
+        # time value, seen in training or not, still has an embedding. The original's ordinal encoding has no map.
+        self.time_proj = (
+            nn.Linear(config.decoder_hidden_size, config.decoder_hidden_size)
+            if config.time_encoding == "value"
+            else None
+        )
         self.layers = nn.ModuleList(
             [PerturbGenDecoderLayer(config, layer_idx) for layer_idx in range(config.decoder_num_layers)]
         )
@@ -284,11 +359,29 @@ class PerturbGenDecoder(nn.Module):
                 f"Target sequence of length {seq_len} exceeds decoder_max_position_embeddings="
                 f"{self.config.decoder_max_position_embeddings}."
             )
-        positions = sinusoidal_embedding(torch.arange(seq_len, device=input_ids.device), self.hidden_size)
-        times = sinusoidal_embedding(time_values * self.config.time_embedding_scale, self.hidden_size)
-        times = self.time_proj(times.to(self.time_proj.weight.dtype))
+        layout = self.config.sinusoid_layout
+        positions = sinusoidal_embedding(torch.arange(seq_len, device=input_ids.device), self.hidden_size, layout)
+        if self.time_proj is None:
+            times = sinusoidal_embedding(self.ordinal_time_rows(time_values), self.hidden_size, layout)
+        else:
+            times = sinusoidal_embedding(time_values * self.config.time_embedding_scale, self.hidden_size, layout)
+            times = self.time_proj(times.to(self.time_proj.weight.dtype))
         embeddings = self.embed_tokens(input_ids) + positions.to(times.dtype) + times[:, None, :]
         return self.dropout(embeddings)
+
+    def ordinal_time_rows(self, time_values: torch.Tensor) -> torch.Tensor:
+        """The original's time rows: 1-based index of each value among `config.time_values` + `time_index_offset`."""
+        known = torch.tensor(self.config.time_values, dtype=torch.float64, device=time_values.device)
+        matches = torch.isclose(time_values.double()[:, None], known[None, :], rtol=0.0, atol=1e-6)
+        if not matches.any(dim=1).all():
+            unknown = sorted(
+                {float(v) for v, hit in zip(time_values.tolist(), matches.any(dim=1).tolist()) if not hit}
+            )
+            raise ValueError(
+                f"Time value(s) {unknown} are not among this model's time points {self.config.time_points} "
+                f"({self.config.time_values}); its ordinal time encoding (the original PerturbGen's) has no others."
+            )
+        return (matches.float().argmax(dim=1) + 1 + self.config.time_index_offset).float()
 
     def project_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys and values of a fixed memory, one pair per layer (computed once, reused)."""
@@ -329,31 +422,45 @@ class PerturbGenCountHead(nn.Module):
         super().__init__()
         self.likelihood = config.count_likelihood
         self.library_mode = config.library_size
+        self.prediction = config.count_prediction
         hidden, genes = config.count_hidden_size, config.num_target_genes
-        self.mlp = nn.Sequential(
-            nn.Linear(config.decoder_hidden_size, hidden),
-            nn.GELU(),
-            nn.Linear(hidden, hidden),
-            nn.LayerNorm(hidden, eps=config.layer_norm_eps),
-        )
+        layers = [nn.Linear(config.decoder_hidden_size, hidden), nn.GELU(), nn.Linear(hidden, hidden)]
+        # The original L2-normalises the MLP's output instead (`count_head_norm="l2"`).
+        self.l2_normalize = config.count_head_norm == "l2"
+        if not self.l2_normalize:
+            layers.append(nn.LayerNorm(hidden, eps=config.layer_norm_eps))
+        self.mlp = nn.Sequential(*layers)
         self.proportion_logits = nn.Linear(hidden, genes)
         self.zi_logits = nn.Linear(hidden, genes) if self.likelihood == "zinb" else None
         self.log_library_size = nn.Linear(hidden, 1) if self.library_mode == "predicted" else None
-        # Trained, unlike the original's `theta` (which its optimiser never received).
-        self.log_theta = nn.Parameter(torch.zeros(genes))
+        # Trained, unlike the original's `theta` (which its optimiser never received). One column per dispersion
+        # condition when there are several (the original's per-batch `theta`).
+        conditions = config.num_dispersion_conditions
+        self.log_theta = nn.Parameter(torch.zeros(genes) if conditions == 1 else torch.zeros(genes, conditions))
 
-    def forward(self, cell_embeddings: torch.Tensor, library_size: torch.Tensor | None = None) -> dict:
+    def forward(
+        self,
+        cell_embeddings: torch.Tensor,
+        library_size: torch.Tensor | None = None,
+        dispersion_condition: torch.Tensor | None = None,
+    ) -> dict:
         """
         Args:
             cell_embeddings (`torch.FloatTensor` of shape `(batch, decoder_hidden_size)`).
             library_size (`torch.FloatTensor` of shape `(batch,)`, *optional*): observed library sizes; required
                 when `config.library_size == "observed"`, ignored otherwise.
+            dispersion_condition (`torch.LongTensor` of shape `(batch,)`, *optional*): each cell's column of
+                `log_theta`, with `num_dispersion_conditions > 1`; without it `theta` is `None` (the means do not
+                depend on it, the likelihood does).
 
         Returns:
-            `dict` with `mu` `(batch, genes)`, `theta` `(genes,)`, `zi_logits` `(batch, genes)` or None,
-            `library_size` `(batch,)` and, for "mse", `log_normalized` `(batch, genes)`.
+            `dict` with `mu` `(batch, genes)`, `theta` (`(genes,)` or `(batch, genes)`, or None), `zi_logits`
+            `(batch, genes)` or None, `library_size` `(batch,)`, `normalized_hidden` `(batch, hidden)` and, for
+            "mse", `log_normalized` `(batch, genes)`.
         """
         hidden = self.mlp(cell_embeddings)
+        if self.l2_normalize:
+            hidden = F.normalize(hidden, p=2.0, dim=-1, eps=1e-12)
         if self.library_mode == "predicted":
             library = self.log_library_size(hidden).squeeze(-1).exp()
         elif library_size is None:
@@ -363,7 +470,8 @@ class PerturbGenCountHead(nn.Module):
         else:
             library = library_size.to(hidden.dtype)
         logits = self.proportion_logits(hidden)
-        out = {"theta": self.log_theta.exp(), "zi_logits": None, "library_size": library, "log_normalized": None}
+        out = {"theta": self._theta(dispersion_condition), "zi_logits": None, "library_size": library,
+               "log_normalized": None, "normalized_hidden": hidden}  # fmt: skip
         if self.likelihood == "mse":
             # Non-negative log1p(counts per 10k), mapped back to counts at the cell's library size.
             out["log_normalized"] = F.softplus(logits)
@@ -374,9 +482,26 @@ class PerturbGenCountHead(nn.Module):
                 out["zi_logits"] = self.zi_logits(hidden)
         return out
 
+    def _theta(self, dispersion_condition):
+        if self.log_theta.dim() == 1:
+            return self.log_theta.exp()
+        if dispersion_condition is None:
+            return None
+        condition = torch.as_tensor(dispersion_condition, dtype=torch.long, device=self.log_theta.device)
+        if condition.numel() and (condition.min() < 0 or condition.max() >= self.log_theta.shape[1]):
+            raise ValueError(
+                f"`dispersion_condition` must lie in [0, {self.log_theta.shape[1]}); got values in "
+                f"[{int(condition.min())}, {int(condition.max())}]."
+            )
+        return self.log_theta[:, condition].T.exp()
+
     def loss(self, params: dict, target_counts: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood per gene and cell (mean squared error of log1p CP10k for "mse")."""
         target_counts = target_counts.to(params["mu"].dtype)
+        if params["theta"] is None and self.likelihood != "mse":
+            raise ValueError(
+                "This count head has one dispersion per condition: pass each cell's `dispersion_condition`."
+            )
         if self.likelihood == "mse":
             totals = target_counts.sum(dim=-1, keepdim=True).clamp(min=1.0)
             target = torch.log1p(target_counts / totals * NORMALIZED_TOTAL)
@@ -390,8 +515,9 @@ class PerturbGenCountHead(nn.Module):
         return -log_prob.mean()
 
     def expected_counts(self, params: dict) -> torch.Tensor:
-        """Expected counts: `mu`, times the probability of no structural zero for "zinb"."""
-        if params["zi_logits"] is not None:
+        """Expected counts: `mu`, times the probability of no structural zero for "zinb" (or `mu` itself when
+        `config.count_prediction == "mu"`, as the original reports)."""
+        if params["zi_logits"] is not None and self.prediction == "mean":
             return zero_inflated_negative_binomial_mean(params["mu"], params["zi_logits"])
         return params["mu"]
 
@@ -420,7 +546,7 @@ class PerturbGenPreTrainedModel(PreTrainedModel):
                 init.constant_(module.log_library_size.bias, self.config.log_library_size_init)
 
 
-class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
+class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreTrainedModel):
     r"""
     PerturbGen: encoder (Geneformer BERT) + MaskGIT decoder + count head. `forward` computes the masked-token and count
     losses for training; `generate` predicts the target cells of one or more time points from source cells.
@@ -446,7 +572,11 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
 
     def __init__(self, config: PerturbGenConfig):
         super().__init__(config)
-        self.encoder = BertModel(config.encoder, add_pooling_layer=False)
+        self.encoder = (
+            PerturbGenOriginalEncoder(config)
+            if config.encoder_type == "original"
+            else BertModel(config.encoder, add_pooling_layer=False)
+        )
         encoder_width = config.encoder.hidden_size
         self.encoder_to_decoder = (
             nn.Linear(encoder_width, config.decoder_hidden_size)
@@ -565,6 +695,9 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         batch_size, num_context, context_len = context_input_ids.shape
         if context_attention_mask is None:
             context_attention_mask = context_input_ids != self.config.pad_token_id
+        if self.config.context_mode == "chained":
+            return self._chained_context(source_memory, source_mask, context_input_ids, context_time_values,
+                                         context_attention_mask)  # fmt: skip
         flat_ids = context_input_ids.reshape(batch_size * num_context, context_len)
         flat_mask = context_attention_mask.reshape(batch_size * num_context, context_len).bool()
         memory = source_memory.repeat_interleave(num_context, dim=0)
@@ -580,14 +713,41 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         hidden = states.shape[-1]
         return states.reshape(batch_size, num_context * context_len, hidden), flat_mask.reshape(batch_size, -1)
 
+    def _chained_context(self, source_memory, source_mask, context_input_ids, context_time_values,
+                         context_attention_mask):  # fmt: skip
+        """
+        The original's context: each context time point, in the given (ascending) order, is decoded with the source
+        and the context states before it as memory.
+        """
+        memory, memory_mask = source_memory, source_mask
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.context_gradient):
+            for slot in range(context_input_ids.shape[1]):
+                mask = context_attention_mask[:, slot].bool()
+                states = self.decoder(context_input_ids[:, slot], mask, context_time_values[:, slot].to(memory.dtype),
+                                      self.decoder.project_memory(memory), memory_mask)  # fmt: skip
+                memory, memory_mask = torch.cat([memory, states], dim=1), torch.cat([memory_mask, mask], dim=1)
+        length = source_memory.shape[1]
+        return memory[:, length:], memory_mask[:, length:]
+
     def gene_positions(self, token_ids: torch.Tensor) -> torch.Tensor:
         """`True` where a decoder token is a target gene (not special, not a condition token)."""
         first = self.config.first_gene_token_id
         return (token_ids >= first) & (token_ids < first + self.config.num_target_genes)
 
+    def pooled_positions(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Positions the cell embedding averages: gene tokens, or (`pooling="non_special"`) every non-special,
+        non-condition id, reserve ids included, as the original."""
+        if self.config.pooling == "genes":
+            return self.gene_positions(token_ids)
+        first_condition = self.config.first_condition_token_id
+        is_condition = (token_ids >= first_condition) & (
+            token_ids < first_condition + len(self.config.condition_tokens)
+        )
+        return (token_ids >= self.config.first_gene_token_id) & ~is_condition
+
     def pool(self, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """Mean of `hidden_states` `(batch, len, hidden)` over gene-token positions -> `(batch, hidden)`."""
-        weights = self.gene_positions(token_ids).to(hidden_states.dtype).unsqueeze(-1)
+        """Mean of `hidden_states` `(batch, len, hidden)` over the positions of `pooled_positions` -> `(batch, hidden)`."""
+        weights = self.pooled_positions(token_ids).to(hidden_states.dtype).unsqueeze(-1)
         return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
 
     def _check_source_ids(self, input_ids):
@@ -827,6 +987,7 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         num_noise_rows: int | None = None,
         sequence_editor=None,
         edit_time_points=None,
+        reference_input_ids: torch.LongTensor | None = None,
     ) -> PerturbGenGenerateOutput:
         r"""
         Predict target cells at one or more time points from source cells by MaskGIT iterative decoding.
@@ -868,6 +1029,15 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
                 value) before they are read out and used as context by later time points: an in silico
                 perturbation of a target state.
             edit_time_points (`list`, *optional*): names or values of the time points `sequence_editor` edits.
+            reference_input_ids (`torch.LongTensor` of shape `(batch_size, num_time_points, length)`, *optional*):
+                with `config.generation_mode == "original"` only: observed target cells at the generated time points
+                (ascending), which the original needs: their padding gives the open positions and each time point's
+                context is the other reference cells. `sequence_length` is then one length `S` for all rows.
+
+        With `config.generation_mode == "original"` the original PerturbGen's loop runs instead (see
+        `generation_original_perturbgen`): random draws come from `generator` in the original's order (from the
+        global torch generator when it is None, as the original), `top_k` is replaced by
+        `config.original_filter_threshold`, and condition tokens are not supported.
 
         Returns:
             [`PerturbGenGenerateOutput`].
@@ -894,6 +1064,17 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
             if not edit_values <= set(times):
                 raise ValueError(f"`edit_time_points` {edit_time_points} must be among the generated time points.")
 
+        if self.config.generation_mode == "original":
+            if reference_input_ids is not None and sequence_length is None:
+                lengths = torch.full_like(lengths, reference_input_ids.shape[-1])  # S: every reference position
+            if condition_ids.shape[1] or top_k is not None:
+                raise ValueError("generation_mode='original' takes no condition tokens and no `top_k`.")
+            return self._generate_original(
+                input_ids, attention_mask, times, lengths, reference_input_ids, num_iterations, temperature, schedule,
+                library_size, generator, output_hidden_states, noise, sequence_editor, edit_values,
+            )  # fmt: skip
+        if reference_input_ids is not None:
+            raise ValueError("`reference_input_ids` is read only with generation_mode='original'.")
         source = self.encode(input_ids, attention_mask)  # once per call
         source_mask = attention_mask.bool()
         generators = self._time_point_generators(generator, len(times))
@@ -913,8 +1094,11 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
             hidden = self._decode(tokens, time_tensor, memory_key_values, memory_mask)
             generated.append((tokens, hidden))
             if self.config.context_mode != "none" and time_value != times[-1]:
-                source_kv = self.decoder.project_memory(source)
-                context = self._decode(tokens, time_tensor, source_kv, source_mask)
+                if self.config.context_mode == "chained":
+                    context = self._decode(tokens, time_tensor, memory_key_values, memory_mask)
+                else:
+                    source_kv = self.decoder.project_memory(source)
+                    context = self._decode(tokens, time_tensor, source_kv, source_mask)
                 contexts.append((context, tokens != self.config.pad_token_id))
         return self._generate_output(generated, times, library_size, output_hidden_states)
 
@@ -927,6 +1111,7 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         attention_mask: torch.LongTensor | None = None,
         library_size: torch.FloatTensor | None = None,
         output_hidden_states: bool = False,
+        exclude_from_pooling=None,
     ) -> PerturbGenGenerateOutput:
         r"""
         Teacher-forced readout of observed (complete) target cells, as the original PerturbGen's perturbation
@@ -943,6 +1128,8 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
             library_size (`torch.FloatTensor` of shape `(batch_size, num_time_points)`, *optional*): observed
                 library sizes of the targets (required when `config.library_size == "observed"`).
             output_hidden_states (`bool`, *optional*, defaults to `False`).
+            exclude_from_pooling (`Sequence[int]`, *optional*): decoder ids left out of the cell embeddings (the
+                original leaves the perturbed genes out of its perturbed pass when it edits target cells).
 
         Returns:
             [`PerturbGenGenerateOutput`] whose `sequences` are the given targets.
@@ -966,7 +1153,8 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         source_mask = attention_mask.bool()
         time_tensor = torch.tensor(times, dtype=source.dtype, device=source.device)
         use_context = self.config.context_mode != "none" and num_times > 1
-        if use_context:
+        chained = self.config.context_mode == "chained"
+        if use_context and not chained:
             # Every slot's context states depend only on the source and the slot, so they are computed once.
             context, context_mask = self.encode_context(
                 source, source_mask, decoder_input_ids, time_tensor.expand(batch_size, num_times)
@@ -974,7 +1162,15 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         generated = []
         for index in range(num_times):
             memory, memory_mask = source, source_mask
-            if use_context:
+            if use_context and chained:
+                # The original: every other time point, in ascending time, each decoded on the memory so far.
+                others = sorted((k for k in range(num_times) if k != index), key=lambda k: times[k])
+                states, mask = self._chained_context(
+                    source, source_mask, decoder_input_ids[:, others], time_tensor[others].expand(batch_size, -1),
+                    decoder_input_ids[:, others] != self.config.pad_token_id,
+                )  # fmt: skip
+                memory, memory_mask = torch.cat([source, states], dim=1), torch.cat([source_mask, mask], dim=1)
+            elif use_context:
                 used = [
                     other != index and (self.config.context_mode == "all" or times[other] < times[index])
                     for other in range(num_times)
@@ -985,7 +1181,11 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
             tokens = decoder_input_ids[:, index]
             hidden = self._decode(tokens, time_tensor[index].expand(batch_size), self.decoder.project_memory(memory),
                                   memory_mask)  # fmt: skip
-            generated.append((tokens, hidden))
+            pooled_input = tokens
+            if exclude_from_pooling is not None:
+                excluded = torch.as_tensor(list(exclude_from_pooling), dtype=tokens.dtype, device=tokens.device)
+                pooled_input = tokens.masked_fill(torch.isin(tokens, excluded), self.config.pad_token_id)
+            generated.append((tokens, hidden, pooled_input))
         return self._generate_output(generated, times, library_size, output_hidden_states)
 
     @staticmethod
@@ -1049,11 +1249,13 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         return tokens
 
     def _generate_output(self, generated, times, library_size, output_hidden_states):
-        width = max(tokens.shape[1] for tokens, _ in generated)
+        """`generated`: per time point `(tokens, hidden)` or `(tokens, hidden, pooled_input)` when the hidden states
+        were computed from another input than the final tokens (the original generation's last step)."""
+        width = max(item[0].shape[1] for item in generated)
         sequences, embeddings, params = [], [], []
-        for index, (tokens, hidden) in enumerate(generated):
+        for index, (tokens, hidden, *pooled_input) in enumerate(generated):
             sequences.append(F.pad(tokens, (0, width - tokens.shape[1]), value=self.config.pad_token_id))
-            pooled = self.pool(hidden, tokens)
+            pooled = self.pool(hidden, pooled_input[0] if pooled_input else tokens)
             embeddings.append(pooled)
             library = library_size[:, index] if library_size is not None and library_size.dim() == 2 else library_size
             params.append(self.count_head(pooled, library))
@@ -1061,7 +1263,8 @@ class PerturbGenForConditionalGeneration(PerturbGenPreTrainedModel):
         counts = torch.stack([self.count_head.expected_counts(p) for p in params], dim=1)
         hidden_states = None
         if output_hidden_states:
-            hidden_states = torch.stack([F.pad(h, (0, 0, 0, width - h.shape[1])) for _, h in generated], dim=1)
+            hidden_states = torch.stack([F.pad(item[1], (0, 0, 0, width - item[1].shape[1])) for item in generated],
+                                        dim=1)  # fmt: skip
         return PerturbGenGenerateOutput(
             sequences=torch.stack(sequences, dim=1),
             time_values=torch.tensor(times, dtype=torch.float32),

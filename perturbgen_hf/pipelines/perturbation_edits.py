@@ -116,3 +116,44 @@ def edit_target_batch(
     edited = [perturb_target_tokens(row, genes, mode, num_conditions) for row, genes in zip(rows, gene_ids_per_row)]
     new = torch.as_tensor(np.stack([e[0] for e in edited]), dtype=tokens.dtype, device=tokens.device)
     return new, np.array([e[1] for e in edited], dtype=bool)
+
+
+def original_perturb_sequence(ids, gene_ids, mode: str, site: str = "src") -> torch.Tensor:
+    """
+    The original PerturbGen's edit of a padded batch (its `perturb_sequence`), reproduced exactly for converted
+    models and for comparison; this package's own edits differ where the original loses information (a full source
+    row loses its `<eos>` when a gene is overexpressed).
+
+    - `mask` / `pad`: every occurrence becomes `<mask>` / `<pad>` in place (length and positions unchanged);
+    - `delete`: each row keeps its tokens that are neither perturbed nor `<pad>`, in order, left-aligned and padded
+      back to the same width;
+    - `overexpress`: `delete`, drop the last `len(gene_ids)` columns, then insert the genes after column 0 (source:
+      `[<cls>, genes, rest]`) or at column 0 (target: `[genes, rest]`).
+
+    Args:
+        ids (`torch.LongTensor` of shape `(batch, width)`): source ids (encoder vocabulary) or target row ids.
+        gene_ids (`Sequence[int]`): the perturbed genes' ids in that vocabulary.
+        mode (`str`): one of `MODES`. site (`str`): `"src"` or `"tgt"`.
+
+    Returns:
+        `torch.LongTensor` of shape `(batch, width)`.
+    """
+    _check_mode(mode)
+    if site not in ("src", "tgt"):
+        raise ValueError(f"Unknown site {site!r}; choose 'src' or 'tgt'.")
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    genes = torch.as_tensor(list(gene_ids), dtype=torch.long)
+    present = torch.isin(ids, genes)
+    if mode in ("mask", "pad"):
+        return ids.masked_fill(present, MASK_ID if mode == "mask" else PAD_ID)
+    width = ids.shape[1]
+    kept = ~present & (ids != PAD_ID)
+    rows = [row[keep] for row, keep in zip(ids, kept)]
+    deleted = torch.stack([torch.cat([r, r.new_zeros(width - len(r))]) for r in rows])
+    if mode == "delete":
+        return deleted
+    rest = deleted[:, : width - len(genes)]
+    inserted = genes.expand(ids.shape[0], -1)
+    if site == "src":
+        return torch.cat([rest[:, :1], inserted, rest[:, 1:]], dim=1)
+    return torch.cat([inserted, rest], dim=1)

@@ -27,12 +27,14 @@ class _DictionaryUnpickler(pickle.Unpickler):
         )
 
 
-def load_dictionary_pickle(path) -> dict:
+def load_dictionary_pickle(path, key_type: type = str) -> dict:
     """
     Load a pickled `dict` of `str` keys to `int`, `float`, `str` or numpy scalar values, refusing anything else.
 
     Args:
         path (`str` or `os.PathLike`): the pickle file.
+        key_type (`type`, *optional*, defaults to `str`): the type of every key (`int` for the original PerturbGen's
+            token-id -> row-id and row-id -> gene-name maps; numpy integer keys are converted).
 
     Returns:
         `dict` with numpy scalars converted to Python numbers.
@@ -55,8 +57,10 @@ def load_dictionary_pickle(path) -> dict:
         raise ValueError(f"{path} holds a {type(loaded).__name__}, not a dict.")
     converted = {}
     for key, value in loaded.items():
-        if not isinstance(key, str):
-            raise ValueError(f"{path}: keys must be strings, found {key!r}.")
+        if isinstance(key, np.generic):
+            key = key.item()
+        if isinstance(key, bool) or not isinstance(key, key_type):
+            raise ValueError(f"{path}: keys must be {key_type.__name__}, found {key!r}.")
         if isinstance(value, np.generic):
             value = value.item()
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
