@@ -195,10 +195,11 @@ def map_state_dict(state_dict: dict, encoder_state_dict: dict | None = None) -> 
     state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}  # torch.compile's infix
     stage = 2 if any(k.startswith("pretrained_model.") for k in state_dict) else 1
     decoder_prefix = "pretrained_model." if stage == 2 else "transformer."
-    if stage == 1 and not any(k.startswith("transformer.decoder_block.") for k in state_dict):
+    # The encoder's blocks are also called `decoder_block`; only the decoder's have cross-attention.
+    if not any(k.startswith(decoder_prefix + "decoder_block.") and ".cross_attn." in k for k in state_dict):
         raise ValueError(
-            "This is not a PerturbGen stage-1 or stage-2 checkpoint (no decoder blocks): a standalone encoder "
-            "checkpoint goes to --encoder-checkpoint, beside the stage-1 or stage-2 one."
+            "This is not a PerturbGen stage-1 or stage-2 checkpoint (no decoder blocks with cross-attention): a "
+            "standalone encoder checkpoint goes to --encoder-checkpoint, beside the stage-1 or stage-2 one."
         )
     nested = decoder_prefix + "encoder_layers.model."
     encoder = {}
@@ -481,7 +482,7 @@ def convert_original_checkpoint(checkpoint, token_dict, tokenid_to_rowid, rowid_
         "untrained_weights": untrained,
         "original_generation_defaults": {k: hparams.get(k) for k in ("temperature", "iterations", "sequence_length",
                                                                       "mask_scheduler")},
-        "hyper_parameters": {k: (v if _is_json(v) else repr(v)) for k, v in hparams.items()},
+        "hyper_parameters": _jsonable(hparams),
         "warnings": warnings,
     }  # fmt: skip
     _write(out, model, tokenizer, report, overwrite)
@@ -490,12 +491,17 @@ def convert_original_checkpoint(checkpoint, token_dict, tokenid_to_rowid, rowid_
     return report
 
 
-def _is_json(value) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return not (isinstance(value, float) and not math.isfinite(value))
+def _jsonable(value):
+    """Hyper-parameters for the report: placeholders and other objects by their repr."""
+    if isinstance(value, InertObject):
+        return repr(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    return repr(value)
 
 
 def _write(out, model, tokenizer, report, overwrite):

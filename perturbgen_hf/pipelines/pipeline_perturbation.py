@@ -117,6 +117,9 @@ class PerturbationPipeline(Pipeline):
         max_length = getattr(config, "max_source_length", None) or config.encoder.max_position_embeddings
         counts, identifiers = _counts_and_genes(adata, gene_ids, layer)
         ranked = self.tokenizer.rank_cells(counts, identifiers, max_length)
+        # A model that scales its predicted composition by an observed library size (the original's count head)
+        # gets the source cell's: the future cell's is unknown when it is generated.
+        library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
         cells = [ranked.cell(i) for i in range(len(ranked))]
         observed = None
         if method == "teacher_forced":
@@ -158,7 +161,7 @@ class PerturbationPipeline(Pipeline):
                 raise KeyError(f"group_key {group_key!r} is not an obs column; available: {list(adata.obs.columns)}.")
             groups = adata.obs[group_key].astype(str).to_numpy()
         return {
-            "cells": cells, "variants": variants, "observed": observed, "mode": mode,
+            "cells": cells, "library": library, "variants": variants, "observed": observed, "mode": mode,
             "perturb_time_points": perturb_time_points, "cell_ids": adata.obs_names.astype(str).to_numpy(),
             "groups": groups, "summary": {"cells": len(cells), "mode": mode, "site": site, "method": method,
                         "perturbations_skipped": skipped},
@@ -270,6 +273,8 @@ class PerturbationPipeline(Pipeline):
             extra = {"sequence_editor": _TargetEditor(variant["genes"], inputs["mode"], len(config.condition_tokens),
                                                       len(rows), edits),
                      "edit_time_points": inputs["perturb_time_points"]}  # fmt: skip
+        if config.library_size == "observed":
+            extra["library_size"] = torch.as_tensor(inputs["library"][rows], dtype=torch.float32, device=device)
         batch_start = int(rows[0] - positions[0])
         samples = []
         for sample in range(run["num_samples"]):
