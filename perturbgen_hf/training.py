@@ -67,7 +67,7 @@ class ModelArguments:
     freeze_encoder: bool = field(default=True, metadata={"help": "keep the encoder's weights fixed"})
     count_likelihood: str = field(default="zinb", metadata={"help": "zinb, nb or mse"})
     library_size: str = field(default="predicted", metadata={"help": "predicted (by a head) or observed"})
-    context_mode: str = field(default="previous", metadata={"help": "previous, all or none"})
+    context_mode: str = field(default="previous", metadata={"help": "previous, all, chained or none"})
     mask_schedule: str = field(default="cosine", metadata={"help": "cosine, pow or linear"})
 
 

@@ -377,3 +377,29 @@ def test_conversion_errors_name_the_problem(tmp_path, vocabulary, capsys):
     args[args.index("--rowid-to-gene") + 1] = str(tmp_path / "swapped.pkl")
     assert main(args) == 1 and "disagree" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_converted_model_fine_tunes(converted, tmp_path):
+    import pandas as pd
+
+    from perturbgen_hf.data import tokenize_anndata
+
+    rng = np.random.default_rng(1)
+    genes = [f"ENSG9{i:010d}" for i in range(4, 60)]
+    cells = ad.AnnData(rng.poisson(rng.gamma(1.0, 3.0, size=len(genes)), size=(30, len(genes))).astype(np.float32))
+    cells.var_names = genes
+    cells.obs_names = [f"c{i}" for i in range(30)]
+    cells.obs["time"] = pd.Categorical(np.repeat(["t0", "t1", "t2"], 10), ordered=True)
+    # the model's own tokenizer: its vocabulary and decoder genes are kept, so the data fit the model
+    tokenize_anndata(cells, tmp_path / "tokens", time_key="time", source="t0", tokenizer=converted / "count",
+                     max_length=64, progress=False)  # fmt: skip
+    code = main(["train", "--data", str(tmp_path / "tokens"), "--model", str(converted / "count"), "--out",
+                 str(tmp_path / "tuned"), "--objective", "tokens", "--max_steps", "2", "--per_device_train_batch_size",
+                 "4", "--use_cpu", "--report_to", "none", "--eval_fraction", "0", "--max_source_length", "64",
+                 "--max_target_length", "20", "--save_strategy", "no", "--disable_tqdm", "true"])  # fmt: skip
+    assert code == 0
+    tuned = AutoModel.from_pretrained(tmp_path / "tuned")
+    original = AutoModel.from_pretrained(converted / "count")
+    assert tuned.config.generation_mode == "original" and tuned.config.encoder_chain_blocks is False
+    changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, original.state_dict()[n])]
+    assert changed and all(n.startswith(("decoder.", "lm_head.")) for n in changed)  # the encoder stays frozen

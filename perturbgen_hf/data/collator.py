@@ -43,7 +43,8 @@ class DataCollatorForPerturbGen:
         num_target_genes (`int`): width of `target_counts`.
         time_indices (`list[int]`, *optional*): the dataset's time-point columns that `time_values` describe (default:
             the first `len(time_values)`); leaving one out holds that time point out of training.
-        context_mode (`str`, *optional*, defaults to `"previous"`): `"previous"`, `"all"` or `"none"`.
+        context_mode (`str`, *optional*, defaults to `"previous"`): `"previous"`, `"all"`, `"chained"` (as `"all"`;
+            the model chains them) or `"none"`.
         mask_schedule (`str`), mask_schedule_exponent (`float`): the model's MaskGIT schedule.
         target_time_points (`str`, *optional*, defaults to `"random"`): `"random"` (one per example) or `"all"` (each
             example becomes one row per time point).
@@ -75,8 +76,10 @@ class DataCollatorForPerturbGen:
     generator: torch.Generator | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self):
-        if self.context_mode not in ("previous", "all", "none"):
-            raise ValueError(f"Unknown context_mode {self.context_mode!r}; use 'previous', 'all' or 'none'.")
+        if self.context_mode not in ("previous", "all", "chained", "none"):
+            raise ValueError(
+                f"Unknown context_mode {self.context_mode!r}; use 'previous', 'all', 'chained' or 'none'."
+            )
         if self.target_time_points not in ("random", "all"):
             raise ValueError(f"Unknown target_time_points {self.target_time_points!r}; use 'random' or 'all'.")
         if self.time_indices is None:
@@ -172,7 +175,7 @@ class DataCollatorForPerturbGen:
         for example, k in zip(examples, chosen):
             slots = [j for j in range(num_times) if j != k]
             for j in slots:
-                use = self.context_mode == "all" or self.time_values[j] < self.time_values[k]
+                use = self.context_mode in ("all", "chained") or self.time_values[j] < self.time_values[k]
                 sequences.append(list(self._genes(example, j)) if use else [])
             times.append([self.time_values[j] for j in slots])
         ids = _pad(sequences).view(len(examples), num_times - 1, -1)

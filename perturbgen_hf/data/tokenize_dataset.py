@@ -150,6 +150,7 @@ def tokenize_anndata(
     gene_id_key=None,
     dictionaries=None,
     tokenizer=None,
+    keep_target_genes=True,
     n_hvg=2000,
     include_genes=(),
     pairing="random",
@@ -175,7 +176,9 @@ def tokenize_anndata(
         gene_id_key (`str`, *optional*): var column of gene identifiers (default: `var_names`).
         dictionaries (`list[str]`, *optional*): token dict, median dict [, alias mapping] pickles; without them
             (and without `tokenizer`) the vocabulary is fitted on the data.
-        tokenizer ([`PerturbGenTokenizer`], *optional*): an existing tokenizer to use instead.
+        tokenizer ([`PerturbGenTokenizer`] or `str`, *optional*): an existing tokenizer (or a saved model or
+            tokenizer folder) to use instead; its target genes are kept when it has them and `keep_target_genes`
+            (so a model can be fine-tuned on the data), otherwise selected as below.
         n_hvg (`int`), include_genes (`list[str]`): target genes of the decoder ([`select_target_genes`]).
         pairing (`str`), pairing_key (`str`), pairing_file (`str`): see [`pair_cells`].
         condition_keys (`list[str]`): obs columns whose values become condition tokens of each target.
@@ -204,13 +207,23 @@ def tokenize_anndata(
         if key not in obs.columns:
             raise KeyError(f"{key!r} is not an obs column; available: {list(obs.columns)}.")
     gene_ids = _gene_ids(adata, gene_id_key)
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = PerturbGenTokenizer.from_pretrained(tokenizer)
     cell_rows = np.flatnonzero(obs[time_key].astype(str).isin(time_points).to_numpy())
     tokenizer = tokenizer or _build_tokenizer(adata.X, cell_rows, gene_ids, dictionaries, max_length)
     if gene_id_key is not None:
         tokenizer.add_symbols(gene_ids, list(adata.var_names))
-    targets_genes = select_target_genes(adata.X, cell_rows, tokenizer, gene_ids, n_hvg, include_genes)
     condition_tokens = _condition_tokens(obs, cell_rows, condition_keys)
-    tokenizer.set_target_genes(targets_genes, condition_tokens)
+    if getattr(tokenizer, "target_genes", None) and keep_target_genes:
+        # A model's tokenizer: its decoder genes stay, so the data fit the model (fine-tuning).
+        if list(tokenizer.condition_tokens) != condition_tokens:
+            raise ValueError(
+                f"The tokenizer's condition tokens {tokenizer.condition_tokens} differ from the data's "
+                f"{condition_tokens} (from --condition-keys)."
+            )
+    else:
+        targets_genes = select_target_genes(adata.X, cell_rows, tokenizer, gene_ids, n_hvg, include_genes)
+        tokenizer.set_target_genes(targets_genes, condition_tokens)
 
     mapping = pd.read_csv(pairing_file) if pairing == "mapping" and pairing_file else None
     pairs, report = pair_cells(obs, time_key, time_points, pairing, pairing_key, mapping, seed)
@@ -455,6 +468,10 @@ def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gene-id-key", help="var column with Ensembl IDs or symbols (default: var_names)")
     vocabulary = parser.add_mutually_exclusive_group()
     vocabulary.add_argument(
+        "--tokenizer",
+        help="a saved model (or tokenizer) folder: use its vocabulary and keep its target genes (to fine-tune it)",
+    )
+    vocabulary.add_argument(
         "--dictionaries",
         nargs="+",
         metavar="PKL",
@@ -495,6 +512,7 @@ def run_tokenize_command(args) -> int:
     description = tokenize_anndata(
         args.adata, args.out, args.time_key, args.source, targets=args.targets, time_order=args.time_order,
         time_value_key=args.time_value_key, gene_id_key=args.gene_id_key, dictionaries=args.dictionaries,
+        tokenizer=args.tokenizer,
         n_hvg=args.n_hvg, include_genes=args.include_genes, pairing=args.pairing, pairing_key=args.pairing_key,
         pairing_file=args.pairing_file, condition_keys=args.condition_keys, seed=args.seed,
         max_length=args.max_length, chunk_size=args.chunk_size, num_proc=args.num_proc, overwrite=args.overwrite,

@@ -45,6 +45,8 @@ from .masking_perturbgen import (
 
 logger = logging.get_logger(__name__)
 
+# Count-head outputs that `forward` returns (all None when it cannot run the head).
+_COUNT_KEYS = ("mu", "theta", "zi_logits", "library_size")
 # Counts are normalised to this many per cell for the "mse" likelihood (log1p of counts per 10,000).
 NORMALIZED_TOTAL = 1e4
 
@@ -827,7 +829,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 target sequence (masked positions filled from `labels`), as at inference.
             library_size (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
                 Observed library sizes, for `config.library_size == "observed"`. Defaults to the sum of
-                `target_counts`.
+                `target_counts`; without either, such a model's count outputs are None.
             return_dict (`bool`, *optional*): return a [`PerturbGenOutput`] (default) or a tuple.
 
         Returns:
@@ -857,7 +859,9 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         cell_embeddings = self.pool(count_hidden, count_ids)
         if library_size is None and target_counts is not None and self.config.library_size == "observed":
             library_size = target_counts.sum(dim=-1)
-        count_params = self.count_head(cell_embeddings, library_size)
+        # A head scaled by the observed library size has nothing to scale without one: its outputs are then None.
+        readable = self.config.library_size != "observed" or library_size is not None
+        count_params = self.count_head(cell_embeddings, library_size) if readable else dict.fromkeys(_COUNT_KEYS)
         count_loss = self.count_head.loss(count_params, target_counts) if target_counts is not None else None
 
         loss = self._combine_losses(token_loss, count_loss)
