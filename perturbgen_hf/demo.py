@@ -23,33 +23,26 @@ from tqdm.auto import tqdm
 
 from .data.simulate import simulate_trajectory, true_effects
 from .pipelines.perturbation_result import log_normalize
+from .training import CpuTrainingSettings, train_on_cpu
 
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DemoSettings:
-    """Sizes and settings of a demo run (every number the demo uses lives here)."""
+class DemoSettings(CpuTrainingSettings):
+    """Sizes and settings of a demo run (every number the demo uses lives here; training: the base class)."""
 
     num_clones: int = 300
     cells_per_clone: int = 2
     heldout_fraction: float = 0.25
     regulator: str = "REG1"
-    preset: str = "compact"
-    max_steps: int = 400
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    freeze_encoder: bool = True
-    max_source_length: int = 256
-    max_target_length: int = 128
     iterations: int = 8
     num_samples: int = 1
     responder_threshold: float = 0.5
     unaffected_threshold: float = 0.1
     ridge: float = 10.0
     max_cells: int = 400
-    seed: int = 0
 
 
 # A tiny variant for the test suite (well under a minute); its scores mean nothing.
@@ -141,22 +134,6 @@ def _with_symbols(adata):
     return adata
 
 
-def _train(tokens, model_dir, settings, log_every):
-    from .training import parse_arguments, train
-
-    argv = [
-        "--data", str(tokens), "--out", str(model_dir), "--preset", settings.preset, "--max_steps",
-        str(settings.max_steps), "--per_device_train_batch_size", str(settings.batch_size), "--learning_rate",
-        str(settings.learning_rate), "--warmup_steps", str(max(1, settings.max_steps // 10)), "--max_source_length",
-        str(settings.max_source_length), "--max_target_length", str(settings.max_target_length), "--use_cpu",
-        "--freeze_encoder", str(settings.freeze_encoder).lower(),
-        "--report_to", "none", "--eval_fraction", "0", "--seed", str(settings.seed), "--logging_steps",
-        str(log_every), "--save_strategy", "no", "--disable_tqdm", "true",
-    ]  # fmt: skip
-    trainer = train(*parse_arguments(argv))
-    return [entry for entry in trainer.state.log_history if "loss" in entry]
-
-
 class _Steps:
     """A progress display over the demo's steps (tqdm, on stderr)."""
 
@@ -223,7 +200,7 @@ def _run_on_simulation(out, settings, progress):
                      gene_id_key="gene_id", n_hvg=train_data.n_vars, pairing="stratified", pairing_key="clone",
                      seed=settings.seed, max_length=settings.max_source_length, progress=False)  # fmt: skip
     steps.next()
-    curve = _train(out / "tokens", out / "model", settings, log_every=max(1, settings.max_steps // 30))
+    curve = train_on_cpu(out / "tokens", out / "model", settings, log_every=max(1, settings.max_steps // 30))
     steps.next()
 
     source_cells = _with_symbols(control[heldout & (control.obs["time"].astype(str) == source_time).to_numpy()])
@@ -440,7 +417,7 @@ def _run_on_user_data(out, settings, adata, time_key, source, gene, progress):
     tokenize_anndata(adata, out / "tokens", time_key=time_key, source=source, n_hvg=1000, include_genes=[gene],
                      seed=settings.seed, max_length=settings.max_source_length, progress=False)  # fmt: skip
     steps.next()
-    curve = _train(out / "tokens", out / "model", settings, log_every=max(1, settings.max_steps // 30))
+    curve = train_on_cpu(out / "tokens", out / "model", settings, log_every=max(1, settings.max_steps // 30))
     steps.next()
     at_source = (adata.obs[time_key].astype(str) == str(source)).to_numpy()
     cells = adata[np.flatnonzero(at_source)[: settings.max_cells]].copy()

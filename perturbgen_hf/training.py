@@ -485,6 +485,46 @@ from other tissues, species or technologies than the training data are out of di
 """
 
 
+@dataclass
+class CpuTrainingSettings:
+    """The training of a small model on a CPU (the demo's and `evaluate`'s; see [`train_on_cpu`])."""
+
+    preset: str = "compact"
+    max_steps: int = 400
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    freeze_encoder: bool = True
+    max_source_length: int = 256
+    max_target_length: int = 128
+    seed: int = 0
+
+
+def train_on_cpu(data, out, settings: CpuTrainingSettings, log_every: int, progress: bool = False):
+    """
+    Train a model from scratch on a tokenized folder with the command's own code path, on the CPU, without
+    validation or checkpoints: the demo's and `evaluate`'s training.
+
+    Args:
+        data, out (`str` or `os.PathLike`): the tokenized folder and the model folder.
+        settings ([`CpuTrainingSettings`]): sizes and seed.
+        log_every (`int`): logging interval in steps. progress (`bool`): show Trainer's progress bar.
+
+    Returns:
+        `list[dict]`: the logged training losses (`step`, `loss`, ...).
+    """
+    argv = [
+        "--data", str(data), "--out", str(out), "--preset", settings.preset, "--max_steps", str(settings.max_steps),
+        "--per_device_train_batch_size", str(settings.batch_size), "--learning_rate", str(settings.learning_rate),
+        "--warmup_steps", str(max(1, settings.max_steps // 10)), "--max_source_length",
+        str(settings.max_source_length), "--max_target_length", str(settings.max_target_length), "--use_cpu",
+        "--freeze_encoder", str(settings.freeze_encoder).lower(), "--report_to", "none", "--eval_fraction", "0",
+        "--seed", str(settings.seed), "--logging_steps", str(log_every), "--save_strategy", "no", "--disable_tqdm",
+        str(not progress).lower(),
+    ]  # fmt: skip
+    trainer = train(*parse_arguments(argv))
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
 def push_to_hub(folder, repo_id, token=None, private=None):
     """Upload a saved model folder (config, safetensors, code, tokenizer, model card) to the Hub."""
     from huggingface_hub import HfApi

@@ -34,7 +34,8 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
-from ..data.tokenize_dataset import load_description, resolve_time_points
+from ..data.tokenize_dataset import _gene_ids, load_description, resolve_time_points
+from ..training import CpuTrainingSettings, train_on_cpu
 from . import baselines, metrics
 
 
@@ -45,17 +46,10 @@ MODEL = "PerturbGen (this model)"
 
 
 @dataclass
-class EvaluationSettings:
-    """Every number an evaluation run uses (training sizes, generation, metric depths)."""
+class EvaluationSettings(CpuTrainingSettings):
+    """Every number an evaluation run uses (generation, metric depths; training: the base class)."""
 
-    preset: str = "compact"
-    max_steps: int = 400
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    freeze_encoder: bool = True
     n_hvg: int = 500
-    max_source_length: int = 256
-    max_target_length: int = 128
     iterations: int = 8
     generation_batch_size: int = 32
     heldout_fraction: float = 0.2
@@ -68,7 +62,6 @@ class EvaluationSettings:
     linear_ridge: float = 0.1
     fdr: float = 0.05
     model_counts: str = "sample"
-    seed: int = 0
 
 
 @dataclass
@@ -122,7 +115,7 @@ def run_evaluation(adata, out, protocol, time_key, source, heldout=None, group_k
     model, tokenizer = _load_model(model)
     if protocol == "heldout-time" and heldout in model.config.time_points:
         raise ValueError(f"The model was trained on the held-out time point {heldout!r}; train one without it.")
-    identifiers = _identifiers(adata, gene_id_key)
+    identifiers = _gene_ids(adata, gene_id_key)
     evaluated = sorted({t for t, _ in split.observed}, key=order.index)
     generated = _predict(model, tokenizer, adata, identifiers, split, evaluated, value_of, settings, progress)
     expression = _observed_expression(adata, tokenizer, identifiers)
@@ -211,21 +204,12 @@ def _split(protocol, times, groups, order, source, heldout, settings) -> _Split:
     )  # fmt: skip
 
 
-def _identifiers(adata, gene_id_key):
-    if gene_id_key is None:
-        return [str(g) for g in adata.var_names]
-    if gene_id_key not in adata.var.columns:
-        raise KeyError(f"gene_id_key {gene_id_key!r} is not a var column; available: {list(adata.var.columns)}.")
-    return ["" if pd.isna(g) else str(g) for g in adata.var[gene_id_key]]
-
-
 # -- the model ----------------------------------------------------------------------------------------------------------
 
 
 def _train_model(adata, split, out, time_key, source, order, values, time_value_key, gene_id_key, pairing_key,
                  settings, progress):  # fmt: skip
     from ..data import tokenize_anndata
-    from ..training import parse_arguments, train
 
     train_data = adata[split.train].copy()
     kept = [t for t in order if t in set(train_data.obs[time_key].astype(str))]
@@ -243,16 +227,8 @@ def _train_model(adata, split, out, time_key, source, order, values, time_value_
         description["source_time_value"] = value_of[source]
         description["time_values"] = [value_of[t] for t in description["time_points"]]
         description_path.write_text(json.dumps(description, indent=2))
-    argv = [
-        "--data", str(out / "tokens"), "--out", str(out / "model"), "--preset", settings.preset,
-        "--max_steps", str(settings.max_steps), "--per_device_train_batch_size", str(settings.batch_size),
-        "--learning_rate", str(settings.learning_rate), "--warmup_steps", str(max(1, settings.max_steps // 10)),
-        "--max_source_length", str(settings.max_source_length), "--max_target_length",
-        str(settings.max_target_length), "--use_cpu", "--freeze_encoder", str(settings.freeze_encoder).lower(),
-        "--report_to", "none", "--eval_fraction", "0", "--seed", str(settings.seed), "--logging_steps",
-        str(max(1, settings.max_steps // 20)), "--save_strategy", "no", "--disable_tqdm", str(not progress).lower(),
-    ]  # fmt: skip
-    train(*parse_arguments(argv))
+    train_on_cpu(out / "tokens", out / "model", settings, log_every=max(1, settings.max_steps // 20),
+                 progress=progress)  # fmt: skip
     return out / "model"
 
 
