@@ -11,10 +11,12 @@ scores it beside the baselines. Writes `benchmarks/results/evaluate_real_data.js
 the run times and settings) and prints a Markdown table per run.
 
     python benchmarks/evaluate_real_data.py [--workdir DIR] [--max-steps 1500] [--only shalek_4h ...]
+    python benchmarks/evaluate_real_data.py --models DIR --workdir OTHER   # re-score the models a run saved in DIR
 """
 
 import argparse
 import json
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +66,9 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=1500, help="training steps per model")
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--models", help="re-score the models an earlier run saved under DIR/<run>/model (no training)"
+    )
     args = parser.parse_args()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="perturbgen_eval_"))
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -71,16 +76,20 @@ def main() -> None:
         path, options = RUNS[name]
         out = workdir / name
         started = time.perf_counter()
-        code = cli(["evaluate", str(path), "--out", str(out), *options, "--preset", "compact", "--max-steps",
+        reuse = ["--model", str(Path(args.models) / name / "model")] if args.models else []
+        code = cli(["evaluate", str(path), "--out", str(out), *options, *reuse, "--preset", "compact", "--max-steps",
                     str(args.max_steps), "--seed", str(args.seed), "--overwrite", "--no-progress"])  # fmt: skip
         if code != 0:
             raise SystemExit(f"{name} failed with exit code {code}")
         seconds = time.perf_counter() - started
         metrics = pd.read_csv(out / "metrics.csv")
         summary = json.loads((out / "metrics.json").read_text())
+        previous = results.get(name, {})
         results[name] = {
-            "command": " ".join(["perturbgen-hf evaluate", path.name, *options]),
-            "seconds": round(seconds, 1),
+            "command": shlex.join(["perturbgen-hf", "evaluate", path.name, *options]),
+            # With --models: the seconds of the run that trained the model, and of this scoring.
+            "seconds": previous.get("seconds") if args.models else round(seconds, 1),
+            "scoring_seconds": round(seconds, 1) if args.models else None,
             "cells": summary["cells"],
             "settings": summary["settings"],
             "best_method": summary["best_method"],

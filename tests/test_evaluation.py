@@ -46,9 +46,16 @@ def test_distribution_metrics_by_hand():
     assert metrics.e_distance(x, y, squared=False) == pytest.approx(4.0)
     assert metrics.e_distance(x, x) == pytest.approx(-1.0)  # 2 * 0.5 - 1 - 1: the within-set terms are unbiased
     a, b = np.array([[0.0]]), np.array([[1.0]])
-    assert metrics.mmd_rbf(a, b, gammas=[1.0]) == pytest.approx(2 - 2 * math.exp(-1))
-    assert metrics.mmd_rbf(a, b, gammas=[1.0, 2.0]) == pytest.approx(2 - math.exp(-1) - math.exp(-2))
-    assert metrics.mmd_rbf(x, x) == pytest.approx(0.0)
+    # biased (the diagonal kept): 1 + 1 - 2 exp(-gamma)
+    assert metrics.mmd_rbf(a, b, gammas=[1.0], unbiased=False) == pytest.approx(2 - 2 * math.exp(-1))
+    assert metrics.mmd_rbf(a, b, [1.0, 2.0], unbiased=False) == pytest.approx(2 - math.exp(-1) - math.exp(-2))
+    # unbiased: within-set pairs of distinct cells only (x: 0 and 1; y: 3 and 4), between: 9, 16, 4, 9
+    between = (2 * math.exp(-9) + math.exp(-16) + math.exp(-4)) / 4
+    assert metrics.mmd_rbf(x, y, gammas=[1.0]) == pytest.approx(2 * math.exp(-1) - 2 * between)
+    assert metrics.mmd_rbf(x, x, unbiased=False) == pytest.approx(0.0)
+    assert metrics.mmd_rbf(x, x) < 0  # the unbiased estimate of a zero discrepancy scatters around 0
+    # squared distances 1, 9, 4 between the three cells: median 4
+    assert metrics.median_scaled_gammas([[0.0], [1.0], [3.0]], [2.0, 0.5]) == pytest.approx([0.5, 0.125])
     # gene 0: {0, 1} vs {1, 2} -> 1; gene 1: {0, 0} vs {0, 2} -> half the mass moves 2 -> 1
     assert metrics.wasserstein_per_gene([[0, 0], [1, 0]], [[1, 0], [2, 2]]) == pytest.approx(1.0)
 

@@ -168,25 +168,48 @@ def e_distance(x, y, squared: bool = True) -> float:
     return float(2.0 * between - within_x - within_y)
 
 
-def mmd_rbf(x, y, gammas=DEFAULT_MMD_GAMMAS) -> float:
+def mmd_rbf(x, y, gammas=DEFAULT_MMD_GAMMAS, unbiased: bool = True) -> float:
     """
-    Maximum mean discrepancy with RBF kernels `k(a, b) = exp(-gamma·‖a - b‖²)`: the biased estimate
-    `mean k(x, x') + mean k(y, y') - 2·mean k(x, y)` (all pairs, the diagonal included), averaged over `gammas`
-    (the original PerturbGen's six widths by default).
+    Maximum mean discrepancy with RBF kernels `k(a, b) = exp(-gamma·‖a - b‖²)`, averaged over `gammas` (the
+    original PerturbGen's six widths by default): `mean k(x, x') + mean k(y, y') - 2·mean k(x, y)`.
 
     Args:
         x, y (`np.ndarray` of shape `(cells, features)`).
-        gammas (`Sequence[float]`): kernel widths (positive).
+        gammas (`Sequence[float]`): kernel widths (positive). They must suit the scale of the data: where
+            `gamma·‖a - b‖²` is large for most pairs the kernel sees nothing (see `median_scaled_gammas`).
+        unbiased (`bool`, defaults to `True`): leave the pairs of a cell with itself out of the within-set means
+            (the U-statistic; needs 2 cells per set; it may fall slightly below 0). The biased estimate keeps them, which adds about
+            `1/len(x) + 1/len(y)` wherever the kernel is narrow, so it rewards sets with more cells.
     """
-    x, y = _cells(x, "x"), _cells(y, "y")
+    x, y = _cells(x, "x", 2 if unbiased else 1), _cells(y, "y", 2 if unbiased else 1)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y have different numbers of features: {x.shape[1]} and {y.shape[1]}.")
     gammas = [float(g) for g in gammas]
     if not gammas or min(gammas) <= 0:
         raise ValueError(f"gammas must be positive, got {gammas}.")
     xx, yy, xy = _pairwise(x, x, True), _pairwise(y, y, True), _pairwise(x, y, True)
-    values = [np.exp(-g * xx).mean() + np.exp(-g * yy).mean() - 2.0 * np.exp(-g * xy).mean() for g in gammas]
+
+    def within(kernel):
+        if not unbiased:
+            return kernel.mean()
+        n = len(kernel)
+        return (kernel.sum() - np.trace(kernel)) / (n * (n - 1))
+
+    values = [within(np.exp(-g * xx)) + within(np.exp(-g * yy)) - 2.0 * np.exp(-g * xy).mean() for g in gammas]
     return float(np.mean(values))
+
+
+def median_scaled_gammas(cells, gammas=DEFAULT_MMD_GAMMAS) -> list:
+    """
+    `gammas` divided by the median squared distance between distinct cells of `cells`, so that a width of 1 means
+    "the typical distance" whatever the scale of the features (the median heuristic).
+    """
+    cells = _cells(cells, "cells", 2)
+    distances = _pairwise(cells, cells, True)[np.triu_indices(len(cells), 1)]
+    median = float(np.median(distances))
+    if median <= 0:
+        raise ValueError("The cells are (nearly) identical: no scale to set the kernel widths by.")
+    return [float(g) / median for g in gammas]
 
 
 def wasserstein_per_gene(x, y) -> float:

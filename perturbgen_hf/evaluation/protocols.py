@@ -16,7 +16,8 @@ predictions and baselines alike). The model's predicted cells are counts drawn f
 observed cells are draws), not its expected counts, unless `model_counts="mean"`. The reference state of every
 delta is the observed source cells of the evaluated group (so `mse_delta` equals `mse` and `mae_delta` equals
 `mae`; they are reported for completeness). Distribution metrics (E-distance, MMD) are computed on principal
-components fitted on the observed source and target cells of the evaluated group; the per-gene Wasserstein
+components fitted on the observed source and target cells of the evaluated group (the MMD is unbiased, with the
+original's six kernel widths divided by the observed cells' median squared distance); the per-gene Wasserstein
 distance on the expression itself.
 """
 
@@ -434,6 +435,8 @@ class _Context:
         self.centre = both.mean(0)
         components = max(1, min(s.n_pcs, both.shape[0] - 1, both.shape[1]))
         self.axes = np.linalg.svd(both - self.centre, full_matrices=False)[2][:components].T
+        # The original's kernel widths, relative to the observed cells' median squared distance.
+        self.gammas = metrics.median_scaled_gammas(self.project(self.observed)) if len(self.observed) > 1 else None
 
     def project(self, cells):
         return (cells - self.centre) @ self.axes
@@ -453,11 +456,11 @@ def _score(cells, context, symbols, token_pairs) -> dict:
         "r2_means": metrics.r2_means(x_hat, x),
         f"r2_means_top{s.top_r2}_de": metrics.r2_means(x_hat, x, context.top_r2),
     }
-    if len(cells) >= 2:
+    if len(cells) >= 2 and context.gammas is not None:
         projected, observed = context.project(cells), context.project(context.observed)
         values["e_distance_squared"] = metrics.e_distance(projected, observed, squared=True)
         values["e_distance"] = metrics.e_distance(projected, observed, squared=False)
-        values["mmd_rbf"] = metrics.mmd_rbf(projected, observed)
+        values["mmd_rbf"] = metrics.mmd_rbf(projected, observed, context.gammas)
     values["wasserstein_per_gene"] = metrics.wasserstein_per_gene(cells, context.observed)
     predicted_de = metrics.differential_expression(cells, context.reference, symbols)
     values["overlap_at_N"] = metrics.overlap_at_k(context.observed_de, predicted_de, None, s.fdr)

@@ -299,8 +299,11 @@ class PerturbationPipeline(Pipeline):
             for i, r in enumerate(rows):
                 decoder_input_ids[i, t, : len(cells[r])] = torch.as_tensor(cells[r], dtype=torch.long)
         library = torch.as_tensor(observed["library_size"][rows], dtype=torch.float32, device=device)
+        extra = {}
+        if variant is not None and variant["targets"] is not None and self.model.config.pooling == "non_special":
+            extra["exclude_from_pooling"] = variant["genes"]  # as the original's perturbed pass of edited targets
         out = self.model.readout(input_ids, decoder_input_ids.to(device), observed["time_points"], attention_mask,
-                                 library_size=library, output_hidden_states=True)  # fmt: skip
+                                 library_size=library, output_hidden_states=True, **extra)  # fmt: skip
         if self.model.config.library_size == "predicted":
             # As the original's readout: the predicted composition at each observed cell's own library size.
             out.counts = out.counts * (library / out.library_size.clamp(min=1e-8))[..., None]
