@@ -16,7 +16,14 @@ import numpy as np
 import torch
 import yaml
 from datasets import load_from_disk
-from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    HfArgumentParser,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from .data.collator import DataCollatorForPerturbGen
 from .data.tokenize_dataset import load_description
@@ -369,6 +376,8 @@ def train(model_args, data_args, training_args):
     train_dataset, eval_dataset = split_by_source_cell(dataset, data_args.eval_fraction, training_args.seed)
     if heldout_position is not None and eval_dataset is None:
         eval_dataset = dataset  # the held-out time point is never trained on: all its cells validate
+    # Trainer seeds only once it is built; the new model's initial weights must come from the seed too.
+    set_seed(training_args.seed)
     model = build_model(model_args, data_args, tokenizer, description, train_dataset, train_positions)
     train_collator, eval_collator = build_collators(model, data_args, description, train_positions, heldout_position)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once, with a model card, at the end

@@ -81,6 +81,16 @@ def test_resume_continues_bit_identically(lps_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_same_seed_trains_the_same_model(lps_data, tmp_path):
+    common = ["--data", str(lps_data), *TINY, "--max_steps", "3", "--save_strategy", "no", "--eval_fraction", "0"]
+    assert train_main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert train_main([*common, "--out", str(tmp_path / "b")]) == 0
+    assert train_main([*common, "--out", str(tmp_path / "c"), "--seed", "1"]) == 0
+    a, b, c = _weights(tmp_path / "a"), _weights(tmp_path / "b"), _weights(tmp_path / "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # initial weights included: the seed is set before the model
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
 def test_gradient_accumulation_matches_a_larger_batch(lps_data, tmp_path):
     """Two accumulated micro-batches of 4 give the same step as one batch of 8 (fixed, pre-masked inputs)."""
     dataset = load_from_disk(str(lps_data / "dataset")).select(range(8))
