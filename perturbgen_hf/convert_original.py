@@ -27,6 +27,7 @@ import math
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def load_checkpoint(path) -> dict:
             f"{path}: refusing to load: it refers to {sorted(refused)}, which could run code. Only tensors, plain "
             f"containers, numpy arrays and (as inert placeholders) objects of {list(PLACEHOLDER_LIBRARIES)} are read."
         )
-    if any(isinstance(a, type) and a is np.dtype for a in allowed):
+    if np.dtype in allowed:
         allowed += _numpy_dtype_classes()
     try:
         with torch.serialization.safe_globals(allowed):
@@ -543,8 +544,6 @@ def run_convert_command(args) -> int:
         encoder_checkpoint=args.encoder_checkpoint, time_values=args.time_values,
         gene_median_dict=args.gene_median_dict, overwrite=args.overwrite,
     )  # fmt: skip
-    import sys
-
     sys.stdout.write(
         f"Converted a stage-{report['stage']} PerturbGen checkpoint into {args.out} (load it with "
         f"AutoModel.from_pretrained); dropped {len(report['dropped_keys'])} keys, ignored "

@@ -316,9 +316,8 @@ def _trained_targets(split, times, order, source):
     return [t for t in order[order.index(source) + 1 :] if (split.train & (times == t)).any()]
 
 
-def _baseline_rows(split, times, order, value_of, source, protocol, time_point, group) -> dict:
-    """The real cells that the cell-carrying baselines predict, as row numbers."""
-    trained = _trained_targets(split, times, order, source)
+def _baseline_rows(split, times, value_of, source, trained, protocol, time_point, group) -> dict:
+    """The real cells that the cell-carrying baselines predict, as row numbers (`trained`: trained targets)."""
     rows = {"no change": np.flatnonzero(split.source[group])}
     if protocol == "heldout-group":
         rows["training mean"] = np.flatnonzero(split.train & (times == time_point))  # the other groups' state mean
@@ -334,7 +333,8 @@ def _baseline_rows(split, times, order, value_of, source, protocol, time_point, 
 def _baselines(split, expression, times, groups, order, value_of, source, protocol, time_point, group, settings):
     """Each baseline's predicted cells (log1p CP10k) for one evaluated (time point, group)."""
     x = expression["expression"]
-    rows = _baseline_rows(split, times, order, value_of, source, protocol, time_point, group)
+    trained = _trained_targets(split, times, order, source)
+    rows = _baseline_rows(split, times, value_of, source, trained, protocol, time_point, group)
     result = {
         "no change": baselines.no_change(x[rows["no change"]]),
         "training mean": baselines.training_mean([x[rows["training mean"]]]),
@@ -342,8 +342,7 @@ def _baselines(split, expression, times, groups, order, value_of, source, protoc
     if "nearest time point" in rows:
         result["nearest time point"] = x[rows["nearest time point"]]
     conditions, features, source_features, target_features = _linear_design(
-        protocol, split.train, times, groups, order, value_of, source, time_point,
-        _trained_targets(split, times, order, source),
+        protocol, split.train, times, groups, value_of, source, time_point, trained
     )  # fmt: skip
     result["linear (PCA + ridge)"] = baselines.linear_model(
         [x[c] for c in conditions], features, x[rows["no change"]], source_features, target_features,
@@ -352,7 +351,7 @@ def _baselines(split, expression, times, groups, order, value_of, source, protoc
     return result, rows
 
 
-def _linear_design(protocol, train, times, groups, order, value_of, source, time_point, trained_targets):
+def _linear_design(protocol, train, times, groups, value_of, source, time_point, trained_targets):
     """Training conditions (cell masks) and their features for the linear baseline (see `linear_model`)."""
     course = [source, *trained_targets]
     if protocol == "heldout-time":
