@@ -34,6 +34,8 @@ _POOLINGS = ("genes", "non_special")
 _COUNT_HEAD_NORMS = ("layernorm", "l2")
 _COUNT_PREDICTIONS = ("mean", "mu")
 _GENERATION_MODES = ("maskgit", "original")
+_SOURCE_PATHS = ("rank", "presence", "none")
+_SOURCE_PATH_INJECTIONS = ("add", "film")
 NUM_SPECIAL_TOKENS = 4
 # log(10,000): a typical 10x library size, the starting point of the library-size head.
 DEFAULT_LOG_LIBRARY_SIZE = math.log(10_000)
@@ -113,6 +115,18 @@ class PerturbGenConfig(PreTrainedConfig):
             or `"none"`.
         context_gradient (`bool`, *optional*, defaults to `False`):
             Back-propagate through the context passes (the original computes them without gradient).
+        source_path (`str`, *optional*, defaults to `"rank"`):
+            An undiluted summary of the source cell that reaches every decoder position besides cross-attention: a
+            sum over the source's genes of learned gene embeddings. `"rank"`: each gene contributes a presence
+            embedding plus a second embedding weighted by `1 / log2(rank + 1)` (rank 1 = the top gene), so the sum
+            carries expression; `"presence"`: the presence embeddings only; `"none"`: no summary (the original
+            PerturbGen, where the source reaches the decoder only through cross-attention). Edits act on it as on
+            the tokens: a deleted, masked or padded gene drops out of the sum; an overexpressed one moves to weight 1.
+            A *mean* over ~200 source tokens (which uniform cross-attention computes) dilutes one gene 200-fold; the
+            sum does not.
+        source_path_injection (`str`, *optional*, defaults to `"add"`):
+            How the summary enters the decoder: `"add"` (added to every input embedding, like the time embedding)
+            or `"film"` (a learned scale and shift of every input embedding).
         target_genes (`list[str]`, *optional*):
             Gene identifiers (Ensembl IDs) of the decoder's vocabulary, in token-id order.
         num_target_genes (`int`, *optional*, defaults to 2000):
@@ -226,6 +240,8 @@ class PerturbGenConfig(PreTrainedConfig):
         time_embedding_scale=1.0,
         context_mode="previous",
         context_gradient=False,
+        source_path="rank",
+        source_path_injection="add",
         target_genes=None,
         num_target_genes=2000,
         condition_tokens=None,
@@ -285,6 +301,8 @@ class PerturbGenConfig(PreTrainedConfig):
         self.time_embedding_scale = time_embedding_scale
         self.context_mode = context_mode
         self.context_gradient = context_gradient
+        self.source_path = source_path
+        self.source_path_injection = source_path_injection
         self.target_genes = list(target_genes) if target_genes is not None else None
         self.num_target_genes = len(self.target_genes) if self.target_genes is not None else num_target_genes
         if self.target_genes is not None and num_target_genes not in (2000, self.num_target_genes):
@@ -374,6 +392,8 @@ class PerturbGenConfig(PreTrainedConfig):
         _check_choice("library_size", self.library_size, _LIBRARY_SIZES)
         _check_choice("mask_schedule", self.mask_schedule, _SCHEDULES)
         _check_choice("context_mode", self.context_mode, _CONTEXT_MODES)
+        _check_choice("source_path", self.source_path, _SOURCE_PATHS)
+        _check_choice("source_path_injection", self.source_path_injection, _SOURCE_PATH_INJECTIONS)
         for name in ("token_loss_weight", "count_loss_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):

@@ -43,6 +43,7 @@ class OriginalGenerationMixin:
         batch_size = input_ids.shape[0]
         source = self.encode(input_ids, attention_mask)
         source_mask = attention_mask.bool()
+        condition = self.condition_on_source(input_ids)
         device = source.device
         if reference_input_ids is not None:
             if reference_input_ids.dim() != 3 or reference_input_ids.shape[:2] != (batch_size, len(times)):
@@ -68,21 +69,21 @@ class OriginalGenerationMixin:
             else:
                 context = [(tokens, times[k]) for k, tokens in enumerate(sequences)]
                 open_slots = ~generation_pad
-            memory, memory_mask = self._original_memory(source, source_mask, context)
+            memory, memory_mask = self._original_memory(source, source_mask, context, condition)
             memory_key_values = self.decoder.project_memory(memory)
             tokens, last_input, hidden = self._original_maskgit(
                 open_slots, generation_pad, time_tensor, memory_key_values, memory_mask, num_iterations, temperature,
-                schedule, generator, noise,
+                schedule, generator, noise, condition,
             )  # fmt: skip
             if time_value in edit_values:
                 tokens = sequence_editor(tokens, time_value)
                 last_input = tokens
-                hidden = self._decode(tokens, time_tensor, memory_key_values, memory_mask)
+                hidden = self._decode(tokens, time_tensor, memory_key_values, memory_mask, source_condition=condition)
             sequences.append(tokens)
             generated.append((tokens, hidden, last_input))
         return self._generate_output(generated, times, library_size, output_hidden_states)
 
-    def _original_memory(self, source, source_mask, context):
+    def _original_memory(self, source, source_mask, context, source_condition=None):
         """The source, then each context cell decoded on the memory so far (`context_mode` "none": the source)."""
         memory, memory_mask = source, source_mask
         if self.config.context_mode == "none":
@@ -90,12 +91,13 @@ class OriginalGenerationMixin:
         for tokens, time_value in sorted(context, key=lambda item: item[1]):
             mask = tokens != self.config.pad_token_id
             time_tensor = torch.full((tokens.shape[0],), time_value, dtype=source.dtype, device=source.device)
-            states = self._decode(tokens, time_tensor, self.decoder.project_memory(memory), memory_mask, mask)
+            states = self._decode(tokens, time_tensor, self.decoder.project_memory(memory), memory_mask, mask,
+                                  source_condition)  # fmt: skip
             memory, memory_mask = torch.cat([memory, states], dim=1), torch.cat([memory_mask, mask], dim=1)
         return memory, memory_mask
 
     def _original_maskgit(self, open_slots, generation_pad, time_values, memory_key_values, memory_mask,
-                          num_iterations, temperature, schedule, generator, noise):  # fmt: skip
+                          num_iterations, temperature, schedule, generator, noise, source_condition=None):  # fmt: skip
         config = self.config
         batch_size, width = open_slots.shape
         vocab = config.decoder_vocab_size
@@ -116,7 +118,8 @@ class OriginalGenerationMixin:
             tokens = tokens.masked_fill(remask, mask_id)
             keep = tokens.masked_fill(remask, pad_id)
             step_input = tokens
-            hidden = self._decode(tokens, time_values, memory_key_values, memory_mask, ~generation_pad)
+            hidden = self._decode(tokens, time_values, memory_key_values, memory_mask, ~generation_pad,
+                                  source_condition)  # fmt: skip
             logits = self.lm_head(hidden).float()
             banned = torch.zeros(batch_size, vocab, dtype=torch.bool, device=tokens.device).scatter_(1, keep, True)
             logits = logits.masked_fill(banned[:, None, :], -FLOAT32_MAX)

@@ -328,6 +328,71 @@ class PerturbGenOriginalEncoder(nn.Module):
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
+def source_rank_weights(input_ids: torch.Tensor, first_gene_id: int, mask_token_id: int) -> tuple:
+    """
+    Presence and rank weights of the genes of rank-value encoded source cells.
+
+    A gene token gets presence 1 and rank weight `1 / log2(rank + 1)`, its rank counting gene and `<mask>` tokens
+    from the top (1 = the highest expressed); `<pad>`, `<cls>`, `<eos>` and `<mask>` get 0. A deleted gene thus
+    drops out and the genes after it move up one rank, a masked or padded one drops out alone, an overexpressed one
+    (moved to the top) gets weight 1.
+
+    Args:
+        input_ids (`torch.LongTensor` of shape `(batch, source_len)`): source tokens (encoder vocabulary).
+
+    Returns:
+        `(presence, rank_weight)`, two `torch.FloatTensor`s of shape `(batch, source_len)`.
+    """
+    is_gene = input_ids >= first_gene_id
+    ranked = is_gene | (input_ids == mask_token_id)
+    rank = ranked.long().cumsum(dim=1).clamp(min=1)
+    presence = is_gene.float()
+    return presence, presence / torch.log2(rank.float() + 1.0)
+
+
+class PerturbGenSourcePath(nn.Module):
+    """
+    The undiluted source path (`config.source_path`): a sum over the source's genes of learned gene embeddings (a
+    presence embedding, plus a rank-weighted one for `"rank"`), mapped to a shift (`"add"`) or a scale and shift
+    (`"film"`) of every decoder input embedding. The output map starts at zero, so a new path starts as a no-op and
+    a model saved without one loads unchanged.
+    """
+
+    def __init__(self, config: PerturbGenConfig):
+        super().__init__()
+        self.config = config
+        vocab, hidden = config.encoder.vocab_size, config.decoder_hidden_size
+        self.presence_embeddings = nn.EmbeddingBag(vocab, hidden, mode="sum")
+        self.rank_embeddings = nn.EmbeddingBag(vocab, hidden, mode="sum") if config.source_path == "rank" else None
+        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        film = config.source_path_injection == "film"
+        self.output = nn.Linear(hidden, 2 * hidden if film else hidden)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, source_len)`): source tokens (encoder vocabulary).
+
+        Returns:
+            `(shift, scale)`: `torch.FloatTensor`s of shape `(batch, decoder_hidden_size)`; `scale` is None for
+            `"add"`. The decoder's inputs become `embeddings * (1 + scale) + shift`.
+        """
+        presence, rank_weight = source_rank_weights(
+            input_ids, self.config.first_gene_token_id, self.config.mask_token_id
+        )
+        dtype = self.presence_embeddings.weight.dtype
+        summary = self.presence_embeddings(input_ids, per_sample_weights=presence.to(dtype))
+        if self.rank_embeddings is not None:
+            summary = summary + self.rank_embeddings(input_ids, per_sample_weights=rank_weight.to(dtype))
+        # The sum is normalised as a whole (LayerNorm rescales, it does not average): one gene's embedding still moves
+        # it by its own size, whatever the number of genes.
+        projected = self.output(self.norm(summary))
+        if self.config.source_path_injection == "film":
+            shift, scale = projected.chunk(2, dim=-1)
+            return shift, scale
+        return projected, None
+
+
 class PerturbGenDecoder(nn.Module):
     """Token + position + time embeddings and a stack of [`PerturbGenDecoderLayer`]."""
 
@@ -353,8 +418,11 @@ class PerturbGenDecoder(nn.Module):
         )
         self.dropout = nn.Dropout(config.decoder_dropout)
 
-    def embed(self, input_ids: torch.Tensor, time_values: torch.Tensor) -> torch.Tensor:
-        """Input embeddings `(batch, len, hidden)` of tokens at time `time_values` `(batch,)`."""
+    def embed(self, input_ids: torch.Tensor, time_values: torch.Tensor, source_condition=None) -> torch.Tensor:
+        """
+        Input embeddings `(batch, len, hidden)` of tokens at time `time_values` `(batch,)`, shifted (and scaled) by
+        the source path's `source_condition` `(shift, scale)` (see [`PerturbGenSourcePath`]) when given.
+        """
         seq_len = input_ids.shape[1]
         if seq_len > self.config.decoder_max_position_embeddings:
             raise ValueError(
@@ -369,6 +437,11 @@ class PerturbGenDecoder(nn.Module):
             times = sinusoidal_embedding(time_values * self.config.time_embedding_scale, self.hidden_size, layout)
             times = self.time_proj(times.to(self.time_proj.weight.dtype))
         embeddings = self.embed_tokens(input_ids) + positions.to(times.dtype) + times[:, None, :]
+        if source_condition is not None:
+            shift, scale = source_condition
+            if scale is not None:
+                embeddings = embeddings * (1.0 + scale[:, None, :])
+            embeddings = embeddings + shift[:, None, :]
         return self.dropout(embeddings)
 
     def ordinal_time_rows(self, time_values: torch.Tensor) -> torch.Tensor:
@@ -396,6 +469,7 @@ class PerturbGenDecoder(nn.Module):
         time_values: torch.Tensor,
         memory_key_values: list[tuple[torch.Tensor, torch.Tensor]],
         memory_mask: torch.Tensor,
+        source_condition=None,
     ) -> torch.Tensor:
         """
         Args:
@@ -404,11 +478,13 @@ class PerturbGenDecoder(nn.Module):
             time_values (`torch.FloatTensor` of shape `(batch,)`): time of each target.
             memory_key_values (`list`): from [`project_memory`].
             memory_mask (`torch.BoolTensor` of shape `(batch, memory_len)`): `True` for valid memory positions.
+            source_condition (`tuple`, *optional*): `(shift, scale)` of the source path, each `(batch, hidden)` (scale
+                may be None).
 
         Returns:
             `torch.FloatTensor` of shape `(batch, target_len, hidden)`.
         """
-        hidden_states = self.embed(input_ids, time_values)
+        hidden_states = self.embed(input_ids, time_values, source_condition)
         for layer, key_value in zip(self.layers, memory_key_values):
             hidden_states = layer(hidden_states, attention_mask, key_value, memory_mask)
         return self.final_norm(hidden_states)
@@ -542,6 +618,12 @@ class PerturbGenPreTrainedModel(PreTrainedModel):
             # Non-persistent buffers are re-created here when weights load onto the meta device.
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
+        elif isinstance(module, nn.EmbeddingBag):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, PerturbGenSourcePath):
+            # A no-op at first (and for a model saved before it existed); it learns from there.
+            init.zeros_(module.output.weight)
+            init.zeros_(module.output.bias)
         elif isinstance(module, PerturbGenCountHead):
             init.zeros_(module.log_theta)
             if module.log_library_size is not None:
@@ -585,6 +667,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             if encoder_width != config.decoder_hidden_size
             else None
         )
+        self.source_path = PerturbGenSourcePath(config) if config.source_path != "none" else None
         self.decoder = PerturbGenDecoder(config)
         self.lm_head = nn.Linear(config.decoder_hidden_size, config.decoder_vocab_size)
         self.count_head = PerturbGenCountHead(config)
@@ -671,6 +754,16 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             encoded = self.encoder_to_decoder(encoded)
         return encoded
 
+    def condition_on_source(self, input_ids: torch.Tensor):
+        """
+        The source path's `(shift, scale)` of the decoder inputs (see [`PerturbGenSourcePath`]), or None for
+        `config.source_path == "none"`.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, source_len)`): source tokens (encoder vocabulary).
+        """
+        return None if self.source_path is None else self.source_path(input_ids)
+
     def encode_context(
         self,
         source_memory: torch.Tensor,
@@ -678,6 +771,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         context_input_ids: torch.Tensor,
         context_time_values: torch.Tensor,
         context_attention_mask: torch.Tensor | None = None,
+        source_condition=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Decoder embeddings of the context time points (complete, unmasked sequences), each decoded with the source as
@@ -690,6 +784,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 an all-`<pad>` slot is an absent time point.
             context_time_values (`torch.FloatTensor` of shape `(batch, num_context)`).
             context_attention_mask (`torch.BoolTensor` of shape `(batch, num_context, context_len)`, *optional*).
+            source_condition (`tuple`, *optional*): from [`condition_on_source`].
 
         Returns:
             `(states, mask)`: `(batch, num_context * context_len, hidden)` and `(batch, num_context * context_len)`.
@@ -699,11 +794,14 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             context_attention_mask = context_input_ids != self.config.pad_token_id
         if self.config.context_mode == "chained":
             return self._chained_context(source_memory, source_mask, context_input_ids, context_time_values,
-                                         context_attention_mask)  # fmt: skip
+                                         context_attention_mask, source_condition)  # fmt: skip
         flat_ids = context_input_ids.reshape(batch_size * num_context, context_len)
         flat_mask = context_attention_mask.reshape(batch_size * num_context, context_len).bool()
         memory = source_memory.repeat_interleave(num_context, dim=0)
         memory_mask = source_mask.repeat_interleave(num_context, dim=0)
+        condition = None
+        if source_condition is not None:
+            condition = tuple(None if c is None else c.repeat_interleave(num_context, dim=0) for c in source_condition)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.context_gradient):
             states = self.decoder(
                 flat_ids,
@@ -711,12 +809,13 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 context_time_values.reshape(-1).to(memory.dtype),
                 self.decoder.project_memory(memory),
                 memory_mask,
+                condition,
             )
         hidden = states.shape[-1]
         return states.reshape(batch_size, num_context * context_len, hidden), flat_mask.reshape(batch_size, -1)
 
     def _chained_context(self, source_memory, source_mask, context_input_ids, context_time_values,
-                         context_attention_mask):  # fmt: skip
+                         context_attention_mask, source_condition=None):  # fmt: skip
         """
         The original's context: each context time point, in the given (ascending) order, is decoded with the source
         and the context states before it as memory.
@@ -726,7 +825,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             for slot in range(context_input_ids.shape[1]):
                 mask = context_attention_mask[:, slot].bool()
                 states = self.decoder(context_input_ids[:, slot], mask, context_time_values[:, slot].to(memory.dtype),
-                                      self.decoder.project_memory(memory), memory_mask)  # fmt: skip
+                                      self.decoder.project_memory(memory), memory_mask, source_condition)  # fmt: skip
                 memory, memory_mask = torch.cat([memory, states], dim=1), torch.cat([memory_mask, mask], dim=1)
         length = source_memory.shape[1]
         return memory[:, length:], memory_mask[:, length:]
@@ -773,20 +872,24 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             attention_mask = (input_ids != self.config.pad_token_id).long()
         source = self.encode(input_ids, attention_mask)
         source_mask = attention_mask.bool()
+        condition = self.condition_on_source(input_ids)
         if context_input_ids is None or self.config.context_mode == "none":
-            return source, source_mask, source
+            return source, source_mask, source, condition
         if context_time_values is None:
             raise ValueError("`context_time_values` is required with `context_input_ids`.")
         self._check_target_ids(context_input_ids, "context_input_ids")
         context, context_mask = self.encode_context(
-            source, source_mask, context_input_ids, context_time_values, context_attention_mask
+            source, source_mask, context_input_ids, context_time_values, context_attention_mask, condition
         )
-        return torch.cat([source, context], dim=1), torch.cat([source_mask, context_mask], dim=1), source
+        memory, memory_mask = torch.cat([source, context], dim=1), torch.cat([source_mask, context_mask], dim=1)
+        return memory, memory_mask, source, condition
 
-    def _decode(self, token_ids, time_values, memory_key_values, memory_mask, attention_mask=None):
+    def _decode(self, token_ids, time_values, memory_key_values, memory_mask, attention_mask=None,
+                source_condition=None):  # fmt: skip
         if attention_mask is None:
             attention_mask = token_ids != self.config.pad_token_id
-        return self.decoder(token_ids, attention_mask.bool(), time_values, memory_key_values, memory_mask)
+        return self.decoder(token_ids, attention_mask.bool(), time_values, memory_key_values, memory_mask,
+                            source_condition)  # fmt: skip
 
     # -- training forward -------------------------------------------------------------------------------------------
 
@@ -839,13 +942,13 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         if decoder_input_ids is None or decoder_time_values is None:
             raise ValueError("`decoder_input_ids` and `decoder_time_values` are required; use `generate` to predict.")
         self._check_target_ids(decoder_input_ids, "decoder_input_ids")
-        memory, memory_mask, source = self._memory(
+        memory, memory_mask, source, condition = self._memory(
             input_ids, attention_mask, context_input_ids, context_time_values, context_attention_mask
         )
         time_values = decoder_time_values.to(memory.dtype)
         memory_key_values = self.decoder.project_memory(memory)
         hidden_states = self._decode(
-            decoder_input_ids, time_values, memory_key_values, memory_mask, decoder_attention_mask
+            decoder_input_ids, time_values, memory_key_values, memory_mask, decoder_attention_mask, condition
         )
         logits = self.lm_head(hidden_states)
 
@@ -855,7 +958,8 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         count_ids, count_hidden = decoder_input_ids, hidden_states
         if labels is not None and target_counts is not None:
             count_ids = torch.where(labels != -100, labels, decoder_input_ids)
-            count_hidden = self._decode(count_ids, time_values, memory_key_values, memory_mask, decoder_attention_mask)
+            count_hidden = self._decode(count_ids, time_values, memory_key_values, memory_mask, decoder_attention_mask,
+                                        condition)  # fmt: skip
         cell_embeddings = self.pool(count_hidden, count_ids)
         if library_size is None and target_counts is not None and self.config.library_size == "observed":
             library_size = target_counts.sum(dim=-1)
@@ -1081,6 +1185,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             raise ValueError("`reference_input_ids` is read only with generation_mode='original'.")
         source = self.encode(input_ids, attention_mask)  # once per call
         source_mask = attention_mask.bool()
+        condition = self.condition_on_source(input_ids)
         generators = self._time_point_generators(generator, len(times))
         generated, contexts = [], []
         for time_value, generator in zip(times, generators):
@@ -1091,18 +1196,18 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             tokens, is_gene = self._initial_target(lengths, condition_ids)
             tokens = self._maskgit_loop(
                 tokens, is_gene, lengths, time_tensor, memory_key_values, memory_mask,
-                num_iterations, temperature, top_k, schedule, generator, noise,
+                num_iterations, temperature, top_k, schedule, generator, noise, condition,
             )  # fmt: skip
             if time_value in edit_values:
                 tokens = sequence_editor(tokens, time_value)
-            hidden = self._decode(tokens, time_tensor, memory_key_values, memory_mask)
+            hidden = self._decode(tokens, time_tensor, memory_key_values, memory_mask, source_condition=condition)
             generated.append((tokens, hidden))
             if self.config.context_mode != "none" and time_value != times[-1]:
                 if self.config.context_mode == "chained":
-                    context = self._decode(tokens, time_tensor, memory_key_values, memory_mask)
+                    context = hidden  # the same decoding: the memory so far
                 else:
                     source_kv = self.decoder.project_memory(source)
-                    context = self._decode(tokens, time_tensor, source_kv, source_mask)
+                    context = self._decode(tokens, time_tensor, source_kv, source_mask, source_condition=condition)
                 contexts.append((context, tokens != self.config.pad_token_id))
         return self._generate_output(generated, times, library_size, output_hidden_states)
 
@@ -1155,13 +1260,15 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         batch_size, num_times, length = decoder_input_ids.shape
         source = self.encode(input_ids, attention_mask)
         source_mask = attention_mask.bool()
+        condition = self.condition_on_source(input_ids)
         time_tensor = torch.tensor(times, dtype=source.dtype, device=source.device)
         use_context = self.config.context_mode != "none" and num_times > 1
         chained = self.config.context_mode == "chained"
         if use_context and not chained:
             # Every slot's context states depend only on the source and the slot, so they are computed once.
             context, context_mask = self.encode_context(
-                source, source_mask, decoder_input_ids, time_tensor.expand(batch_size, num_times)
+                source, source_mask, decoder_input_ids, time_tensor.expand(batch_size, num_times),
+                source_condition=condition,
             )
         generated = []
         for index in range(num_times):
@@ -1171,7 +1278,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 others = sorted((k for k in range(num_times) if k != index), key=lambda k: times[k])
                 states, mask = self._chained_context(
                     source, source_mask, decoder_input_ids[:, others], time_tensor[others].expand(batch_size, -1),
-                    decoder_input_ids[:, others] != self.config.pad_token_id,
+                    decoder_input_ids[:, others] != self.config.pad_token_id, condition,
                 )  # fmt: skip
                 memory, memory_mask = torch.cat([source, states], dim=1), torch.cat([source_mask, mask], dim=1)
             elif use_context:
@@ -1184,7 +1291,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 memory_mask = torch.cat([source_mask, context_mask & slots], dim=1)
             tokens = decoder_input_ids[:, index]
             hidden = self._decode(tokens, time_tensor[index].expand(batch_size), self.decoder.project_memory(memory),
-                                  memory_mask)  # fmt: skip
+                                  memory_mask, source_condition=condition)  # fmt: skip
             pooled_input = tokens
             if exclude_from_pooling is not None:
                 excluded = torch.as_tensor(list(exclude_from_pooling), dtype=tokens.dtype, device=tokens.device)
@@ -1230,7 +1337,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
 
     def _maskgit_loop(
         self, tokens, is_gene, lengths, time_values, memory_key_values, memory_mask,
-        num_iterations, temperature, top_k, schedule, generator, noise=(None, None),
+        num_iterations, temperature, top_k, schedule, generator, noise=(None, None), source_condition=None,
     ):  # fmt: skip
         exponent = self.config.mask_schedule_exponent
         step = 0
@@ -1247,7 +1354,8 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 else torch.zeros_like(lengths)
             )
             step_temperature = temperature * (1.0 - (step + 1) / num_iterations) if scheduled else 0.0
-            logits = self.lm_head(self._decode(tokens, time_values, memory_key_values, memory_mask))
+            hidden = self._decode(tokens, time_values, memory_key_values, memory_mask, source_condition=source_condition)
+            logits = self.lm_head(hidden)
             tokens = self._unmask_step(logits, tokens, is_gene, keep, step_temperature, top_k, generator, noise)
             step += 1
         return tokens
