@@ -325,6 +325,7 @@ def build_config(weights, hparams, encoder_hparams, encoder_positions, target_ge
         num_dispersion_conditions=int(theta.shape[1]) if theta is not None and theta.dim() == 2 else 1,
         count_prediction="mu", mask_schedule=hparams.get("mask_scheduler", "cosine"), generation_mode="original",
         original_filter_threshold=0.9, freeze_encoder=True, source_path="none",
+        count_readout="pooled",
     )  # fmt: skip
 
 

@@ -37,8 +37,17 @@ class DemoSettings(CpuTrainingSettings):
     cells_per_clone: int = 2
     heldout_fraction: float = 0.25
     regulator: str = "REG1"
+    # Measured on this simulator (benchmarks/README.md): with the presence source path and the per-gene count readout,
+    # 1,600 steps without context reached AUROC 0.97-1.0 at seed 0 (800 steps: 0.95-0.98). The context variant
+    # ("previous") was not measured with these heads.
+    max_steps: int = 1600
+    context_mode: str = "none"
     iterations: int = 8
-    num_samples: int = 1
+    # MaskGIT sampling is chaotic (a tiny logit change re-orders many generated genes): pooling 4 independent
+    # generations per cell raised seed 1's AUROC from 0.79-0.91 to 0.88-0.97 (benchmarks/README.md).
+    num_samples: int = 4
+    target_auroc: float = 0.95
+    target_pearson: float = 0.8
     responder_threshold: float = 0.5
     unaffected_threshold: float = 0.1
     ridge: float = 10.0
@@ -46,7 +55,7 @@ class DemoSettings(CpuTrainingSettings):
 
 
 # A tiny variant for the test suite (well under a minute); its scores mean nothing.
-FAST = DemoSettings(num_clones=40, preset="tiny", max_steps=8, iterations=2, max_source_length=64,
+FAST = DemoSettings(num_clones=40, preset="tiny", max_steps=8, iterations=2, num_samples=1, max_source_length=64,
                     max_target_length=64)  # fmt: skip
 
 
@@ -250,7 +259,9 @@ def _summarise(scores, settings, seconds, result, out, plots, curve):
     model = scores[scores["method"] == "PerturbGen (this model)"].set_index("time_point")
     others = scores[scores["method"] != "PerturbGen (this model)"]
     best_baseline = others.groupby("time_point")["auroc"].max()
-    target_met = bool((model["auroc"] >= 0.75).all())
+    target_met = bool(
+        (model["auroc"] >= settings.target_auroc).all() and (model["pearson"] >= settings.target_pearson).all()
+    )
     changes = result.de[result.de["group"] == "all"].groupby("time_point")["log2_fold_change"]
     return {
         "median_abs_predicted_change": {t: float(v) for t, v in changes.apply(lambda x: x.abs().median()).items()},
@@ -260,7 +271,8 @@ def _summarise(scores, settings, seconds, result, out, plots, curve):
         "pearson": model["pearson"].round(3).to_dict(),
         "sign_agreement": model["sign_agreement"].round(3).to_dict(),
         "best_baseline_auroc": best_baseline.round(3).to_dict(),
-        "target_auroc_0_75_met": target_met,
+        "target": {"auroc": settings.target_auroc, "pearson": settings.target_pearson},
+        "target_met": target_met,
         "beats_every_baseline": bool((model["auroc"] > best_baseline.reindex(model.index)).all()),
         "cells_perturbed": result.summary["cells"],
         "cells_unaffected": result.summary["cells_unaffected"],
@@ -282,10 +294,11 @@ def _report(summary, scores, settings, control) -> str:
     second = edges[edges["regulator"].isin(direct)]["target"]
     table = scores.pivot_table(index=["time_point", "method"], values=["auroc", "pearson", "sign_agreement"],
                                sort=False).round(3)  # fmt: skip
+    target = f"AUROC >= {settings.target_auroc} and Pearson >= {settings.target_pearson} at every predicted time point"
     verdict = (
-        "The model reaches an AUROC of at least 0.75 at every predicted time point."
-        if summary["target_auroc_0_75_met"]
-        else "**The model misses the target** (AUROC of at least 0.75 at every predicted time point)."
+        f"The model meets the target ({target})."
+        if summary["target_met"]
+        else f"**The model misses the target** ({target})."
     )
     margin = (
         "It ranks true responders better than every baseline at every time point."
@@ -297,7 +310,10 @@ def _report(summary, scores, settings, control) -> str:
         margin += (
             f" The model's predicted changes are close to zero (median |log2 fold change| "
             f"{', '.join(f'{t}: {v:.1e}' for t, v in size.items())}): it has not learned to read the regulator's "
-            "state in the source cell, so its ranking is noise. More training, or a pretrained encoder, is needed."
+            "state in the source cell, so its ranking is noise. On this simulator that is what too few training steps "
+            "give (400 steps: median 0.002-0.006), and what a decoder that sees the source only through "
+            "cross-attention gives (`source_path='none'`, the original architecture: median 1e-4); the defaults "
+            "(1,600 steps, presence source path, per-gene count readout) reach the target."
         )
     lines = [
         "# perturbgen-hf demo: an in silico knockout scored against a known truth",

@@ -75,6 +75,20 @@ class ModelArguments:
     count_likelihood: str = field(default="zinb", metadata={"help": "zinb, nb or mse"})
     library_size: str = field(default="predicted", metadata={"help": "predicted (by a head) or observed"})
     context_mode: str = field(default="previous", metadata={"help": "previous, all, chained or none"})
+    source_path: str = field(
+        default="presence",
+        metadata={
+            "help": "undiluted source summary added to the decoder: presence, rank (presence + rank-weighted) "
+            "or none (cross-attention only, as the original)"
+        },
+    )
+    source_path_injection: str = field(default="add", metadata={"help": "add or film"})
+    count_head_reads_source: bool = field(
+        default=True, metadata={"help": "the count head also reads the source path's summary"}
+    )
+    count_readout: str = field(
+        default="per_gene", metadata={"help": "per_gene (each gene's own decoder state) or pooled (the original's)"}
+    )
     mask_schedule: str = field(default="cosine", metadata={"help": "cosine, pow or linear"})
 
 
@@ -243,6 +257,10 @@ def build_model(model_args, data_args, tokenizer, description, train_dataset, tr
             "count_likelihood": model_args.count_likelihood,
             "library_size": model_args.library_size,
             "context_mode": model_args.context_mode,
+            "source_path": model_args.source_path,
+            "source_path_injection": model_args.source_path_injection,
+            "count_head_reads_source": model_args.count_head_reads_source,
+            "count_readout": model_args.count_readout,
             "mask_schedule": model_args.mask_schedule,
             "log_library_size_init": mean_log_library_size(train_dataset),
         }
@@ -396,11 +414,81 @@ def train(model_args, data_args, training_args):
     trainer.get_eval_dataloader = _with_collator(trainer.get_eval_dataloader, eval_collator)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate() if eval_dataset is not None else {}
-    save_model(trainer, tokenizer, description, model_args, data_args, training_args, metrics)
+    sensitivity = source_sensitivity(trainer.model, eval_dataset if eval_dataset is not None else train_dataset,
+                                     description, train_positions, data_args, training_args.seed)  # fmt: skip
+    logger.info("Source sensitivity (mean |change| of predicted log1p CP10k per gene when the source is swapped for "
+                "another cell; observed: the same for the observed targets): %s", json.dumps(sensitivity))  # fmt: skip
+    save_model(trainer, tokenizer, description, model_args, data_args, training_args, metrics, sensitivity)
     if push and trainer.is_world_process_zero():
         push_to_hub(training_args.output_dir, training_args.hub_model_id, training_args.hub_token,
                     training_args.hub_private_repo)  # fmt: skip
     return trainer
+
+
+def _log_cp10k(counts: np.ndarray) -> np.ndarray:
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.log1p(counts / np.where(totals > 0, totals, 1.0) * 1e4)
+
+
+@torch.no_grad()
+def source_sensitivity(model, dataset, description, positions, data_args, seed, max_cells=64) -> dict:
+    """
+    Does the model read its source? For up to `max_cells` examples, swap each source for another source cell (of the
+    same `source_group`, and of any group) and measure how much the predicted target changes: the mean absolute
+    difference per gene of predicted log1p CP10k (greedy generation, so only the source differs), per time point.
+    The same figure for the observed targets paired with the two sources is the reference: a model that ignores its
+    source scores 0; observed differences also hold the cells' sampling noise, so a good model scores below them.
+
+    Returns:
+        `dict`: `{"within_group" | "any_group": {time point: {"predicted": float, "observed": float}}}`, or `{}`
+        when there are fewer than two source cells.
+    """
+    if dataset is None or len(dataset) < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    rows = dataset.select(np.sort(rng.choice(len(dataset), min(max_cells, len(dataset)), replace=False)))
+    groups = np.asarray(rows["source_group"]).astype(str)
+    cells = np.asarray(rows["source_cell_id"]).astype(str)
+    partners = {"within_group": [], "any_group": []}
+    for i in range(len(rows)):
+        same = np.flatnonzero((groups == groups[i]) & (cells != cells[i]))
+        other = np.flatnonzero(cells != cells[i])
+        partners["within_group"].append(int(rng.choice(same)) if len(same) else -1)
+        partners["any_group"].append(int(rng.choice(other)) if len(other) else -1)
+    limit = data_args.max_source_length
+    sources = [s if not limit or len(s) <= limit else [*s[: limit - 1], 3] for s in rows["source_input_ids"]]
+    width = max(len(s) for s in sources)
+    input_ids = torch.zeros(len(sources), width, dtype=torch.long)
+    for i, source in enumerate(sources):
+        input_ids[i, : len(source)] = torch.as_tensor(source)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    names = [description["time_points"][p] for p in positions]
+    # A model scaled by an observed library size gets a constant one: the figures are per 10,000 counts anyway.
+    library = torch.full((len(sources),), 1e4, device=device) if model.config.library_size == "observed" else None
+    out = model.generate(input_ids.to(device), time_points=[description["time_values"][p] for p in positions],
+                         num_iterations=8, temperature=0.0, library_size=library,
+                         generator=torch.Generator(device=device).manual_seed(seed))  # fmt: skip
+    model.train(was_training)
+    predicted = out.counts.float().cpu().numpy()  # (cells, times, genes)
+    report = {}
+    for kind, partner in partners.items():
+        partner = np.asarray(partner)
+        keep = partner >= 0
+        if not keep.any():
+            continue
+        report[kind] = {}
+        for t, (name, position) in enumerate(zip(names, positions)):
+            observed = np.zeros((len(rows), model.config.num_target_genes), dtype=np.float64)
+            for i, (indices, values) in enumerate(zip(rows["target_counts_indices"], rows["target_counts_values"])):
+                observed[i, indices[position]] = values[position]
+            pred, obs = _log_cp10k(predicted[:, t].astype(np.float64)), _log_cp10k(observed)
+            report[kind][name] = {
+                "predicted": float(np.abs(pred[keep] - pred[partner[keep]]).mean()),
+                "observed": float(np.abs(obs[keep] - obs[partner[keep]]).mean()),
+            }
+    return report
 
 
 def configure_early_stopping(training_args, eval_dataset):
@@ -429,14 +517,14 @@ def _with_collator(get_dataloader, collator):
     return patched
 
 
-def save_model(trainer, tokenizer, description, model_args, data_args, training_args, metrics):
+def save_model(trainer, tokenizer, description, model_args, data_args, training_args, metrics, sensitivity=None):
     trainer.save_model(training_args.output_dir)  # model (safetensors + code) and tokenizer
     if not trainer.is_world_process_zero():
         return
     out = Path(training_args.output_dir)
     (out / "training_summary.json").write_text(json.dumps({
         "model_arguments": asdict(model_args), "data_arguments": asdict(data_args),
-        "final_metrics": metrics, "data": description,
+        "final_metrics": metrics, "source_sensitivity": sensitivity, "data": description,
     }, indent=2, default=str))  # fmt: skip
     (out / "README.md").write_text(model_card(trainer.model.config, description, model_args, data_args,
                                               training_args, metrics))  # fmt: skip
@@ -505,6 +593,11 @@ class CpuTrainingSettings:
     freeze_encoder: bool = True
     max_source_length: int = 256
     max_target_length: int = 128
+    context_mode: str = "previous"
+    source_path: str = "presence"
+    source_path_injection: str = "add"
+    count_head_reads_source: bool = True
+    count_readout: str = "per_gene"
     seed: int = 0
 
 
@@ -527,7 +620,10 @@ def train_on_cpu(data, out, settings: CpuTrainingSettings, log_every: int, progr
         "--warmup_steps", str(max(1, settings.max_steps // 10)), "--max_source_length",
         str(settings.max_source_length), "--max_target_length", str(settings.max_target_length), "--use_cpu",
         "--freeze_encoder", str(settings.freeze_encoder).lower(), "--report_to", "none", "--eval_fraction", "0",
-        "--seed", str(settings.seed), "--logging_steps", str(log_every), "--save_strategy", "no", "--disable_tqdm",
+        "--context_mode", settings.context_mode, "--source_path", settings.source_path,
+        "--source_path_injection", settings.source_path_injection, "--count_head_reads_source",
+        str(settings.count_head_reads_source).lower(), "--count_readout", settings.count_readout, "--seed",
+        str(settings.seed), "--logging_steps", str(log_every), "--save_strategy", "no", "--disable_tqdm",
         str(not progress).lower(),
     ]  # fmt: skip
     trainer = train(*parse_arguments(argv))
@@ -549,5 +645,11 @@ def push_to_hub(folder, repo_id, token=None, private=None):
 
 def main(argv=None) -> int:
     model_args, data_args, training_args = parse_arguments(argv)
-    train(model_args, data_args, training_args)
+    try:
+        train(model_args, data_args, training_args)
+    finally:
+        # Under torchrun, a process group left open at exit can abort a gloo process ("terminate called without an
+        # active exception"), failing a run that finished.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0

@@ -40,7 +40,9 @@ def test_no_losses_without_targets(model, config):
 
 
 def test_loss_reaches_every_trainable_parameter_and_no_frozen_one(config):
-    model = PerturbGenForConditionalGeneration(config).train()
+    # The zero-initialised output maps (source path, per-gene readout) pass no gradient back until they have moved
+    # off zero, as they do after the first step: give them the weights they would have then.
+    model = _with_live_source_path(PerturbGenForConditionalGeneration(config)).train()
     model(**tiny_batch(config)).loss.backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith("encoder.") for n in trainable)
@@ -229,3 +231,87 @@ def test_bad_inputs_are_reported(model, config):
     observed = PerturbGenForConditionalGeneration(tiny_config(library_size="observed")).eval()
     with pytest.raises(ValueError, match="library_size"):
         observed.generate(batch["input_ids"], sequence_length=3)
+
+
+def test_source_rank_weights_follow_the_edits():
+    from perturbgen_hf.modeling.modeling_perturbgen import source_rank_weights
+
+    # <cls> g10 g11 <mask> g12 <eos> <pad>
+    ids = torch.tensor([[2, 10, 11, 1, 12, 3, 0]])
+    presence, rank = source_rank_weights(ids, first_gene_id=4, mask_token_id=1)
+    assert presence.tolist() == [[0, 1, 1, 0, 1, 0, 0]]
+    # Ranks 1, 2, (mask holds rank 3), 4.
+    expected = torch.tensor([[0, 1.0, 1 / np.log2(3), 0, 1 / np.log2(5), 0, 0]], dtype=torch.float32)
+    torch.testing.assert_close(rank, expected)
+
+
+def _with_live_source_path(model, seed=0):
+    """Give the zero-initialised output maps random weights, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (model.source_path.output, model.count_head.source_proj, model.count_head.gene_readout[-1]):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.5)
+    return model
+
+
+def test_one_source_gene_reaches_every_decoder_position_undiluted():
+    config = tiny_config(source_path="presence")
+    model = _with_live_source_path(PerturbGenForConditionalGeneration(config).eval())
+    source = torch.tensor([[2, *range(10, 40), 3]])  # 30 genes
+    deleted = torch.tensor([[2, *range(10, 25), *range(26, 40), 3, 0]])  # gene 25 deleted
+    full, cut = model.condition_on_source(source), model.condition_on_source(deleted)
+    # Before the normalisation, the sums differ by exactly the deleted gene's embedding (a sum, not a mean).
+    embeddings = model.source_path.presence_embeddings.weight
+    raw = embeddings[10:40].sum(0, keepdim=True)
+    raw_cut = raw - embeddings[25]
+    torch.testing.assert_close(full.summary, model.source_path.norm(raw))
+    torch.testing.assert_close(cut.summary, model.source_path.norm(raw_cut))
+    # The decoder's input embeddings at every position move by the same shift.
+    tokens, times = torch.tensor([[5, 6, 7, 1]]), torch.tensor([1.0])
+    moved = model.decoder.embed(tokens, times, full) - model.decoder.embed(tokens, times, cut)
+    torch.testing.assert_close(moved, (full.shift - cut.shift)[:, None, :].expand_as(moved))
+    assert (full.shift - cut.shift).abs().max() > 1e-3
+    # The knockout changes the predicted counts, through the decoder and the count head.
+    kwargs = {"sequence_length": 6, "temperature": 0.0, "num_iterations": 2}
+    counts = model.generate(source, **kwargs).counts
+    assert not torch.allclose(counts, model.generate(deleted, **kwargs).counts)
+
+
+def test_a_model_saved_before_the_source_path_loads_unchanged(tmp_path):
+    old = PerturbGenForConditionalGeneration(tiny_config(source_path="none", count_readout="pooled")).eval()
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    for key in ("source_path", "source_path_injection", "count_head_reads_source", "count_readout"):
+        saved.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    new = PerturbGenForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert new.config.source_path == "presence" and new.source_path is not None
+    source = torch.tensor([[2, *range(10, 30), 3], [2, *range(30, 45), 3, 0, 0, 0, 0, 0]])
+    kwargs = {"sequence_length": 6, "generator": torch.Generator().manual_seed(0)}
+    first = old.generate(source, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    second = new.generate(source, **kwargs)
+    assert torch.equal(first.sequences, second.sequences)
+    torch.testing.assert_close(first.counts, second.counts)
+
+
+def test_per_gene_readout_moves_only_the_genes_it_reads():
+    config = tiny_config(source_path="presence")
+    model = _with_live_source_path(PerturbGenForConditionalGeneration(config).eval())
+    head = model.count_head
+    pooled = torch.randn(1, config.decoder_hidden_size)
+    states = torch.randn(1, 3, config.decoder_hidden_size)
+    index = torch.tensor([[2, 5, -1]])  # genes 2 and 5, then a non-gene position
+    base = head(pooled)
+    read = head(pooled, gene_states=states, gene_index=index)
+    changed = (read["zi_logits"] - base["zi_logits"]).abs()[0] > 0
+    assert changed.nonzero().flatten().tolist() == [2, 5]
+    corrections = head.gene_readout(states)[0]
+    torch.testing.assert_close(read["zi_logits"][0, [2, 5]] - base["zi_logits"][0, [2, 5]], corrections[:2, 1])
+
+
+@pytest.mark.parametrize(("name", "value"), [("source_path", "mean"), ("source_path_injection", "concat"),
+                                             ("count_readout", "token"), ("count_head_reads_source", "yes")])  # fmt: skip
+def test_bad_source_path_settings(name, value):
+    with pytest.raises(ValueError, match=name):
+        tiny_config(**{name: value})

@@ -60,6 +60,13 @@ def test_training_saves_a_loadable_model_with_card_and_metrics(trained, lps_data
     metrics = summary["final_metrics"]
     for key in ("eval_token_loss", "eval_perplexity", "eval_count_nll", "eval_count_mse"):
         assert key in metrics and metrics[key] == metrics[key]  # present and not NaN
+    # The source-sensitivity diagnostic: per swap kind and trained time point, predicted and observed changes.
+    sensitivity = summary["source_sensitivity"]
+    assert set(sensitivity) == {"within_group", "any_group"}
+    for kind in sensitivity.values():
+        assert set(kind) == {"2h", "4h", "6h"}
+        for figures in kind.values():
+            assert figures["observed"] > 0 and figures["predicted"] >= 0
     history = json.loads((trained / "checkpoint-12" / "trainer_state.json").read_text())["log_history"]
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 6 and losses[-1] < losses[0]

@@ -115,7 +115,7 @@ class PerturbGenConfig(PreTrainedConfig):
             or `"none"`.
         context_gradient (`bool`, *optional*, defaults to `False`):
             Back-propagate through the context passes (the original computes them without gradient).
-        source_path (`str`, *optional*, defaults to `"rank"`):
+        source_path (`str`, *optional*, defaults to `"presence"`):
             An undiluted summary of the source cell that reaches every decoder position besides cross-attention: a
             sum over the source's genes of learned gene embeddings. `"rank"`: each gene contributes a presence
             embedding plus a second embedding weighted by `1 / log2(rank + 1)` (rank 1 = the top gene), so the sum
@@ -127,6 +127,13 @@ class PerturbGenConfig(PreTrainedConfig):
         source_path_injection (`str`, *optional*, defaults to `"add"`):
             How the summary enters the decoder: `"add"` (added to every input embedding, like the time embedding)
             or `"film"` (a learned scale and shift of every input embedding).
+        count_head_reads_source (`bool`, *optional*, defaults to `True`):
+            With a source path, the count head reads its summary besides the pooled decoder states, so predicted
+            counts follow the source directly and not only through the (sampled) generated genes.
+        count_readout (`str`, *optional*, defaults to `"per_gene"`):
+            `"per_gene"`: each generated gene's own decoder state adds to that gene's count logits (genes not generated
+            keep the pooled head's); `"pooled"`: the count head reads only the mean-pooled cell embedding (the
+            original's).
         target_genes (`list[str]`, *optional*):
             Gene identifiers (Ensembl IDs) of the decoder's vocabulary, in token-id order.
         num_target_genes (`int`, *optional*, defaults to 2000):
@@ -240,8 +247,10 @@ class PerturbGenConfig(PreTrainedConfig):
         time_embedding_scale=1.0,
         context_mode="previous",
         context_gradient=False,
-        source_path="rank",
+        source_path="presence",
         source_path_injection="add",
+        count_head_reads_source=True,
+        count_readout="per_gene",
         target_genes=None,
         num_target_genes=2000,
         condition_tokens=None,
@@ -303,6 +312,8 @@ class PerturbGenConfig(PreTrainedConfig):
         self.context_gradient = context_gradient
         self.source_path = source_path
         self.source_path_injection = source_path_injection
+        self.count_head_reads_source = count_head_reads_source
+        self.count_readout = count_readout
         self.target_genes = list(target_genes) if target_genes is not None else None
         self.num_target_genes = len(self.target_genes) if self.target_genes is not None else num_target_genes
         if self.target_genes is not None and num_target_genes not in (2000, self.num_target_genes):
@@ -394,6 +405,9 @@ class PerturbGenConfig(PreTrainedConfig):
         _check_choice("context_mode", self.context_mode, _CONTEXT_MODES)
         _check_choice("source_path", self.source_path, _SOURCE_PATHS)
         _check_choice("source_path_injection", self.source_path_injection, _SOURCE_PATH_INJECTIONS)
+        _check_choice("count_readout", self.count_readout, ("per_gene", "pooled"))
+        if not isinstance(self.count_head_reads_source, bool):
+            raise ValueError(f"`count_head_reads_source` must be True or False, got {self.count_head_reads_source!r}.")
         for name in ("token_loss_weight", "count_loss_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):

@@ -81,7 +81,7 @@ class OriginalGenerationMixin:
                 hidden = self._decode(tokens, time_tensor, memory_key_values, memory_mask, source_condition=condition)
             sequences.append(tokens)
             generated.append((tokens, hidden, last_input))
-        return self._generate_output(generated, times, library_size, output_hidden_states)
+        return self._generate_output(generated, times, library_size, output_hidden_states, condition)
 
     def _original_memory(self, source, source_mask, context, source_condition=None):
         """The source, then each context cell decoded on the memory so far (`context_mode` "none": the source)."""

@@ -350,6 +350,34 @@ def source_rank_weights(input_ids: torch.Tensor, first_gene_id: int, mask_token_
     return presence, presence / torch.log2(rank.float() + 1.0)
 
 
+def _zero_initialised(linear: nn.Linear) -> nn.Linear:
+    """Mark a layer for zero initialisation (see `PerturbGenPreTrainedModel._init_weights`)."""
+    linear.zero_init = True
+    return linear
+
+
+@dataclass
+class SourceCondition:
+    """
+    What the source path gives the decoder and the count head for a batch of source cells.
+
+    Args:
+        summary (`torch.FloatTensor` of shape `(batch, hidden)`): the normalised sum of the source's gene embeddings.
+        shift (`torch.FloatTensor` of shape `(batch, hidden)`): added to every decoder input embedding.
+        scale (`torch.FloatTensor` of shape `(batch, hidden)`, *optional*): with `"film"`, the input embeddings are
+            multiplied by `1 + scale` first.
+    """
+
+    summary: torch.Tensor
+    shift: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    def repeat_interleave(self, repeats: int) -> "SourceCondition":
+        """The same condition for each row repeated `repeats` times (as `Tensor.repeat_interleave(dim=0)`)."""
+        return SourceCondition(*(None if t is None else t.repeat_interleave(repeats, dim=0)
+                                 for t in (self.summary, self.shift, self.scale)))  # fmt: skip
+
+
 class PerturbGenSourcePath(nn.Module):
     """
     The undiluted source path (`config.source_path`): a sum over the source's genes of learned gene embeddings (a
@@ -366,16 +394,15 @@ class PerturbGenSourcePath(nn.Module):
         self.rank_embeddings = nn.EmbeddingBag(vocab, hidden, mode="sum") if config.source_path == "rank" else None
         self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         film = config.source_path_injection == "film"
-        self.output = nn.Linear(hidden, 2 * hidden if film else hidden)
+        self.output = _zero_initialised(nn.Linear(hidden, 2 * hidden if film else hidden))
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, input_ids: torch.Tensor) -> SourceCondition:
         """
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, source_len)`): source tokens (encoder vocabulary).
 
         Returns:
-            `(shift, scale)`: `torch.FloatTensor`s of shape `(batch, decoder_hidden_size)`; `scale` is None for
-            `"add"`. The decoder's inputs become `embeddings * (1 + scale) + shift`.
+            [`SourceCondition`]; the decoder's inputs become `embeddings * (1 + scale) + shift`.
         """
         presence, rank_weight = source_rank_weights(
             input_ids, self.config.first_gene_token_id, self.config.mask_token_id
@@ -386,11 +413,12 @@ class PerturbGenSourcePath(nn.Module):
             summary = summary + self.rank_embeddings(input_ids, per_sample_weights=rank_weight.to(dtype))
         # The sum is normalised as a whole (LayerNorm rescales, it does not average): one gene's embedding still moves
         # it by its own size, whatever the number of genes.
-        projected = self.output(self.norm(summary))
+        summary = self.norm(summary)
+        projected = self.output(summary)
         if self.config.source_path_injection == "film":
             shift, scale = projected.chunk(2, dim=-1)
-            return shift, scale
-        return projected, None
+            return SourceCondition(summary, shift, scale)
+        return SourceCondition(summary, projected)
 
 
 class PerturbGenDecoder(nn.Module):
@@ -421,7 +449,7 @@ class PerturbGenDecoder(nn.Module):
     def embed(self, input_ids: torch.Tensor, time_values: torch.Tensor, source_condition=None) -> torch.Tensor:
         """
         Input embeddings `(batch, len, hidden)` of tokens at time `time_values` `(batch,)`, shifted (and scaled) by
-        the source path's `source_condition` `(shift, scale)` (see [`PerturbGenSourcePath`]) when given.
+        the source path's [`SourceCondition`] when given.
         """
         seq_len = input_ids.shape[1]
         if seq_len > self.config.decoder_max_position_embeddings:
@@ -438,10 +466,9 @@ class PerturbGenDecoder(nn.Module):
             times = self.time_proj(times.to(self.time_proj.weight.dtype))
         embeddings = self.embed_tokens(input_ids) + positions.to(times.dtype) + times[:, None, :]
         if source_condition is not None:
-            shift, scale = source_condition
-            if scale is not None:
-                embeddings = embeddings * (1.0 + scale[:, None, :])
-            embeddings = embeddings + shift[:, None, :]
+            if source_condition.scale is not None:
+                embeddings = embeddings * (1.0 + source_condition.scale[:, None, :])
+            embeddings = embeddings + source_condition.shift[:, None, :]
         return self.dropout(embeddings)
 
     def ordinal_time_rows(self, time_values: torch.Tensor) -> torch.Tensor:
@@ -478,8 +505,7 @@ class PerturbGenDecoder(nn.Module):
             time_values (`torch.FloatTensor` of shape `(batch,)`): time of each target.
             memory_key_values (`list`): from [`project_memory`].
             memory_mask (`torch.BoolTensor` of shape `(batch, memory_len)`): `True` for valid memory positions.
-            source_condition (`tuple`, *optional*): `(shift, scale)` of the source path, each `(batch, hidden)` (scale
-                may be None).
+            source_condition (`tuple`, *optional*): [`SourceCondition`] of the source path.
 
         Returns:
             `torch.FloatTensor` of shape `(batch, target_len, hidden)`.
@@ -508,8 +534,25 @@ class PerturbGenCountHead(nn.Module):
         if not self.l2_normalize:
             layers.append(nn.LayerNorm(hidden, eps=config.layer_norm_eps))
         self.mlp = nn.Sequential(*layers)
+        # The source path's summary, read directly: a knockout changes the counts through it, not only through
+        # which (sampled) genes the decoder generated. Zero-initialised, like the path itself.
+        self.source_proj = (
+            _zero_initialised(nn.Linear(config.decoder_hidden_size, config.decoder_hidden_size))
+            if config.count_head_reads_source and config.source_path != "none"
+            else None
+        )
         self.proportion_logits = nn.Linear(hidden, genes)
         self.zi_logits = nn.Linear(hidden, genes) if self.likelihood == "zinb" else None
+        # Per-gene readout: each generated gene's own decoder state corrects that gene's logits (proportion and, for
+        # "zinb", zero inflation), so a gene's predicted expression follows its source-conditioned state instead of
+        # one mean-pooled vector. The last layer starts at zero: the head starts as the pooled one.
+        self.gene_readout = None
+        if config.count_readout == "per_gene":
+            width = config.decoder_hidden_size
+            outputs = 2 if self.likelihood == "zinb" else 1
+            self.gene_readout = nn.Sequential(
+                nn.Linear(width, width), nn.GELU(), _zero_initialised(nn.Linear(width, outputs))
+            )
         self.log_library_size = nn.Linear(hidden, 1) if self.library_mode == "predicted" else None
         # Trained, unlike the original's `theta` (which its optimiser never received). One column per dispersion
         # condition when there are several (the original's per-batch `theta`).
@@ -521,6 +564,9 @@ class PerturbGenCountHead(nn.Module):
         cell_embeddings: torch.Tensor,
         library_size: torch.Tensor | None = None,
         dispersion_condition: torch.Tensor | None = None,
+        source_summary: torch.Tensor | None = None,
+        gene_states: torch.Tensor | None = None,
+        gene_index: torch.Tensor | None = None,
     ) -> dict:
         """
         Args:
@@ -530,12 +576,20 @@ class PerturbGenCountHead(nn.Module):
             dispersion_condition (`torch.LongTensor` of shape `(batch,)`, *optional*): each cell's column of
                 `log_theta`, with `num_dispersion_conditions > 1`; without it `theta` is `None` (the means do not
                 depend on it, the likelihood does).
+            source_summary (`torch.FloatTensor` of shape `(batch, decoder_hidden_size)`, *optional*): the source
+                path's [`SourceCondition`] summary, read by a head with `config.count_head_reads_source`.
+            gene_states (`torch.FloatTensor` of shape `(batch, len, decoder_hidden_size)`, *optional*): the decoder's
+                final states, read per gene with `config.count_readout == "per_gene"`.
+            gene_index (`torch.LongTensor` of shape `(batch, len)`, *optional*): the target-gene column of each
+                position of `gene_states` (-1 where it is not a gene).
 
         Returns:
             `dict` with `mu` `(batch, genes)`, `theta` (`(genes,)` or `(batch, genes)`, or None), `zi_logits`
             `(batch, genes)` or None, `library_size` `(batch,)`, `normalized_hidden` `(batch, hidden)` and, for
             "mse", `log_normalized` `(batch, genes)`.
         """
+        if self.source_proj is not None and source_summary is not None:
+            cell_embeddings = cell_embeddings + self.source_proj(source_summary.to(cell_embeddings.dtype))
         hidden = self.mlp(cell_embeddings)
         if self.l2_normalize:
             hidden = F.normalize(hidden, p=2.0, dim=-1, eps=1e-12)
@@ -548,6 +602,9 @@ class PerturbGenCountHead(nn.Module):
         else:
             library = library_size.to(hidden.dtype)
         logits = self.proportion_logits(hidden)
+        zi_logits = self.zi_logits(hidden) if self.zi_logits is not None else None
+        if self.gene_readout is not None and gene_states is not None:
+            logits, zi_logits = self._read_genes(logits, zi_logits, gene_states, gene_index)
         out = {"theta": self._theta(dispersion_condition), "zi_logits": None, "library_size": library,
                "log_normalized": None, "normalized_hidden": hidden}  # fmt: skip
         if self.likelihood == "mse":
@@ -556,9 +613,19 @@ class PerturbGenCountHead(nn.Module):
             out["mu"] = torch.expm1(out["log_normalized"]) * (library[:, None] / NORMALIZED_TOTAL)
         else:
             out["mu"] = logits.softmax(dim=-1) * library[:, None]
-            if self.zi_logits is not None:
-                out["zi_logits"] = self.zi_logits(hidden)
+            out["zi_logits"] = zi_logits
         return out
+
+    def _read_genes(self, logits, zi_logits, gene_states, gene_index):
+        """Add each present gene's own readout to its logits (a gene at several positions: the sum)."""
+        corrections = self.gene_readout(gene_states).to(logits.dtype)  # (batch, len, 1 or 2)
+        present = gene_index >= 0
+        columns = gene_index.clamp(min=0)
+        corrections = corrections * present[..., None].to(corrections.dtype)
+        logits = logits.scatter_add(1, columns, corrections[..., 0])
+        if zi_logits is not None:
+            zi_logits = zi_logits.scatter_add(1, columns, corrections[..., 1])
+        return logits, zi_logits
 
     def _theta(self, dispersion_condition):
         if self.log_theta.dim() == 1:
@@ -600,6 +667,10 @@ class PerturbGenCountHead(nn.Module):
         return params["mu"]
 
 
+def _summary(source_condition):
+    return None if source_condition is None else source_condition.summary
+
+
 class PerturbGenPreTrainedModel(PreTrainedModel):
     config: PerturbGenConfig
     config_class = PerturbGenConfig
@@ -620,10 +691,11 @@ class PerturbGenPreTrainedModel(PreTrainedModel):
             init.zeros_(module.token_type_ids)
         elif isinstance(module, nn.EmbeddingBag):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, PerturbGenSourcePath):
-            # A no-op at first (and for a model saved before it existed); it learns from there.
-            init.zeros_(module.output.weight)
-            init.zeros_(module.output.bias)
+        elif getattr(module, "zero_init", False):
+            # The source path's and the per-gene readout's output maps: no-ops at first (and for a model saved before
+            # they existed, whose missing weights transformers initialises leaf by leaf); they learn from there.
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, PerturbGenCountHead):
             init.zeros_(module.log_theta)
             if module.log_library_size is not None:
@@ -756,7 +828,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
 
     def condition_on_source(self, input_ids: torch.Tensor):
         """
-        The source path's `(shift, scale)` of the decoder inputs (see [`PerturbGenSourcePath`]), or None for
+        The source path's [`SourceCondition`] (see [`PerturbGenSourcePath`]), or None for
         `config.source_path == "none"`.
 
         Args:
@@ -799,9 +871,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         flat_mask = context_attention_mask.reshape(batch_size * num_context, context_len).bool()
         memory = source_memory.repeat_interleave(num_context, dim=0)
         memory_mask = source_mask.repeat_interleave(num_context, dim=0)
-        condition = None
-        if source_condition is not None:
-            condition = tuple(None if c is None else c.repeat_interleave(num_context, dim=0) for c in source_condition)
+        condition = None if source_condition is None else source_condition.repeat_interleave(num_context)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.context_gradient):
             states = self.decoder(
                 flat_ids,
@@ -834,6 +904,10 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         """`True` where a decoder token is a target gene (not special, not a condition token)."""
         first = self.config.first_gene_token_id
         return (token_ids >= first) & (token_ids < first + self.config.num_target_genes)
+
+    def gene_index(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Target-gene column (count column) of each decoder token, -1 where the token is not a target gene."""
+        return torch.where(self.gene_positions(token_ids), token_ids - self.config.first_gene_token_id, -1)
 
     def pooled_positions(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Positions the cell embedding averages: gene tokens, or (`pooling="non_special"`) every non-special,
@@ -965,7 +1039,17 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             library_size = target_counts.sum(dim=-1)
         # A head scaled by the observed library size has nothing to scale without one: its outputs are then None.
         readable = self.config.library_size != "observed" or library_size is not None
-        count_params = self.count_head(cell_embeddings, library_size) if readable else dict.fromkeys(_COUNT_KEYS)
+        count_params = (
+            self.count_head(
+                cell_embeddings,
+                library_size,
+                source_summary=_summary(condition),
+                gene_states=count_hidden,
+                gene_index=self.gene_index(count_ids),
+            )
+            if readable
+            else dict.fromkeys(_COUNT_KEYS)
+        )
         count_loss = self.count_head.loss(count_params, target_counts) if target_counts is not None else None
 
         loss = self._combine_losses(token_loss, count_loss)
@@ -1209,7 +1293,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                     source_kv = self.decoder.project_memory(source)
                     context = self._decode(tokens, time_tensor, source_kv, source_mask, source_condition=condition)
                 contexts.append((context, tokens != self.config.pad_token_id))
-        return self._generate_output(generated, times, library_size, output_hidden_states)
+        return self._generate_output(generated, times, library_size, output_hidden_states, condition)
 
     @torch.no_grad()
     def readout(
@@ -1267,7 +1351,10 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         if use_context and not chained:
             # Every slot's context states depend only on the source and the slot, so they are computed once.
             context, context_mask = self.encode_context(
-                source, source_mask, decoder_input_ids, time_tensor.expand(batch_size, num_times),
+                source,
+                source_mask,
+                decoder_input_ids,
+                time_tensor.expand(batch_size, num_times),
                 source_condition=condition,
             )
         generated = []
@@ -1297,7 +1384,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 excluded = torch.as_tensor(list(exclude_from_pooling), dtype=tokens.dtype, device=tokens.device)
                 pooled_input = tokens.masked_fill(torch.isin(tokens, excluded), self.config.pad_token_id)
             generated.append((tokens, hidden, pooled_input))
-        return self._generate_output(generated, times, library_size, output_hidden_states)
+        return self._generate_output(generated, times, library_size, output_hidden_states, condition)
 
     @staticmethod
     def _time_point_generators(generator, num_times):
@@ -1354,13 +1441,15 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 else torch.zeros_like(lengths)
             )
             step_temperature = temperature * (1.0 - (step + 1) / num_iterations) if scheduled else 0.0
-            hidden = self._decode(tokens, time_values, memory_key_values, memory_mask, source_condition=source_condition)
+            hidden = self._decode(
+                tokens, time_values, memory_key_values, memory_mask, source_condition=source_condition
+            )
             logits = self.lm_head(hidden)
             tokens = self._unmask_step(logits, tokens, is_gene, keep, step_temperature, top_k, generator, noise)
             step += 1
         return tokens
 
-    def _generate_output(self, generated, times, library_size, output_hidden_states):
+    def _generate_output(self, generated, times, library_size, output_hidden_states, source_condition=None):
         """`generated`: per time point `(tokens, hidden)` or `(tokens, hidden, pooled_input)` when the hidden states
         were computed from another input than the final tokens (the original generation's last step)."""
         width = max(item[0].shape[1] for item in generated)
@@ -1370,7 +1459,9 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             pooled = self.pool(hidden, pooled_input[0] if pooled_input else tokens)
             embeddings.append(pooled)
             library = library_size[:, index] if library_size is not None and library_size.dim() == 2 else library_size
-            params.append(self.count_head(pooled, library))
+            pooled_ids = pooled_input[0] if pooled_input else tokens
+            params.append(self.count_head(pooled, library, source_summary=_summary(source_condition),
+                                          gene_states=hidden, gene_index=self.gene_index(pooled_ids)))  # fmt: skip
         stacked = {key: [p[key] for p in params] for key in ("mu", "zi_logits", "library_size")}
         counts = torch.stack([self.count_head.expected_counts(p) for p in params], dim=1)
         hidden_states = None
