@@ -5,6 +5,13 @@ Cells at different time points are different cells, so training pairs are sample
 Within a group (all cells for "random"; one value of an obs column for "stratified"), every time point is drawn
 `n` times, where `n` is the largest number of cells any time point has in that group, by concatenating seeded
 permutations: every cell is used, and no cell is used more than once more than another of its time point.
+
+Random pairs within a group carry no information about which target a source becomes, so a model trained on them
+can only learn group-level futures. `"transport"` pairing couples each source with its likely descendants instead, as
+Waddington-OT does for time courses: between consecutive time points, an entropic optimal-transport plan (POT's
+Sinkhorn, uniform marginals) on squared distances in a PCA space of log1p CP10k shared by the two time points
+(within each group when a key is given); each source cell's path is then sampled step by step from the plan's
+rows. The cost is divided by its median, so `epsilon` is relative to a typical squared distance.
 """
 
 import logging
@@ -15,7 +22,10 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-PAIRING_MODES = ("random", "stratified", "mapping")
+PAIRING_MODES = ("random", "stratified", "mapping", "transport")
+# Entropic regularisation of "transport" pairing, relative to the median squared distance, and PCA components.
+TRANSPORT_EPSILON = 0.05
+TRANSPORT_COMPONENTS = 10
 
 
 def _tile_permutations(indices: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -32,6 +42,9 @@ def pair_cells(
     group_key: str | None = None,
     mapping: pd.DataFrame | None = None,
     seed: int = 0,
+    counts=None,
+    epsilon: float = TRANSPORT_EPSILON,
+    num_components: int = TRANSPORT_COMPONENTS,
 ) -> tuple[np.ndarray, dict]:
     """
     Sample aligned cells across time points.
@@ -47,6 +60,10 @@ def pair_cells(
         mapping (`pd.DataFrame`, *optional*): for "mapping": one column per time point, rows are allowed paths of
             `group_key` values (e.g. a lineage: stem, progenitor, mature).
         seed (`int`, *optional*, defaults to 0): seed of the sampling.
+        counts (`scipy.sparse` matrix or `np.ndarray` of shape `(len(obs), genes)`, *optional*): raw counts, for
+            "transport" (which also stratifies by `group_key` when given).
+        epsilon (`float`, *optional*): "transport": entropic regularisation relative to the median squared distance.
+        num_components (`int`, *optional*): "transport": PCA components of the shared space.
 
     Returns:
         `(pairs, report)`: `pairs` is an int64 array `(num_pairs, num_time_points)` of row positions in `obs`;
@@ -54,7 +71,7 @@ def pair_cells(
     """
     if mode not in PAIRING_MODES:
         raise ValueError(f"Unknown pairing {mode!r}; choose one of {list(PAIRING_MODES)}.")
-    if mode in ("stratified", "mapping"):
+    if mode in ("stratified", "mapping") or (mode == "transport" and group_key is not None):
         if group_key is None:
             raise ValueError(f"Pairing {mode!r} needs a pairing key (an obs column).")
         if group_key not in obs.columns:
@@ -63,10 +80,21 @@ def pair_cells(
     times = obs[time_key].astype(str).to_numpy()
     if mode == "mapping":
         pairs = _pair_by_mapping(obs, times, time_points, group_key, mapping, rng)
+    elif mode == "transport":
+        if counts is None:
+            raise ValueError("Pairing 'transport' needs the cells' counts.")
+        if not epsilon > 0:
+            raise ValueError(f"Transport pairing needs epsilon > 0, got {epsilon!r}.")
+        groups = obs[group_key].astype(str).to_numpy() if group_key else np.zeros(len(obs), dtype=str)
+        pairs = _pair_by_transport(counts, times, groups, time_points, rng, epsilon, num_components, group_key)
     else:
         groups = obs[group_key].astype(str).to_numpy() if mode == "stratified" else np.zeros(len(obs), dtype=str)
         pairs = _pair_within_groups(times, groups, time_points, rng, group_key)
-    return pairs, _report(pairs, times, time_points, obs, group_key)
+    report = _report(pairs, times, time_points, obs, group_key)
+    if mode == "transport":
+        report["transport"] = {"epsilon": float(epsilon), "num_components": int(num_components),
+                               "cost": "squared Euclidean in PCA of log1p CP10k, divided by its median"}  # fmt: skip
+    return pairs, report
 
 
 def _pair_within_groups(times, groups, time_points, rng, group_key):
@@ -81,6 +109,64 @@ def _pair_within_groups(times, groups, time_points, rng, group_key):
             )
         count = max(len(m) for m in members)
         blocks.append(np.stack([_tile_permutations(m, count, rng) for m in members], axis=1))
+    return np.concatenate(blocks, axis=0)
+
+
+def _log_cp10k_rows(counts, rows):
+    import scipy.sparse as sp
+
+    block = sp.csr_matrix(counts[np.sort(rows)], dtype=np.float64)[np.argsort(np.argsort(rows))]
+    totals = np.asarray(block.sum(axis=1)).ravel()
+    block = sp.diags(1e4 / np.where(totals > 0, totals, 1.0)) @ block
+    return block.log1p().toarray()
+
+
+def transport_plan(source_profiles, target_profiles, epsilon, num_components):
+    """
+    Entropic OT plan between two sets of cells (rows: log1p CP10k), in a PCA space shared by both.
+
+    Returns:
+        `np.ndarray` of shape `(num_sources, num_targets)`, rows summing to 1 (each source's descendant distribution).
+    """
+    import ot
+
+    both = np.vstack([source_profiles, target_profiles])
+    both = both - both.mean(axis=0)
+    components = max(1, min(num_components, min(both.shape) - 1))
+    _, _, vt = np.linalg.svd(both, full_matrices=False)
+    embedded = both @ vt[:components].T
+    source, target = embedded[: len(source_profiles)], embedded[len(source_profiles) :]
+    cost = ot.dist(source, target)  # squared Euclidean
+    cost = cost / max(float(np.median(cost)), 1e-12)
+    plan = ot.sinkhorn(ot.unif(len(source)), ot.unif(len(target)), cost, epsilon, method="sinkhorn_log")
+    plan = np.nan_to_num(np.asarray(plan), nan=0.0)
+    totals = plan.sum(axis=1, keepdims=True)
+    return np.where(totals > 0, plan / np.where(totals > 0, totals, 1.0), 1.0 / len(target))
+
+
+def _pair_by_transport(counts, times, groups, time_points, rng, epsilon, num_components, group_key):
+    blocks = []
+    for group in sorted(set(groups[np.isin(times, time_points)])):
+        members = [np.flatnonzero((times == t) & (groups == group)) for t in time_points]
+        missing = [t for t, m in zip(time_points, members) if len(m) == 0]
+        if missing:
+            raise ValueError(
+                f"Group {group!r} of pairing key {group_key!r} has no cells at time point(s) {missing}; transport "
+                "pairing within groups needs every group at every time point."
+            )
+        profiles = [_log_cp10k_rows(counts, m) for m in members]
+        count = max(len(m) for m in members)
+        # Positions within each time point's members: sources tile as in random pairing, then each step follows
+        # the plan from the cell drawn at the step before.
+        current = _tile_permutations(np.arange(len(members[0])), count, rng)
+        path = [members[0][current]]
+        for step in range(1, len(time_points)):
+            plan = transport_plan(profiles[step - 1], profiles[step], epsilon, num_components)
+            cumulative = plan[current].cumsum(axis=1)
+            draws = rng.random(len(current))[:, None] * cumulative[:, -1:]
+            current = np.minimum((cumulative < draws).sum(axis=1), plan.shape[1] - 1)
+            path.append(members[step][current])
+        blocks.append(np.stack(path, axis=1))
     return np.concatenate(blocks, axis=0)
 
 

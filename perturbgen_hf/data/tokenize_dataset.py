@@ -226,7 +226,8 @@ def tokenize_anndata(
         tokenizer.set_target_genes(targets_genes, condition_tokens)
 
     mapping = pd.read_csv(pairing_file) if pairing == "mapping" and pairing_file else None
-    pairs, report = pair_cells(obs, time_key, time_points, pairing, pairing_key, mapping, seed)
+    counts = adata.X if pairing == "transport" else None
+    pairs, report = pair_cells(obs, time_key, time_points, pairing, pairing_key, mapping, seed, counts=counts)
     staging = _staging_folder(out)
     try:
         cell_paths, empty_cells = _tokenize_cells(
