@@ -28,6 +28,7 @@ from transformers import (
 from .data.collator import DataCollatorForPerturbGen
 from .data.tokenize_dataset import load_description
 from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
+from .pipelines.perturbation_result import log_normalize
 from .tokenization import PerturbGenTokenizer
 
 
@@ -425,11 +426,6 @@ def train(model_args, data_args, training_args):
     return trainer
 
 
-def _log_cp10k(counts: np.ndarray) -> np.ndarray:
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.log1p(counts / np.where(totals > 0, totals, 1.0) * 1e4)
-
-
 @torch.no_grad()
 def source_sensitivity(model, dataset, description, positions, data_args, seed, max_cells=64) -> dict:
     """
@@ -483,7 +479,7 @@ def source_sensitivity(model, dataset, description, positions, data_args, seed, 
             observed = np.zeros((len(rows), model.config.num_target_genes), dtype=np.float64)
             for i, (indices, values) in enumerate(zip(rows["target_counts_indices"], rows["target_counts_values"])):
                 observed[i, indices[position]] = values[position]
-            pred, obs = _log_cp10k(predicted[:, t].astype(np.float64)), _log_cp10k(observed)
+            pred, obs = log_normalize(predicted[:, t].astype(np.float64)), log_normalize(observed)
             report[kind][name] = {
                 "predicted": float(np.abs(pred[keep] - pred[partner[keep]]).mean()),
                 "observed": float(np.abs(obs[keep] - obs[partner[keep]]).mean()),

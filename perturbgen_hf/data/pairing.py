@@ -138,7 +138,9 @@ def transport_plan(source_profiles, target_profiles, epsilon, num_components):
     source, target = embedded[: len(source_profiles)], embedded[len(source_profiles) :]
     cost = ot.dist(source, target)  # squared Euclidean
     cost = cost / max(float(np.median(cost)), 1e-12)
-    plan = ot.sinkhorn(ot.unif(len(source)), ot.unif(len(target)), cost, epsilon, method="sinkhorn_log")
+    plan = ot.sinkhorn(
+        ot.unif(len(source)), ot.unif(len(target)), cost, epsilon, method="sinkhorn_log", numItermax=20_000
+    )
     plan = np.nan_to_num(np.asarray(plan), nan=0.0)
     totals = plan.sum(axis=1, keepdims=True)
     return np.where(totals > 0, plan / np.where(totals > 0, totals, 1.0), 1.0 / len(target))
