@@ -97,16 +97,22 @@ def pair_cells(
     return pairs, report
 
 
-def _pair_within_groups(times, groups, time_points, rng, group_key):
-    blocks = []
+def _group_members(times, groups, time_points, group_key):
+    """Per group: the row positions of its cells at each time point (every group must have cells at each)."""
     for group in sorted(set(groups[np.isin(times, time_points)])):
         members = [np.flatnonzero((times == t) & (groups == group)) for t in time_points]
         missing = [t for t, m in zip(time_points, members) if len(m) == 0]
         if missing:
             raise ValueError(
-                f"Group {group!r} of pairing key {group_key!r} has no cells at time point(s) {missing}; stratified "
-                "pairing needs every group at every time point (drop the group or use random pairing)."
+                f"Group {group!r} of pairing key {group_key!r} has no cells at time point(s) {missing}; pairing "
+                "within groups needs every group at every time point (drop the group or use random pairing)."
             )
+        yield members
+
+
+def _pair_within_groups(times, groups, time_points, rng, group_key):
+    blocks = []
+    for members in _group_members(times, groups, time_points, group_key):
         count = max(len(m) for m in members)
         blocks.append(np.stack([_tile_permutations(m, count, rng) for m in members], axis=1))
     return np.concatenate(blocks, axis=0)
@@ -148,14 +154,7 @@ def transport_plan(source_profiles, target_profiles, epsilon, num_components):
 
 def _pair_by_transport(counts, times, groups, time_points, rng, epsilon, num_components, group_key):
     blocks = []
-    for group in sorted(set(groups[np.isin(times, time_points)])):
-        members = [np.flatnonzero((times == t) & (groups == group)) for t in time_points]
-        missing = [t for t, m in zip(time_points, members) if len(m) == 0]
-        if missing:
-            raise ValueError(
-                f"Group {group!r} of pairing key {group_key!r} has no cells at time point(s) {missing}; transport "
-                "pairing within groups needs every group at every time point."
-            )
+    for members in _group_members(times, groups, time_points, group_key):
         profiles = [_log_cp10k_rows(counts, m) for m in members]
         count = max(len(m) for m in members)
         # Positions within each time point's members: sources tile as in random pairing, then each step follows
