@@ -290,6 +290,9 @@ def _add_evaluate_parser(subparsers):
     parser.add_argument("--group-key", help="obs column of groups (needed by heldout-group; else per-group scores)")
     parser.add_argument("--gene-id-key", help="var column of gene identifiers (default: var_names)")
     parser.add_argument("--pairing-key", help="stratify training pairs by this obs column (default: --group-key)")
+    parser.add_argument("--pairing", choices=("stratified", "transport"), default=defaults.pairing,
+                        help="training pairs: stratified (random within --pairing-key groups) or transport (each "
+                        "source with its likely descendants, within groups)")  # fmt: skip
     parser.add_argument("--model", help="a model trained without the held-out part (default: train one)")
     parser.add_argument("--preset", default=defaults.preset, help="size of the model trained (tiny, compact, small)")
     parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="training steps")
@@ -327,7 +330,7 @@ def _run_evaluate(args):
         preset=args.preset, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         n_hvg=args.n_hvg, max_source_length=args.max_source_length, max_target_length=args.max_target_length,
         iterations=args.iterations, heldout_fraction=args.heldout_fraction, top_de=args.top_de, seed=args.seed,
-        model_counts=args.model_counts,
+        model_counts=args.model_counts, pairing=args.pairing,
     )  # fmt: skip
     result = run_evaluation(
         options.pop("adata"), args.out, args.protocol, heldout=args.heldout, group_key=args.group_key,

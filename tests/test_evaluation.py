@@ -234,12 +234,16 @@ def test_evaluate_refuses_a_model_that_saw_the_heldout_time_point(heldout_time_r
     assert code == 1 and "--group-key" in capsys.readouterr().err
 
 
-def test_evaluate_heldout_group_on_kang(tmp_path):
+@pytest.mark.parametrize("pairing", ["stratified", "transport"])
+def test_evaluate_heldout_group_on_kang(tmp_path, pairing):
     out = tmp_path / "kang"
     code = main(["evaluate", str(KANG), "--out", str(out), "--protocol", "heldout-group", "--group-key",
                  "cell_type", "--heldout", "CD14+ Monocytes", "--time-key", "condition", "--time-order", "ctrl",
-                 "stim", "--source", "ctrl", *TINY])  # fmt: skip
+                 "stim", "--source", "ctrl", "--pairing", pairing, *TINY])  # fmt: skip
     assert code == 0
+    recorded = json.loads((out / "tokens" / "perturbgen_data.json").read_text())["pairing"]
+    assert recorded["mode"] == pairing and recorded["key"] == "cell_type"
+    assert ("transport" in recorded) == (pairing == "transport")
     table = pd.read_csv(out / "metrics.csv")
     assert set(table["group"]) == {"CD14+ Monocytes"} and set(table["time_point"]) == {"stim"}
     assert "nearest time point" not in set(table["method"])  # only for a held-out time point

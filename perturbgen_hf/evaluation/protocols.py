@@ -63,6 +63,8 @@ class EvaluationSettings(CpuTrainingSettings):
     linear_ridge: float = 0.1
     fdr: float = 0.05
     model_counts: str = "sample"
+    # "stratified" (by the pairing key, random without one) or "transport" (see `perturbgen_hf.data.pair_cells`).
+    pairing: str = "stratified"
 
 
 @dataclass
@@ -208,6 +210,14 @@ def _split(protocol, times, groups, order, source, heldout, settings) -> _Split:
 # -- the model ----------------------------------------------------------------------------------------------------------
 
 
+def _pairing_mode(pairing, pairing_key):
+    if pairing == "transport":
+        return "transport"
+    if pairing != "stratified":
+        raise ValueError(f"Unknown evaluation pairing {pairing!r}; choose 'stratified' or 'transport'.")
+    return "stratified" if pairing_key else "random"
+
+
 def _train_model(adata, split, out, time_key, source, order, values, time_value_key, gene_id_key, pairing_key,
                  settings, progress):  # fmt: skip
     from ..data import tokenize_anndata
@@ -217,7 +227,7 @@ def _train_model(adata, split, out, time_key, source, order, values, time_value_
     tokenize_anndata(
         train_data, out / "tokens", time_key=time_key, source=source, time_order=kept,
         time_value_key=time_value_key, gene_id_key=gene_id_key, n_hvg=min(settings.n_hvg, adata.n_vars),
-        pairing="stratified" if pairing_key else "random", pairing_key=pairing_key, seed=settings.seed,
+        pairing=_pairing_mode(settings.pairing, pairing_key), pairing_key=pairing_key, seed=settings.seed,
         max_length=settings.max_source_length, progress=progress,
     )  # fmt: skip
     if time_value_key is None:
