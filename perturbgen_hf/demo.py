@@ -46,6 +46,7 @@ class DemoSettings(CpuTrainingSettings):
     # MaskGIT sampling is chaotic (a tiny logit change re-orders many generated genes): pooling 4 independent
     # generations per cell raised seed 1's AUROC from 0.79-0.91 to 0.88-0.97 (benchmarks/README.md).
     num_samples: int = 4
+    temperature: float = 1.0
     target_auroc: float = 0.95
     target_pearson: float = 0.8
     responder_threshold: float = 0.5
@@ -215,7 +216,8 @@ def _run_on_simulation(out, settings, progress):
     source_cells = _with_symbols(control[heldout & (control.obs["time"].astype(str) == source_time).to_numpy()])
     pipe = pipeline("perturbation", model=str(out / "model"), gene_ids="gene_id")
     result = pipe(source_cells, genes=[settings.regulator], mode="delete", iterations=settings.iterations,
-                  num_samples=settings.num_samples, seed=settings.seed, progress=False)  # fmt: skip
+                  num_samples=settings.num_samples, temperature=settings.temperature, seed=settings.seed,
+                  progress=False)  # fmt: skip
     result.save(out / "perturbation")
     steps.next()
 
