@@ -451,39 +451,41 @@ def source_sensitivity(model, dataset, description, positions, data_args, seed, 
         other = np.flatnonzero(cells != cells[i])
         partners["within_group"].append(int(rng.choice(same)) if len(same) else -1)
         partners["any_group"].append(int(rng.choice(other)) if len(other) else -1)
-    limit = data_args.max_source_length
-    sources = [s if not limit or len(s) <= limit else [*s[: limit - 1], 3] for s in rows["source_input_ids"]]
-    width = max(len(s) for s in sources)
-    input_ids = torch.zeros(len(sources), width, dtype=torch.long)
-    for i, source in enumerate(sources):
-        input_ids[i, : len(source)] = torch.as_tensor(source)
+    # The training collator's own source truncation and dense target counts, one trained time point at a time.
+    values = [description["time_values"][p] for p in positions]
+    examples = list(rows)
+    observed = []
+    for k in range(len(positions)):
+        collator = DataCollatorForPerturbGen(
+            time_values=values, time_indices=positions, num_target_genes=model.config.num_target_genes,
+            context_mode="none", target_index=k, mask=False, max_source_length=data_args.max_source_length,
+        )  # fmt: skip
+        batch = collator(examples)
+        observed.append(log_normalize(batch["target_counts"].double().numpy()))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    names = [description["time_points"][p] for p in positions]
     # A model scaled by an observed library size gets a constant one: the figures are per 10,000 counts anyway.
-    library = torch.full((len(sources),), 1e4, device=device) if model.config.library_size == "observed" else None
-    out = model.generate(input_ids.to(device), time_points=[description["time_values"][p] for p in positions],
+    library = torch.full((len(examples),), 1e4, device=device) if model.config.library_size == "observed" else None
+    out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), time_points=values,
                          num_iterations=8, temperature=0.0, library_size=library,
                          generator=torch.Generator(device=device).manual_seed(seed))  # fmt: skip
     model.train(was_training)
-    predicted = out.counts.float().cpu().numpy()  # (cells, times, genes)
+    predicted = [log_normalize(out.counts[:, t].double().cpu().numpy()) for t in range(len(positions))]
+    names = [description["time_points"][p] for p in positions]
     report = {}
     for kind, partner in partners.items():
         partner = np.asarray(partner)
         keep = partner >= 0
         if not keep.any():
             continue
-        report[kind] = {}
-        for t, (name, position) in enumerate(zip(names, positions)):
-            observed = np.zeros((len(rows), model.config.num_target_genes), dtype=np.float64)
-            for i, (indices, values) in enumerate(zip(rows["target_counts_indices"], rows["target_counts_values"])):
-                observed[i, indices[position]] = values[position]
-            pred, obs = log_normalize(predicted[:, t].astype(np.float64)), log_normalize(observed)
-            report[kind][name] = {
+        report[kind] = {
+            name: {
                 "predicted": float(np.abs(pred[keep] - pred[partner[keep]]).mean()),
                 "observed": float(np.abs(obs[keep] - obs[partner[keep]]).mean()),
             }
+            for name, pred, obs in zip(names, predicted, observed)
+        }
     return report
 
 
