@@ -47,6 +47,8 @@ class DemoSettings(CpuTrainingSettings):
     # generations per cell raised seed 1's AUROC from 0.79-0.91 to 0.88-0.97 (benchmarks/README.md).
     num_samples: int = 4
     temperature: float = 1.0
+    # Sham knockouts of genes expressed like the regulator: the null its effects are called significant against.
+    null_perturbations: int = 10
     target_auroc: float = 0.95
     target_pearson: float = 0.8
     responder_threshold: float = 0.5
@@ -57,7 +59,7 @@ class DemoSettings(CpuTrainingSettings):
 
 # A tiny variant for the test suite (well under a minute); its scores mean nothing.
 FAST = DemoSettings(num_clones=40, preset="tiny", max_steps=8, iterations=2, num_samples=1, max_source_length=64,
-                    max_target_length=64)  # fmt: skip
+                    max_target_length=64, null_perturbations=3)  # fmt: skip
 
 
 def effect_scores(predicted: np.ndarray, truth: np.ndarray, responder_threshold: float = 0.5,
@@ -87,6 +89,20 @@ def effect_scores(predicted: np.ndarray, truth: np.ndarray, responder_threshold:
         auroc = float(u / (responders.sum() * unaffected.sum()))
     return {"pearson": pearson, "sign_agreement": sign, "auroc": auroc, "responders": int(responders.sum()),
             "unaffected": int(unaffected.sum())}  # fmt: skip
+
+
+def significance_calls(called: np.ndarray, truth: np.ndarray, responder_threshold: float = 0.5) -> dict:
+    """
+    The pipeline's significance calls (against its sham null, with the effect floor) scored against the truth:
+    `precision` (share of called genes that are true responders, |true| >= `responder_threshold`; NaN without
+    calls) and `recall` (share of true responders called; NaN without responders).
+    """
+    called = np.asarray(called, dtype=bool)
+    responders = np.abs(np.asarray(truth, dtype=float)) >= responder_threshold
+    hits = int((called & responders).sum())
+    return {"called": int(called.sum()), "responders": int(responders.sum()), "true_calls": hits,
+            "precision": hits / called.sum() if called.any() else float("nan"),
+            "recall": hits / responders.sum() if responders.any() else float("nan")}  # fmt: skip
 
 
 def _lfc_from_log(control_log, perturbed_log):
@@ -217,7 +233,7 @@ def _run_on_simulation(out, settings, progress):
     pipe = pipeline("perturbation", model=str(out / "model"), gene_ids="gene_id")
     result = pipe(source_cells, genes=[settings.regulator], mode="delete", iterations=settings.iterations,
                   num_samples=settings.num_samples, temperature=settings.temperature, seed=settings.seed,
-                  progress=False)  # fmt: skip
+                  null_perturbations=settings.null_perturbations, progress=False)  # fmt: skip
     result.save(out / "perturbation")
     steps.next()
 
@@ -228,7 +244,7 @@ def _run_on_simulation(out, settings, progress):
     linear = linear_baseline_effects(train_data, source_cells, gene_column, "time", source_time, later, "clone",
                                      settings.ridge)  # fmt: skip
     rng = np.random.default_rng(settings.seed)
-    rows, predictions = [], {}
+    rows, predictions, calls = [], {}, {}
     for time_point in later:
         true_t = truth[truth["time_point"] == time_point].set_index("gene_symbol")["log2_fold_change"]
         model_de = result.de[(result.de["time_point"] == time_point) & (result.de["group"] == "all")]
@@ -241,6 +257,8 @@ def _run_on_simulation(out, settings, progress):
             "random ranking": rng.normal(size=len(true_t)),
         }
         predictions[time_point] = {"truth": true_t, **methods}
+        called = model_de.set_index("gene")["significant"].astype(bool).reindex(true_t.index, fill_value=False)
+        calls[time_point] = significance_calls(called.to_numpy(), true_t.to_numpy(), settings.responder_threshold)
         for method, values in methods.items():
             scores = effect_scores(values, true_t.to_numpy(), settings.responder_threshold,
                                    settings.unaffected_threshold)  # fmt: skip
@@ -250,6 +268,7 @@ def _run_on_simulation(out, settings, progress):
     plots = _plot_simulation(out / "plots", predictions, control, settings.regulator, later, curve)
     seconds = time.perf_counter() - started
     summary = _summarise(scores, settings, seconds, result, out, plots, curve)
+    summary["significance_calls"] = calls
     (out / "report.md").write_text(_report(summary, scores, settings, control))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     steps.next()
@@ -277,6 +296,8 @@ def _summarise(scores, settings, seconds, result, out, plots, curve):
         "target_met": target_met,
         "beats_every_baseline": bool((model["auroc"] > best_baseline.reindex(model.index)).all()),
         "cells_perturbed": result.summary["cells"],
+        "fdr": result.summary["fdr"],
+        "min_abs_log2fc": result.summary["min_abs_log2fc"],
         "cells_unaffected": result.summary["cells_unaffected"],
         "final_training_loss": curve[-1]["loss"] if curve else None,
         "files": {
@@ -338,6 +359,16 @@ def _report(summary, scores, settings, control) -> str:
         "- `sign_agreement`: share of responders whose predicted change has the true sign.",
         "",
         table.to_markdown() if _has_tabulate() else table.to_string(),
+        "",
+        f"Significance calls of the pipeline (BH-adjusted p against {settings.null_perturbations} sham knockouts of "
+        f"genes expressed like {settings.regulator} below {summary['fdr']}, and |log2 fold change| >= "
+        f"{summary['min_abs_log2fc']}), against the true responders:",
+        "",
+        *[
+            f"- {t}: {c['called']} genes called, {c['true_calls']} of them true responders (precision "
+            f"{c['precision']:.2f}); {c['true_calls']} of {c['responders']} responders called (recall {c['recall']:.2f})"
+            for t, c in summary.get("significance_calls", {}).items()
+        ],
         "",
         "Plots: `plots/predicted_vs_true.png` (predicted against true effect per time point), `plots/cascade.png` "
         "(the regulator's cascade over time, predicted and true), `plots/training_loss.png`.",
@@ -441,7 +472,7 @@ def _run_on_user_data(out, settings, adata, time_key, source, gene, progress):
     cells = adata[np.flatnonzero(at_source)[: settings.max_cells]].copy()
     pipe = pipeline("perturbation", model=str(out / "model"))
     result = pipe(cells, genes=[gene], mode="delete", iterations=settings.iterations, seed=settings.seed,
-                  progress=False)  # fmt: skip
+                  null_perturbations=settings.null_perturbations, progress=False)  # fmt: skip
     result.save(out / "perturbation")
     steps.next()
     import matplotlib
@@ -452,7 +483,7 @@ def _run_on_user_data(out, settings, adata, time_key, source, gene, progress):
     plots = result.plot(out / "plots")
     (out / "plots").mkdir(exist_ok=True)
     plots.append(_plot_curve(out / "plots", curve, plt))
-    top = result.de[result.de["group"] == "all"].sort_values("p_adjusted").groupby("time_point").head(10)
+    top = result.de[result.de["group"] == "all"].groupby("time_point", sort=False).head(10)  # sorted by p already
     seconds = time.perf_counter() - started
     (out / "report.md").write_text("\n".join([
         f"# perturbgen-hf demo on {adata.n_obs} cells: {gene} knocked out at {source}",
@@ -460,9 +491,12 @@ def _run_on_user_data(out, settings, adata, time_key, source, gene, progress):
         f"Run time: {seconds:.0f} s. {result.summary['cells']} source cells perturbed; "
         f"{result.summary['cells_unaffected']} did not express {gene}. There is no truth to score on real data.",
         "",
-        "Top genes by adjusted p-value per time point:",
+        f"Top genes per time point by p-value against {result.summary['null_perturbations']} sham knockouts "
+        f"(significant: BH-adjusted p < {result.summary['fdr']} and |log2 fold change| >= "
+        f"{result.summary['min_abs_log2fc']}):",
         "",
-        top[["time_point", "gene", "log2_fold_change", "p_adjusted"]].to_string(index=False),
+        top[["time_point", "gene", "log2_fold_change", "ci_low", "ci_high", "p_adjusted", "significant"]].to_string(
+            index=False, float_format=lambda v: f"{v:.3g}"),
         "",
         "Plots in `plots/`; the model in `model/`; the full result in `perturbation/`.",
     ]) + "\n")  # fmt: skip

@@ -84,6 +84,13 @@ class ModelArguments:
         },
     )
     source_path_injection: str = field(default="add", metadata={"help": "add or film"})
+    source_path_map: str = field(
+        default="linear",
+        metadata={
+            "help": "normalized (LayerNorm + linear map of the sum) or linear (the sum of zero-initialised "
+            "gene embeddings itself)"
+        },
+    )
     count_head_reads_source: bool = field(
         default=True, metadata={"help": "the count head also reads the source path's summary"}
     )
@@ -260,6 +267,7 @@ def build_model(model_args, data_args, tokenizer, description, train_dataset, tr
             "context_mode": model_args.context_mode,
             "source_path": model_args.source_path,
             "source_path_injection": model_args.source_path_injection,
+            "source_path_map": model_args.source_path_map,
             "count_head_reads_source": model_args.count_head_reads_source,
             "count_readout": model_args.count_readout,
             "mask_schedule": model_args.mask_schedule,
@@ -594,6 +602,7 @@ class CpuTrainingSettings:
     context_mode: str = "previous"
     source_path: str = "presence"
     source_path_injection: str = "add"
+    source_path_map: str = "linear"
     count_head_reads_source: bool = True
     count_readout: str = "per_gene"
     seed: int = 0
@@ -619,7 +628,8 @@ def train_on_cpu(data, out, settings: CpuTrainingSettings, log_every: int, progr
         str(settings.max_source_length), "--max_target_length", str(settings.max_target_length), "--use_cpu",
         "--freeze_encoder", str(settings.freeze_encoder).lower(), "--report_to", "none", "--eval_fraction", "0",
         "--context_mode", settings.context_mode, "--source_path", settings.source_path,
-        "--source_path_injection", settings.source_path_injection, "--count_head_reads_source",
+        "--source_path_injection", settings.source_path_injection, "--source_path_map", settings.source_path_map,
+        "--count_head_reads_source",
         str(settings.count_head_reads_source).lower(), "--count_readout", settings.count_readout, "--seed",
         str(settings.seed), "--logging_steps", str(log_every), "--save_strategy", "no", "--disable_tqdm",
         str(not progress).lower(),

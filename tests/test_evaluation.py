@@ -111,6 +111,48 @@ def test_discrimination_and_token_overlap_by_hand():
         metrics.token_topk_overlap(generated, real[:1], 2)
 
 
+def test_every_metric_is_ranked_in_the_right_direction():
+    # A prediction close to the observed cells must rank above "no change" (the source cells) on every metric the
+    # evaluation reports, by the direction table; a wrong direction or a metric without an entry fails here.
+    from perturbgen_hf.evaluation.protocols import EvaluationSettings, _Context, _discrimination, _score
+
+    rng = np.random.default_rng(0)
+    genes, cells = 60, 40
+    reference = rng.gamma(2.0, 0.5, size=(cells, genes))
+    shift = np.zeros(genes)
+    shift[:20] = np.linspace(-1.5, 2.0, 20)
+    observed = np.clip(reference + shift + rng.normal(0, 0.1, size=(cells, genes)), 0, None)
+    close = np.clip(observed + rng.normal(0, 0.05, size=observed.shape), 0, None)
+    symbols = [f"G{i}" for i in range(genes)]
+    settings = EvaluationSettings(top_de=10, top_r2=30, overlap_k=15, token_k=5, n_pcs=10)
+    context = _Context(observed, reference, metrics.differential_expression(observed, reference, symbols), settings)
+    ranked = [list(np.argsort(-row)) for row in observed]
+    tokens = {
+        "close": ([list(np.argsort(-row)) for row in close], ranked),
+        "no change": ([r[::-1] for r in ranked], ranked),
+    }
+    scores = {name: _score(values, context, symbols, tokens[name]) for name, values in
+              {"close": close, "no change": reference}.items()}  # fmt: skip
+    # Discrimination needs two evaluated states: the second is the first with the shift reversed.
+    deltas = {"observed": {("t", "a"): shift, ("t", "b"): -shift}, "close": {("t", "a"): shift, ("t", "b"): -shift},
+              "no change": {("t", "a"): np.zeros(genes), ("t", "b"): 0.5 * shift}}  # fmt: skip
+    for name, _, group, method, value in _discrimination(deltas):
+        if group == "b":
+            scores[method][name] = value
+    assert set(scores["close"]) >= {"pearson_delta_top10_de", "r2_means_top30_de", "overlap_at_15", "mmd_rbf",
+                                    "token_top5_overlap", "discrimination_score_l1", "de_direction_match"}  # fmt: skip
+    for name, good in scores["close"].items():
+        bad = scores["no change"][name]
+        if math.isnan(bad):  # e.g. a correlation with a constant prediction: nothing to rank
+            continue
+        better = good > bad if metrics.higher_is_better(name) else good < bad
+        assert better, (name, good, bad)
+    with pytest.raises(ValueError, match="no_such_metric"):
+        metrics.higher_is_better("no_such_metric")
+    with pytest.raises(ValueError, match="overlap_at_x"):
+        metrics.higher_is_better("overlap_at_x")  # a depth is digits
+
+
 def test_metric_inputs_are_checked():
     with pytest.raises(ValueError, match="different numbers of genes"):
         metrics.mse([1.0, 2.0], [1.0])

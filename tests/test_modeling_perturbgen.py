@@ -246,26 +246,31 @@ def test_source_rank_weights_follow_the_edits():
 
 
 def _with_live_source_path(model, seed=0):
-    """Give the zero-initialised output maps random weights, as training would."""
+    """Give the zero-initialised maps (the linear source path's embeddings, or the normalised one's output map) random
+    weights, as training would."""
     generator = torch.Generator().manual_seed(seed)
+    path = model.source_path
+    first = path.output if path.output is not None else path.presence_embeddings
     with torch.no_grad():
-        for module in (model.source_path.output, model.count_head.source_proj, model.count_head.gene_readout[-1]):
+        for module in (first, model.count_head.source_proj, model.count_head.gene_readout[-1]):
             module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.5)
     return model
 
 
-def test_one_source_gene_reaches_every_decoder_position_undiluted():
-    config = tiny_config(source_path="presence")
+@pytest.mark.parametrize("source_map", ["linear", "normalized"])
+def test_one_source_gene_reaches_every_decoder_position_undiluted(source_map):
+    config = tiny_config(source_path="presence", source_path_map=source_map)
     model = _with_live_source_path(PerturbGenForConditionalGeneration(config).eval())
     source = torch.tensor([[2, *range(10, 40), 3]])  # 30 genes
     deleted = torch.tensor([[2, *range(10, 25), *range(26, 40), 3, 0]])  # gene 25 deleted
     full, cut = model.condition_on_source(source), model.condition_on_source(deleted)
-    # Before the normalisation, the sums differ by exactly the deleted gene's embedding (a sum, not a mean).
+    # The sums differ by exactly the deleted gene's embedding (a sum, not a mean), before any normalisation.
     embeddings = model.source_path.presence_embeddings.weight
     raw = embeddings[10:40].sum(0, keepdim=True)
     raw_cut = raw - embeddings[25]
-    torch.testing.assert_close(full.summary, model.source_path.norm(raw))
-    torch.testing.assert_close(cut.summary, model.source_path.norm(raw_cut))
+    normalise = model.source_path.norm or (lambda x: x)
+    torch.testing.assert_close(full.summary, normalise(raw))
+    torch.testing.assert_close(cut.summary, normalise(raw_cut))
     # The decoder's input embeddings at every position move by the same shift.
     tokens, times = torch.tensor([[5, 6, 7, 1]]), torch.tensor([1.0])
     moved = model.decoder.embed(tokens, times, full) - model.decoder.embed(tokens, times, cut)
@@ -281,7 +286,7 @@ def test_a_model_saved_before_the_source_path_loads_unchanged(tmp_path):
     old = PerturbGenForConditionalGeneration(tiny_config(source_path="none", count_readout="pooled")).eval()
     old.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    for key in ("source_path", "source_path_injection", "count_head_reads_source", "count_readout"):
+    for key in ("source_path", "source_path_injection", "source_path_map", "count_head_reads_source", "count_readout"):
         saved.pop(key)
     (tmp_path / "config.json").write_text(json.dumps(saved))
     new = PerturbGenForConditionalGeneration.from_pretrained(tmp_path).eval()
@@ -311,7 +316,8 @@ def test_per_gene_readout_moves_only_the_genes_it_reads():
 
 
 @pytest.mark.parametrize(("name", "value"), [("source_path", "mean"), ("source_path_injection", "concat"),
-                                             ("count_readout", "token"), ("count_head_reads_source", "yes")])  # fmt: skip
+                                             ("count_readout", "token"), ("count_head_reads_source", "yes"),
+                                             ("source_path_map", "mlp")])  # fmt: skip
 def test_bad_source_path_settings(name, value):
     with pytest.raises(ValueError, match=name):
         tiny_config(**{name: value})

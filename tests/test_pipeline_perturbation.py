@@ -13,6 +13,12 @@ from perturbgen_hf.pipelines import (
     paired_differential_expression,
     perturb_tokens,
 )
+from perturbgen_hf.pipelines.perturbation_edits import expression_profile, matched_null_genes
+from perturbgen_hf.pipelines.perturbation_result import (
+    bootstrap_interval,
+    differential_expression_against_null,
+    null_p_values,
+)
 from perturbgen_hf.training import main as train_main
 
 
@@ -51,10 +57,68 @@ def test_paired_statistics():
     perturbed[:, 0] *= 3  # a strong change in gene 0
     table = paired_differential_expression(control, perturbed, ["a", "b", "c", "d"])
     assert table.loc[0, "log2_fold_change"] > 0.5
-    assert table.loc[0, "wilcoxon_p"] < 1e-4 and table.loc[0, "p_adjusted"] < 1e-3
+    assert table.loc[0, "wilcoxon_p"] < 1e-4 and table.loc[0, "wilcoxon_p_adjusted"] < 1e-3
     # the other genes fall (proportions shift) but gene-for-gene identical rows would give p = 1
     same = paired_differential_expression(control, control, ["a", "b", "c", "d"])
     assert (same["wilcoxon_p"] == 1).all() and (same["log2_fold_change"] == 0).all()
+
+
+def test_null_p_values_are_calibrated_and_find_real_effects():
+    # 400 genes with very different noise levels; 10 shams; the perturbation moves genes 0-9 by 8 of their own sds.
+    rng = np.random.default_rng(0)
+    sd = np.exp(rng.uniform(-8, 0, size=400))
+    null = rng.normal(0, sd, size=(10, 400))
+    effect = rng.normal(0, sd)
+    effect[:10] += 8 * sd[:10]
+    result = null_p_values(effect, null)
+    calls = stats.false_discovery_control(result["p_value"]) < 0.05
+    assert calls[:10].sum() >= 8 and calls[10:].sum() <= 1  # the FDR bounds the share of false calls
+    # Pure noise (an effect drawn like the shams): p-values about uniform, at most 5% below 0.05 in expectation.
+    rates = [np.mean(null_p_values(rng.normal(0, sd), rng.normal(0, sd, size=(10, 400)))["p_value"] < 0.05)
+             for _ in range(20)]  # fmt: skip
+    assert np.mean(rates) <= 0.06
+    np.testing.assert_allclose(result["null_sd"], null.std(0, ddof=1))
+    with pytest.raises(ValueError, match="at least 3"):
+        null_p_values(effect, null[:2])
+
+
+def test_effect_floor_and_interval():
+    rng = np.random.default_rng(1)
+    control = rng.poisson(50, size=(40, 3)).astype(float)
+    genes = ["a", "b", "c"]
+    shams = [control * rng.normal(1, 1e-4, size=control.shape) for _ in range(10)]
+    tiny = control * np.array([1.02, 1.0, 1.0])  # consistent but tiny (log2 FC ~0.02): never significant
+    table = differential_expression_against_null(control, tiny, shams, genes)
+    assert table.loc[0, "p_adjusted"] < 0.05 and not table["significant"].any()  # below the effect floor
+    large = control * np.array([4.0, 1.0, 1.0])
+    table = differential_expression_against_null(control, large, shams, genes)
+    assert table["significant"].all()  # gene a up, b and c down by composition (log2 FC about -0.8)
+    assert (table["ci_low"] <= table["log2_fold_change"]).all() and (
+        table["log2_fold_change"] <= table["ci_high"]
+    ).all()
+    perturbed = large
+    low, high = bootstrap_interval(control, perturbed, 50, seed=0)
+    np.testing.assert_array_equal(low, bootstrap_interval(control, perturbed, 50, seed=0)[0])  # seeded
+    assert (low <= high).all()
+    without = differential_expression_against_null(control, perturbed, [], genes)
+    assert without["p_value"].isna().all() and not without["significant"].any()
+
+
+def test_sham_genes_are_matched_to_the_perturbed_gene():
+    rng = np.random.default_rng(0)
+    # Gene 10 is in every cell at rank ~1; genes 20-79 at varied frequencies and ranks.
+    cells = []
+    for _ in range(50):
+        others = rng.choice(np.arange(20, 80), size=30, replace=False)
+        cells.append(np.array([2, 10, *others, 3]))
+    profile = expression_profile(cells, 100)
+    assert profile[0][10] == 50 and profile[1][10] == 1.0
+    shams = matched_null_genes([10, 25], profile, 12, np.random.default_rng(0), pool_size=12)
+    assert len(shams) == 12 and all(len(s) == 2 for s in shams)
+    assert all(10 not in s and 25 not in s for s in shams)
+    pool = np.array([g for g in range(20, 80) if g != 25])
+    distance = np.abs(np.log(profile[1][pool] / 1.0)) + np.abs(np.log(profile[0][pool] / 50))
+    assert {s[0] for s in shams} <= set(pool[np.argsort(distance, kind="stable")[:12]].tolist())
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +143,14 @@ def source_cells():
 
 @pytest.fixture(scope="module")
 def pipe(lps_model):
-    return pipeline("perturbation", model=str(lps_model), gene_ids="human_ensembl_id", iterations=4, batch_size=50)
+    # 3 shams keep the suite fast; the default (10) is exercised by test_knockout_on_real_data.
+    return pipeline("perturbation", model=str(lps_model), gene_ids="human_ensembl_id", iterations=4, batch_size=50,
+                    null_perturbations=3)  # fmt: skip
 
 
 def test_knockout_on_real_data(pipe, source_cells, tmp_path):
     assert isinstance(pipe, PerturbationPipeline)
-    result = pipe(source_cells, genes=["TNF"], mode="mask", seed=0)
+    result = pipe(source_cells, genes=["TNF"], mode="mask", seed=0, null_perturbations=10)
     adata = result.adata
     assert adata.shape == (82 * 3, pipe.model.config.num_target_genes)
     assert list(adata.var_names) == pipe.model.config.target_genes
@@ -98,6 +164,15 @@ def test_knockout_on_real_data(pipe, source_cells, tmp_path):
     assert unaffected == int((~changed).sum()) // 3 and 0 < unaffected < 82
     assert set(result.de["time_point"]) == {"2h", "4h", "6h"}
     assert np.isfinite(result.de["log2_fold_change"]).all()
+    # Judged against 10 sham knockouts of genes expressed like TNF: a 6-step model finds nothing (where the paired
+    # tests of two deterministic predictions called thousands of genes significant); the table is sorted by p.
+    de = result.de
+    shams = result.summary["null_genes"]["TNF"]
+    assert len(shams) == 10 and all("TNF" not in genes for genes in shams)
+    assert de["p_value"].between(0, 1).all() and (de["null_sd"] >= 0).all()
+    assert de["significant"].sum() == 0 and result.summary["significant"]["TNF"] == {"2h": 0, "4h": 0, "6h": 0}
+    first = de[(de["time_point"] == "2h") & (de["group"] == "all")]
+    assert first["p_value"].is_monotonic_increasing
     # reproducible under the seed; the Ensembl ID names the same gene
     again = pipe(source_cells, genes=["ENSG00000232810"], mode="mask", seed=0)
     assert np.array_equal(again.adata.layers["perturbed"], adata.layers["perturbed"])
@@ -109,6 +184,18 @@ def test_knockout_on_real_data(pipe, source_cells, tmp_path):
     assert len(loaded.de) == len(result.de)
     with pytest.raises(FileExistsError, match="overwrite"):
         result.save(tmp_path / "ko")
+
+
+def test_a_seed_against_other_seeds_calls_nothing(pipe, source_cells):
+    # Calibration on real data: the "effect" of changing only the random draws, judged against 10 more seeds, is
+    # exchangeable with its null: about 5% of p-values below 0.05 and nothing significant.
+    runs = [pipe(source_cells[:40], genes=["TNF"], seed=seed, null_perturbations=0, time_points=["6h"]).adata
+            for seed in range(12)]  # fmt: skip
+    control = [r.layers["control"][(r.obs["time_point"] == "6h").to_numpy()] for r in runs]
+    genes = [f"g{i}" for i in range(control[0].shape[1])]
+    table = differential_expression_against_null(control[0], control[1], control[2:], genes)
+    assert (table["p_value"] < 0.05).mean() <= 0.1
+    assert (table["p_adjusted"] < 0.05).mean() <= 0.05 and not table["significant"].any()
 
 
 def test_screen_shares_the_control(pipe, source_cells):

@@ -12,6 +12,8 @@ Notation: `x̂`, `x` are the predicted and observed pseudobulks of the evaluated
 prediction (by default also `r`); `Δ̂ = x̂ - r̂`, `Δ = x - r`.
 """
 
+import re
+
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -376,3 +378,50 @@ def token_topk_overlap(generated, observed, k: int) -> float:
         if depth:
             values.append(len(set(list(g)[:depth]) & set(list(o)[:depth])) / depth)
     return float(np.mean(values)) if values else float("nan")
+
+
+# -- directions -------------------------------------------------------------------------------------------------------
+
+# Whether a larger value of each metric `evaluate` reports is better. Names with a depth (`top{k}`, `at_{k}`) are
+# written with `{k}`; every other name must match exactly, so a new metric without an entry fails loudly instead of
+# being ranked by a guess.
+METRIC_DIRECTIONS = {
+    "pearson": "higher",
+    "pearson_delta": "higher",
+    "pearson_delta_top{k}_de": "higher",
+    "mse": "lower",
+    "mae": "lower",
+    "mse_delta": "lower",
+    "mae_delta": "lower",
+    "r2_means": "higher",
+    "r2_means_top{k}_de": "higher",
+    "e_distance_squared": "lower",
+    "e_distance": "lower",
+    "mmd_rbf": "lower",
+    "wasserstein_per_gene": "lower",
+    "overlap_at_N": "higher",
+    "overlap_at_{k}": "higher",
+    "de_direction_match": "higher",
+    "de_spearman_lfc_sig": "higher",
+    "discrimination_score_l1": "higher",
+    "discrimination_score_l2": "higher",
+    "discrimination_score_cosine": "higher",
+    "token_top{k}_overlap": "higher",
+}
+
+
+def higher_is_better(metric: str) -> bool:
+    """
+    Whether a larger value of `metric` is better, from [`METRIC_DIRECTIONS`] (a depth such as `top20` or `at_50`
+    matches the `{k}` of its entry).
+
+    Raises:
+        `ValueError`: for a metric without an entry.
+    """
+    if metric in METRIC_DIRECTIONS:
+        return METRIC_DIRECTIONS[metric] == "higher"
+    for template, direction in METRIC_DIRECTIONS.items():
+        prefix, templated, suffix = template.partition("{k}")
+        if templated and re.fullmatch(re.escape(prefix) + r"\d+" + re.escape(suffix), metric):
+            return direction == "higher"
+    raise ValueError(f"No ranking direction is known for metric {metric!r}; add it to METRIC_DIRECTIONS.")

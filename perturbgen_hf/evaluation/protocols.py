@@ -63,8 +63,10 @@ class EvaluationSettings(CpuTrainingSettings):
     linear_ridge: float = 0.1
     fdr: float = 0.05
     model_counts: str = "sample"
-    # "stratified" (by the pairing key, random without one) or "transport" (see `perturbgen_hf.data.pair_cells`).
-    pairing: str = "stratified"
+    # "transport" (optimal-transport pairs, within the pairing key's groups; see `perturbgen_hf.data.pair_cells`): a
+    # source then carries information about its own future, which stratified pairs (by the key, random without one)
+    # do not; "stratified" is the original's.
+    pairing: str = "transport"
 
 
 @dataclass
@@ -518,21 +520,13 @@ def _discrimination(deltas) -> list:
 # -- outputs --------------------------------------------------------------------------------------------------------
 
 
-# Whether larger is better, for the summary of which method wins each metric.
-_HIGHER_IS_BETTER = ("pearson", "r2_", "overlap", "direction", "spearman", "discrimination", "token_")
-
-
-def _higher_is_better(metric: str) -> bool:
-    return any(metric.startswith(p) for p in _HIGHER_IS_BETTER)
-
-
 def _summary(table, protocol, heldout, split, evaluated, source, settings, model, started, out, plots):
     wins = {}
     for (metric, time_point, group), part in table.groupby(["metric", "time_point", "group"], sort=False):
         values = part.set_index("method")["value"].dropna()
         if MODEL not in values or len(values) < 2:
             continue
-        best = values.idxmax() if _higher_is_better(metric) else values.idxmin()
+        best = values.idxmax() if metrics.higher_is_better(metric) else values.idxmin()
         wins.setdefault(f"{time_point} / {group}", {})[metric] = best
     nested = {}
     for row in table.itertuples(index=False):
@@ -582,7 +576,7 @@ def _plot(folder, table, details) -> list:
             colours = ["tab:red" if m == MODEL else "tab:grey" for m in values.index]
             ax.barh(range(len(values)), values.to_numpy(dtype=float), color=colours)
             ax.set_yticks(range(len(values)), [m.replace(" (this model)", "") for m in values.index], fontsize=7)
-            ax.set_title(f"{name} ({'higher' if _higher_is_better(name) else 'lower'} is better)", fontsize=8)
+            ax.set_title(f"{name} ({'higher' if metrics.higher_is_better(name) else 'lower'} is better)", fontsize=8)
             ax.tick_params(axis="x", labelsize=7)
         for ax in list(axes.flat)[len(names) :]:
             ax.axis("off")

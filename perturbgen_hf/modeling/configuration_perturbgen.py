@@ -36,6 +36,7 @@ _COUNT_PREDICTIONS = ("mean", "mu")
 _GENERATION_MODES = ("maskgit", "original")
 _SOURCE_PATHS = ("rank", "presence", "none")
 _SOURCE_PATH_INJECTIONS = ("add", "film")
+_SOURCE_PATH_MAPS = ("normalized", "linear")
 NUM_SPECIAL_TOKENS = 4
 # log(10,000): a typical 10x library size, the starting point of the library-size head.
 DEFAULT_LOG_LIBRARY_SIZE = math.log(10_000)
@@ -127,6 +128,10 @@ class PerturbGenConfig(PreTrainedConfig):
         source_path_injection (`str`, *optional*, defaults to `"add"`):
             How the summary enters the decoder: `"add"` (added to every input embedding, like the time embedding)
             or `"film"` (a learned scale and shift of every input embedding).
+        source_path_map (`str`, *optional*, defaults to `"linear"`):
+            How the sum becomes the decoder's shift: `"normalized"` (LayerNorm of the sum, then a learned linear map
+            that starts at zero) or `"linear"` (the sum itself, of gene embeddings that start at zero: a linear map of
+            the per-gene weight vector, where each gene's contribution is its own and is not rescaled by the others).
         count_head_reads_source (`bool`, *optional*, defaults to `True`):
             With a source path, the count head reads its summary besides the pooled decoder states, so predicted
             counts follow the source directly and not only through the (sampled) generated genes.
@@ -249,6 +254,7 @@ class PerturbGenConfig(PreTrainedConfig):
         context_gradient=False,
         source_path="presence",
         source_path_injection="add",
+        source_path_map="linear",
         count_head_reads_source=True,
         count_readout="per_gene",
         target_genes=None,
@@ -312,6 +318,7 @@ class PerturbGenConfig(PreTrainedConfig):
         self.context_gradient = context_gradient
         self.source_path = source_path
         self.source_path_injection = source_path_injection
+        self.source_path_map = source_path_map
         self.count_head_reads_source = count_head_reads_source
         self.count_readout = count_readout
         self.target_genes = list(target_genes) if target_genes is not None else None
@@ -405,6 +412,7 @@ class PerturbGenConfig(PreTrainedConfig):
         _check_choice("context_mode", self.context_mode, _CONTEXT_MODES)
         _check_choice("source_path", self.source_path, _SOURCE_PATHS)
         _check_choice("source_path_injection", self.source_path_injection, _SOURCE_PATH_INJECTIONS)
+        _check_choice("source_path_map", self.source_path_map, _SOURCE_PATH_MAPS)
         _check_choice("count_readout", self.count_readout, ("per_gene", "pooled"))
         if not isinstance(self.count_head_reads_source, bool):
             raise ValueError(f"`count_head_reads_source` must be True or False, got {self.count_head_reads_source!r}.")

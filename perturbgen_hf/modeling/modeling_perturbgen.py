@@ -350,10 +350,10 @@ def source_rank_weights(input_ids: torch.Tensor, first_gene_id: int, mask_token_
     return presence, presence / torch.log2(rank.float() + 1.0)
 
 
-def _zero_initialised(linear: nn.Linear) -> nn.Linear:
+def _zero_initialised(module: nn.Module) -> nn.Module:
     """Mark a layer for zero initialisation (see `PerturbGenPreTrainedModel._init_weights`)."""
-    linear.zero_init = True
-    return linear
+    module.zero_init = True
+    return module
 
 
 @dataclass
@@ -382,19 +382,27 @@ class PerturbGenSourcePath(nn.Module):
     """
     The undiluted source path (`config.source_path`): a sum over the source's genes of learned gene embeddings (a
     presence embedding, plus a rank-weighted one for `"rank"`), mapped to a shift (`"add"`) or a scale and shift
-    (`"film"`) of every decoder input embedding. The output map starts at zero, so a new path starts as a no-op and
-    a model saved without one loads unchanged.
+    (`"film"`) of every decoder input embedding. `config.source_path_map` `"normalized"`: LayerNorm of the sum, then a
+    linear map that starts at zero; `"linear"`: the sum itself, of embeddings that start at zero. Either way a new path
+    starts as a no-op and a model saved without one loads unchanged.
     """
 
     def __init__(self, config: PerturbGenConfig):
         super().__init__()
         self.config = config
         vocab, hidden = config.encoder.vocab_size, config.decoder_hidden_size
-        self.presence_embeddings = nn.EmbeddingBag(vocab, hidden, mode="sum")
-        self.rank_embeddings = nn.EmbeddingBag(vocab, hidden, mode="sum") if config.source_path == "rank" else None
-        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         film = config.source_path_injection == "film"
-        self.output = _zero_initialised(nn.Linear(hidden, 2 * hidden if film else hidden))
+        linear = config.source_path_map == "linear"
+        width = 2 * hidden if film and linear else hidden
+
+        def bag():
+            embeddings = nn.EmbeddingBag(vocab, width, mode="sum")
+            return _zero_initialised(embeddings) if linear else embeddings
+
+        self.presence_embeddings = bag()
+        self.rank_embeddings = bag() if config.source_path == "rank" else None
+        self.norm = None if linear else nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.output = None if linear else _zero_initialised(nn.Linear(hidden, 2 * hidden if film else hidden))
 
     def forward(self, input_ids: torch.Tensor) -> SourceCondition:
         """
@@ -408,13 +416,16 @@ class PerturbGenSourcePath(nn.Module):
             input_ids, self.config.first_gene_token_id, self.config.mask_token_id
         )
         dtype = self.presence_embeddings.weight.dtype
-        summary = self.presence_embeddings(input_ids, per_sample_weights=presence.to(dtype))
+        summed = self.presence_embeddings(input_ids, per_sample_weights=presence.to(dtype))
         if self.rank_embeddings is not None:
-            summary = summary + self.rank_embeddings(input_ids, per_sample_weights=rank_weight.to(dtype))
-        # The sum is normalised as a whole (LayerNorm rescales, it does not average): one gene's embedding still moves
-        # it by its own size, whatever the number of genes.
-        summary = self.norm(summary)
-        projected = self.output(summary)
+            summed = summed + self.rank_embeddings(input_ids, per_sample_weights=rank_weight.to(dtype))
+        if self.output is None:
+            projected, summary = summed, summed[..., : self.config.decoder_hidden_size]
+        else:
+            # The sum is normalised as a whole (LayerNorm rescales, it does not average): one gene's embedding still
+            # moves it by its own size relative to the others', whatever the number of genes.
+            summary = self.norm(summed)
+            projected = self.output(summary)
         if self.config.source_path_injection == "film":
             shift, scale = projected.chunk(2, dim=-1)
             return SourceCondition(summary, shift, scale)
@@ -689,13 +700,14 @@ class PerturbGenPreTrainedModel(PreTrainedModel):
             # Non-persistent buffers are re-created here when weights load onto the meta device.
             init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
             init.zeros_(module.token_type_ids)
-        elif isinstance(module, nn.EmbeddingBag):
-            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif getattr(module, "zero_init", False):
             # The source path's and the per-gene readout's output maps: no-ops at first (and for a model saved before
             # they existed, whose missing weights transformers initialises leaf by leaf); they learn from there.
             init.zeros_(module.weight)
-            init.zeros_(module.bias)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.EmbeddingBag):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, PerturbGenCountHead):
             init.zeros_(module.log_theta)
             if module.log_library_size is not None:

@@ -157,3 +157,65 @@ def original_perturb_sequence(ids, gene_ids, mode: str, site: str = "src") -> to
     if site == "src":
         return torch.cat([rest[:, :1], inserted, rest[:, 1:]], dim=1)
     return torch.cat([inserted, rest], dim=1)
+
+
+def expression_profile(cells, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """
+    How often and how highly each gene is expressed in a set of ranked source cells.
+
+    Args:
+        cells (`Sequence[np.ndarray]`): encoder token sequences (special tokens are ignored).
+        vocab_size (`int`): encoder vocabulary size.
+
+    Returns:
+        `(cells_expressing, mean_rank)`, each `np.ndarray` of shape `(vocab_size,)`; the rank is 1 for a cell's top
+        gene, and NaN for a gene no cell expresses.
+    """
+    tokens = [np.asarray(c) for c in cells]
+    ranks = [np.arange(len(c)) for c in tokens]  # position 0 is <cls>, so a gene's position is its rank
+    flat, flat_rank = np.concatenate(tokens), np.concatenate(ranks)
+    genes = flat > EOS_ID
+    flat, flat_rank = flat[genes], flat_rank[genes]
+    expressing = np.bincount(flat, minlength=vocab_size).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_rank = np.bincount(flat, weights=flat_rank, minlength=vocab_size) / expressing
+    return expressing, np.where(expressing > 0, mean_rank, np.nan)
+
+
+def matched_null_genes(gene_ids, profile, num_null: int, rng: np.random.Generator, allowed=None,
+                       pool_size: int = 50) -> list[list[int]]:  # fmt: skip
+    """
+    Sham perturbations matched to a perturbation: for each of `num_null` shams, each perturbed gene is replaced by a
+    gene that the same cells express about as often and at about the same rank (drawn at random among the
+    `pool_size` nearest in log cells-expressing and log mean rank, other perturbed genes excluded).
+
+    Args:
+        gene_ids (`Sequence[int]`): the perturbation's token ids.
+        profile (`tuple`): [`expression_profile`] of the source cells.
+        num_null (`int`): shams to draw.
+        rng (`np.random.Generator`): the draw.
+        allowed (`np.ndarray` of bool, *optional*): tokens a sham may use (e.g. the model's target genes).
+
+    Returns:
+        `list` of `num_null` token-id lists, each as long as `gene_ids`.
+    """
+    expressing, mean_rank = profile
+    candidates = expressing > 0
+    candidates[: EOS_ID + 1] = False
+    if allowed is not None:
+        candidates &= allowed
+    candidates[list(gene_ids)] = False
+    pool_ids = np.flatnonzero(candidates)
+    if len(pool_ids) == 0:
+        raise ValueError("No gene is available for sham perturbations (the cells express no other gene).")
+    shams = np.empty((num_null, len(gene_ids)), dtype=np.int64)
+    for column, gene in enumerate(gene_ids):
+        # A gene no cell expresses (an overexpression) is matched to the least often expressed genes.
+        reference_count = max(expressing[gene], 1.0)
+        reference_rank = mean_rank[gene] if expressing[gene] > 0 else np.nanmax(mean_rank[pool_ids])
+        distance = np.abs(np.log(expressing[pool_ids] / reference_count)) + np.abs(
+            np.log(mean_rank[pool_ids] / reference_rank)
+        )
+        nearest = pool_ids[np.argsort(distance, kind="stable")[: max(pool_size, num_null)]]
+        shams[:, column] = rng.choice(nearest, size=num_null, replace=len(nearest) < num_null)
+    return [list(map(int, row)) for row in shams]

@@ -22,15 +22,30 @@ def log_normalize(counts: np.ndarray) -> np.ndarray:
     return np.log1p(counts / np.where(totals > 0, totals, 1.0) * NORMALIZED_TOTAL)
 
 
+# Thresholds of a "significant" effect: BH-adjusted p against the null below `DEFAULT_FDR` and |log2 fold change| at
+# least `DEFAULT_MIN_ABS_LOG2FC` (a gene that moves by less is not a finding, however consistently it moves).
+DEFAULT_FDR = 0.05
+DEFAULT_MIN_ABS_LOG2FC = 0.1
+DEFAULT_BOOTSTRAP = 200
+
+
+def log2_fold_change(control: np.ndarray, perturbed: np.ndarray) -> np.ndarray:
+    """log2((mean perturbed CP10k + 1) / (mean control CP10k + 1)) per gene, from counts `(cells, genes)`."""
+    cp10k_control = np.expm1(log_normalize(control))
+    cp10k_perturbed = np.expm1(log_normalize(perturbed))
+    return np.log2((cp10k_perturbed.mean(0) + 1.0) / (cp10k_control.mean(0) + 1.0))
+
+
 def paired_differential_expression(control: np.ndarray, perturbed: np.ndarray, genes) -> pd.DataFrame:
     """
-    Control vs perturbed predictions of the same cells, gene by gene.
+    Control vs perturbed predictions of the same cells, gene by gene, without a null: the descriptive columns of
+    [`differential_expression_against_null`].
 
-    `log2_fold_change` = log2((mean perturbed CP10k + 1) / (mean control CP10k + 1)); the tests are paired (the same
-    cell, predicted with the same random draws): Wilcoxon signed-rank (normal approximation, zeros split) and paired t
-    on log1p CP10k. A gene whose
-    predictions do not change in any cell gets statistic 0 and p = 1. `p_adjusted` is Benjamini-Hochberg within the
-    table passed in.
+    `log2_fold_change` = log2((mean perturbed CP10k + 1) / (mean control CP10k + 1)); `mean_change` = mean over cells
+    of the change of log1p CP10k. The paired tests (Wilcoxon signed-rank, normal approximation with zeros split; paired
+    t on log1p CP10k) compare two predictions of the same cells made with the same random draws: any consistent
+    difference, however small, gets a small p, so they describe consistency, not significance. A gene whose
+    predictions do not change in any cell gets statistic 0 and p = 1; `wilcoxon_p_adjusted` is BH within the table.
 
     Args:
         control, perturbed (`np.ndarray` of shape `(num_cells, num_genes)`): predicted counts.
@@ -38,7 +53,6 @@ def paired_differential_expression(control: np.ndarray, perturbed: np.ndarray, g
     """
     cp10k_control = np.expm1(log_normalize(control))
     cp10k_perturbed = np.expm1(log_normalize(perturbed))
-    log2fc = np.log2((cp10k_perturbed.mean(0) + 1.0) / (cp10k_control.mean(0) + 1.0))
     difference = log_normalize(perturbed) - log_normalize(control)
     changes = np.abs(difference).max(axis=0) > 0
     wilcoxon_stat, wilcoxon_p = np.zeros(len(genes)), np.ones(len(genes))
@@ -54,11 +68,113 @@ def paired_differential_expression(control: np.ndarray, perturbed: np.ndarray, g
         t_stat[changes] = np.nan_to_num(t.statistic)
         t_p[changes] = np.where(np.isnan(t.pvalue), 1.0, t.pvalue)
     table = pd.DataFrame({
-        "gene": list(genes), "log2_fold_change": log2fc, "mean_control": cp10k_control.mean(0),
+        "gene": list(genes), "log2_fold_change": log2_fold_change(control, perturbed),
+        "mean_change": difference.mean(0), "mean_control": cp10k_control.mean(0),
         "mean_perturbed": cp10k_perturbed.mean(0), "wilcoxon_statistic": wilcoxon_stat, "wilcoxon_p": wilcoxon_p,
         "t_statistic": t_stat, "t_p": t_p,
     })  # fmt: skip
-    table["p_adjusted"] = stats.false_discovery_control(np.clip(table["wilcoxon_p"].to_numpy(), 0, 1))
+    table["wilcoxon_p_adjusted"] = stats.false_discovery_control(np.clip(wilcoxon_p, 0, 1))
+    return table
+
+
+def bootstrap_interval(control: np.ndarray, perturbed: np.ndarray, num_resamples: int, seed: int,
+                       level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """
+    A percentile bootstrap interval of each gene's log2 fold change, resampling cells (a cell keeps its control and
+    perturbed prediction together, each the mean of its independent generations). `(nan, nan)` per gene without
+    resamples or with fewer than 2 cells.
+
+    Returns:
+        `(low, high)`, each `np.ndarray` of shape `(num_genes,)`.
+    """
+    cells, genes = control.shape
+    if num_resamples < 1 or cells < 2:
+        return np.full(genes, np.nan), np.full(genes, np.nan)
+    rng = np.random.default_rng(seed)
+    control_cp10k, perturbed_cp10k = np.expm1(log_normalize(control)), np.expm1(log_normalize(perturbed))
+    draws = np.empty((num_resamples, genes))
+    for b in range(num_resamples):
+        rows = rng.integers(0, cells, size=cells)
+        draws[b] = np.log2((perturbed_cp10k[rows].mean(0) + 1.0) / (control_cp10k[rows].mean(0) + 1.0))
+    tail = (1.0 - level) / 2 * 100
+    return np.percentile(draws, tail, axis=0), np.percentile(draws, 100 - tail, axis=0)
+
+
+def null_p_values(effect: np.ndarray, null_effects: np.ndarray) -> dict:
+    """
+    Empirical p-values of per-gene effects against the effects of sham perturbations.
+
+    Each gene's effect is standardised by its own null, `z = (effect - mean) / sd` over the shams; each sham's effect
+    is standardised the same way by the other shams (leave one out, so a sham is not judged by itself). The p-value of
+    a gene is `(1 + #{null |z| >= |z|}) / (1 + #null z)` over the pooled null z of every gene and sham: a gene is
+    significant when it moves more than a perturbation of a gene that does not matter moves genes like it.
+
+    Args:
+        effect (`np.ndarray` of shape `(num_genes,)`): the perturbation's log2 fold changes.
+        null_effects (`np.ndarray` of shape `(num_shams, num_genes)`): the shams' log2 fold changes (>= 3 shams).
+
+    Returns:
+        `dict` of `np.ndarray` of shape `(num_genes,)`: `null_mean`, `null_sd`, `z_score`, `p_value`.
+    """
+    null_effects = np.asarray(null_effects, dtype=np.float64)
+    shams = null_effects.shape[0]
+    if shams < 3:
+        raise ValueError(f"An empirical null needs at least 3 sham perturbations, got {shams}.")
+    mean, sd = null_effects.mean(0), null_effects.std(0, ddof=1)
+    z = _standardise(effect - mean, sd)
+    totals = null_effects.sum(0)
+    loo_mean = (totals[None] - null_effects) / (shams - 1)
+    # The leave-one-out variance from the full one: sum of squares without the sham, around the other shams' mean.
+    squares = (null_effects**2).sum(0)[None] - null_effects**2
+    loo_var = np.clip((squares - (shams - 1) * loo_mean**2) / (shams - 2), 0, None)
+    null_z = np.sort(np.abs(_standardise(null_effects - loo_mean, np.sqrt(loo_var))).ravel())
+    exceed = null_z.size - np.searchsorted(null_z, np.abs(z), side="left")
+    return {"null_mean": mean, "null_sd": sd, "z_score": z, "p_value": (1.0 + exceed) / (1.0 + null_z.size)}
+
+
+def _standardise(difference, sd):
+    """`difference / sd`, 0 where both are 0 and a large finite value where only the sd is 0."""
+    tiny = np.finfo(np.float64).tiny
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = difference / np.maximum(sd, tiny)
+    return np.where(np.abs(difference) <= tiny, 0.0, np.nan_to_num(z, posinf=1e300, neginf=-1e300))
+
+
+def differential_expression_against_null(control, perturbed, null_perturbed, genes, fdr=DEFAULT_FDR,
+                                         min_abs_log2fc=DEFAULT_MIN_ABS_LOG2FC, bootstrap=DEFAULT_BOOTSTRAP,
+                                         seed=0) -> pd.DataFrame:  # fmt: skip
+    """
+    Per-gene effect of a perturbation, judged against sham perturbations of the same cells.
+
+    Columns: `gene`, `log2_fold_change` (of mean CP10k) with its bootstrap interval `ci_low`/`ci_high` (over cells,
+    `bootstrap` resamples), `mean_change` (mean per-cell change of log1p CP10k), `mean_control`, `mean_perturbed`,
+    the null's `null_mean` and `null_sd` (log2 fold changes of the shams), `z_score`, the empirical `p_value` (see
+    [`null_p_values`]), `p_adjusted` (BH across the table's genes), `significant` (`p_adjusted < fdr` and
+    `|log2_fold_change| >= min_abs_log2fc`), then the descriptive paired tests of
+    [`paired_differential_expression`]. Without shams (`null_perturbed` empty) the null columns are NaN and nothing is
+    significant. Rows are in gene order.
+
+    Args:
+        control, perturbed (`np.ndarray` of shape `(num_cells, num_genes)`): predicted counts.
+        null_perturbed (`list[np.ndarray]`): predicted counts of each sham perturbation, same shape.
+        genes (`Sequence[str]`): gene names of the columns.
+    """
+    table = paired_differential_expression(control, perturbed, genes)
+    low, high = bootstrap_interval(control, perturbed, bootstrap, seed)
+    table.insert(2, "ci_low", low)
+    table.insert(3, "ci_high", high)
+    if len(null_perturbed) >= 3:
+        null = null_p_values(table["log2_fold_change"].to_numpy(),
+                             np.stack([log2_fold_change(control, p) for p in null_perturbed]))  # fmt: skip
+        adjusted = stats.false_discovery_control(null["p_value"])
+    else:
+        null = {key: np.full(len(table), np.nan) for key in ("null_mean", "null_sd", "z_score", "p_value")}
+        adjusted = np.full(len(table), np.nan)
+    position = table.columns.get_loc("mean_perturbed") + 1
+    for offset, (key, values) in enumerate([*null.items(), ("p_adjusted", adjusted)]):
+        table.insert(position + offset, key, values)
+    significant = (table["p_adjusted"] < fdr) & (table["log2_fold_change"].abs() >= min_abs_log2fc)
+    table.insert(position + 5, "significant", significant.to_numpy())
     return table
 
 
@@ -102,11 +218,12 @@ class PerturbationResult:
             raise
         return path
 
-    def plot(self, folder, fdr: float = 0.05, top: int = 6) -> list:
+    def plot(self, folder, top: int = 6) -> list:
         """
-        Write PNG plots into `folder`: a volcano per perturbation and time point, the number of significant genes
-        (BH-adjusted p below `fdr`) per time point and group, and the `top` responders' mean control and perturbed
-        expression over time. Returns the written paths.
+        Write PNG plots into `folder`: a volcano per perturbation (BH-adjusted p against the null by log2 fold
+        change, with the FDR and effect-floor lines), the number of significant genes per time point and group, and
+        the `top` significant responders' mean control and perturbed expression over time. "Significant" is the
+        `significant` column of `de` (the thresholds in `summary`). Returns the written paths.
         """
         import matplotlib
 
@@ -115,12 +232,14 @@ class PerturbationResult:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        fdr = float(self.summary.get("fdr", DEFAULT_FDR))
+        floor = float(self.summary.get("min_abs_log2fc", DEFAULT_MIN_ABS_LOG2FC))
         paths = []
         table = self.de[self.de["group"] == "all"]
         for label, part in table.groupby("perturbation", sort=False):
-            paths.append(_volcano(part, label, fdr, folder / f"volcano_{_safe(label)}.png", plt))
+            paths.append(_volcano(part, label, fdr, floor, folder / f"volcano_{_safe(label)}.png", plt))
             paths.append(_responders(part, self.adata, label, top, folder / f"responders_{_safe(label)}.png", plt))
-        paths.append(_significant_counts(self.de, fdr, folder / "significant_genes.png", plt))
+        paths.append(_significant_counts(self.de, fdr, floor, folder / "significant_genes.png", plt))
         return paths
 
     @classmethod
@@ -140,35 +259,68 @@ def _safe(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
 
 
-def _volcano(part, label, fdr, path, plt):
+def _volcano(part, label, fdr, floor, path, plt, max_labels=8):
     times = list(dict.fromkeys(part["time_point"]))
-    figure, axes = plt.subplots(1, len(times), figsize=(4 * len(times), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(times), figsize=(4.2 * len(times), 3.8), squeeze=False)
     for axis, time_point in zip(axes[0], times):
         rows = part[part["time_point"] == time_point]
-        significance = -np.log10(np.clip(rows["p_adjusted"].to_numpy(), 1e-300, 1.0))
-        hit = rows["p_adjusted"].to_numpy() < fdr
-        axis.scatter(rows["log2_fold_change"], significance, s=6, c=np.where(hit, "tab:red", "tab:gray"))
-        for _, row in rows[hit].nsmallest(5, "p_adjusted").iterrows():  # label significant genes only
-            axis.annotate(
-                row["gene"], (row["log2_fold_change"], -np.log10(max(row["p_adjusted"], 1e-300))), fontsize=7
-            )
-        axis.set_title(f"{label}: {time_point}")
+        adjusted = rows["p_adjusted"].to_numpy(dtype=float)
+        lfc = rows["log2_fold_change"].to_numpy(dtype=float)
+        height = -np.log10(np.clip(np.nan_to_num(adjusted, nan=1.0), 1e-300, 1.0))
+        hit = rows["significant"].to_numpy(dtype=bool)
+        axis.scatter(lfc[~hit], height[~hit], s=6, c="tab:gray", label="not significant")
+        axis.scatter(lfc[hit], height[hit], s=9, c="tab:red", label="significant")
+        # The axes always span the thresholds, so that tiny effects are not blown up into a "volcano" (and no
+        # offset text like "1e-6" crowds the title).
+        reach = max(3 * floor, np.nanmax(np.abs(lfc)) * 1.1 if len(lfc) else 0)
+        axis.set_xlim(-reach, reach)
+        axis.set_ylim(0, max(-np.log10(fdr) * 1.6, np.nanmax(height) * 1.15 if len(height) else 0))
+        axis.axhline(-np.log10(fdr), color="black", lw=0.6, ls="--")
+        for x in (-floor, floor):
+            axis.axvline(x, color="black", lw=0.6, ls=":")
+        _label_points(axis, rows[hit], lfc[hit], height[hit], max_labels)
+        axis.set_title(f"{label}: {time_point} ({int(hit.sum())} significant)", fontsize=9)
         axis.set_xlabel("log2 fold change (perturbed / control)")
-        axis.set_ylabel("-log10 BH-adjusted p")
-    figure.tight_layout()
+        axis.set_ylabel("-log10 BH-adjusted p (vs sham null)")
+    axes[0][0].legend(fontsize=7, loc="upper left", framealpha=0.8)
+    figure.suptitle(f"dashed: FDR {fdr}; dotted: |log2 fold change| {floor}", fontsize=8, y=0.02, va="bottom")
+    figure.tight_layout(rect=(0, 0.05, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
 
 
-def _significant_counts(de, fdr, path, plt):
-    counts = (de.assign(hit=de["p_adjusted"] < fdr)
-              .groupby(["perturbation", "group", "time_point"], sort=False)["hit"].sum().unstack("time_point"))  # fmt: skip
-    figure, axis = plt.subplots(figsize=(max(4, 1.2 * counts.shape[1] + 2), 3.6))
-    counts.T.plot(kind="bar", ax=axis)
-    axis.set_ylabel(f"genes with BH-adjusted p < {fdr}")
+def _label_points(axis, rows, x, y, max_labels):
+    """Label the most significant points, texts stacked in the free margin with leader lines so none overlap."""
+    if not len(rows):
+        return
+    order = np.lexsort((-np.abs(x), -y))[:max_labels]
+    low, high = axis.get_ylim()
+    step = (high - low) / (max_labels + 2)
+    for side in (-1, 1):
+        chosen = [i for i in order if np.sign(x[i]) == side or (side == 1 and x[i] == 0)]
+        chosen.sort(key=lambda i: -y[i])
+        left, right = axis.get_xlim()
+        text_x = left + 0.03 * (right - left) if side < 0 else right - 0.03 * (right - left)
+        for slot, i in enumerate(chosen):
+            text_y = high - (slot + 1) * step
+            axis.annotate(
+                rows["gene"].iloc[i], (x[i], y[i]), xytext=(text_x, text_y), fontsize=7,
+                ha="left" if side < 0 else "right", va="center",
+                arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.4"},
+            )  # fmt: skip
+
+
+def _significant_counts(de, fdr, floor, path, plt):
+    counts = de.groupby(["perturbation", "group", "time_point"], sort=False)["significant"].sum().unstack("time_point")
+    counts = counts[list(dict.fromkeys(de["time_point"]))]
+    figure, axis = plt.subplots(figsize=(max(4.5, 1.2 * counts.shape[1] + 3.5), 3.6))
+    counts.T.plot(kind="bar", ax=axis, rot=0)
+    axis.set_ylabel("significant genes")
     axis.set_xlabel("time point")
-    axis.legend(fontsize=7, title="perturbation, group")
+    axis.set_title(f"BH-adjusted p (vs sham null) < {fdr} and |log2 fold change| >= {floor}", fontsize=9)
+    # Outside the axes: a legend never covers a bar.
+    axis.legend(fontsize=7, title="perturbation, group", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -176,13 +328,22 @@ def _significant_counts(de, fdr, path, plt):
 
 
 def _responders(part, adata, label, top, path, plt):
-    best = part.assign(size=part["log2_fold_change"].abs()).groupby("gene")["size"].max().nlargest(top).index
+    significant = part[part["significant"].astype(bool)]
+    if significant.empty:
+        figure, axis = plt.subplots(figsize=(5, 2.2))
+        axis.axis("off")
+        axis.text(0.5, 0.5, f"{label}: no effect beyond the null\n(no gene significant at any time point)",
+                  ha="center", va="center", fontsize=10)  # fmt: skip
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        return path
+    best = significant.assign(size=significant["log2_fold_change"].abs()).groupby("gene")["size"].max().nlargest(top)
     rows = (adata.obs["perturbation"] == label).to_numpy()
     obs = adata.obs[rows]
     times = list(dict.fromkeys(obs["time_point"]))
     symbols = list(adata.var["gene_symbol"]) if "gene_symbol" in adata.var else list(adata.var_names)
     figure, axes = plt.subplots(1, len(best), figsize=(2.6 * max(len(best), 1), 2.8), squeeze=False)
-    for axis, gene in zip(axes[0], best):
+    for axis, gene in zip(axes[0], best.index):
         column = symbols.index(gene)
         for layer, style in (("control", "-o"), ("perturbed", "--s")):
             values = adata.layers[layer][rows]
@@ -192,7 +353,7 @@ def _responders(part, adata, label, top, path, plt):
         axis.set_title(gene, fontsize=9)
         axis.set_ylabel("mean CP10k", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    figure.suptitle(f"{label}: top responders", fontsize=10)
+    figure.suptitle(f"{label}: significant responders (largest effects)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

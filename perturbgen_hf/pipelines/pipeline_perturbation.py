@@ -32,19 +32,35 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Pipeline
 
-from .perturbation_edits import MODES, edit_target_batch, perturb_target_tokens, perturb_tokens
-from .perturbation_result import PerturbationResult, paired_differential_expression
+from .perturbation_edits import (
+    MODES,
+    edit_target_batch,
+    expression_profile,
+    matched_null_genes,
+    perturb_target_tokens,
+    perturb_tokens,
+)
+from .perturbation_result import (
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_FDR,
+    DEFAULT_MIN_ABS_LOG2FC,
+    PerturbationResult,
+    differential_expression_against_null,
+)
 
 
 logger = logging.getLogger(__name__)
 
 _PREPROCESS_KEYS = (
     "genes", "screen", "mode", "site", "perturb_time_points", "gene_ids", "layer", "group_key", "method", "targets",
+    "null_perturbations", "seed",
 )  # fmt: skip
 _FORWARD_KEYS = (
     "time_points", "num_samples", "iterations", "temperature", "seed", "cell_batch_size", "variants_per_batch",
     "progress",
 )  # fmt: skip
+_POSTPROCESS_KEYS = ("fdr", "min_abs_log2fc", "bootstrap")
+DEFAULT_NULL_PERTURBATIONS = 10
 SITES = ("src", "tgt")
 METHODS = ("generate", "teacher_forced")
 
@@ -88,17 +104,19 @@ class PerturbationPipeline(Pipeline):
     def _sanitize_parameters(self, **kwargs):
         if "batch_size" in kwargs:
             kwargs["cell_batch_size"] = kwargs.pop("batch_size")
-        unknown = sorted(set(kwargs) - set(_PREPROCESS_KEYS) - set(_FORWARD_KEYS))
+        unknown = sorted(set(kwargs) - set(_PREPROCESS_KEYS) - set(_FORWARD_KEYS) - set(_POSTPROCESS_KEYS))
         if unknown:
             raise TypeError(f"Unknown perturbation argument(s): {unknown}.")
         preprocess = {k: v for k, v in kwargs.items() if k in _PREPROCESS_KEYS and v is not None}
         forward = {k: v for k, v in kwargs.items() if k in _FORWARD_KEYS and v is not None}
-        return preprocess, forward, {}
+        postprocess = {k: v for k, v in kwargs.items() if k in _POSTPROCESS_KEYS and v is not None}
+        return preprocess, forward, postprocess
 
     # -- preprocess: tokenize, resolve genes, edit ---------------------------------------------------------------
 
     def preprocess(self, source, genes=None, screen=None, mode="mask", site="src", perturb_time_points=None,
-                   gene_ids=None, layer=None, group_key=None, method="generate", targets=None):  # fmt: skip
+                   gene_ids=None, layer=None, group_key=None, method="generate", targets=None,
+                   null_perturbations=DEFAULT_NULL_PERTURBATIONS, seed=0):  # fmt: skip
         adata = _read_anndata(source, "source")
         _check_choice("mode", mode, MODES)
         _check_choice("site", site, SITES)
@@ -130,7 +148,8 @@ class PerturbationPipeline(Pipeline):
         variants, skipped = [], {}
         for names in perturbations:
             gene_tokens = [ids[g] for g in names]
-            variant = {"label": "+".join(names), "genes": gene_tokens, "sources": cells, "targets": None}
+            variant = {"label": "+".join(names), "names": list(names), "genes": gene_tokens, "sources": cells,
+                       "targets": None}  # fmt: skip
             if site == "src":
                 edited = [perturb_tokens(c, gene_tokens, mode, max_length) for c in cells]
                 variant["sources"] = [t for t, _ in edited]
@@ -155,17 +174,59 @@ class PerturbationPipeline(Pipeline):
             variants.append(variant)
         if not variants:
             raise ValueError(f"No gene of the screen changes any cell: {skipped}.")
+        if int(null_perturbations) < 0 or 0 < int(null_perturbations) < 3:
+            raise ValueError(f"null_perturbations must be 0 (no null) or at least 3, got {null_perturbations}.")
+        nulls = self._null_variants(variants, cells, int(null_perturbations), seed, mode, site, max_length,
+                                    observed, perturb_time_points)  # fmt: skip
         groups = None
         if group_key is not None:
             if group_key not in adata.obs.columns:
                 raise KeyError(f"group_key {group_key!r} is not an obs column; available: {list(adata.obs.columns)}.")
             groups = adata.obs[group_key].astype(str).to_numpy()
         return {
-            "cells": cells, "library": library, "variants": variants, "observed": observed, "mode": mode,
+            "cells": cells, "library": library, "variants": variants + nulls, "observed": observed, "mode": mode,
             "perturb_time_points": perturb_time_points, "cell_ids": adata.obs_names.astype(str).to_numpy(),
             "groups": groups, "summary": {"cells": len(cells), "mode": mode, "site": site, "method": method,
-                        "perturbations_skipped": skipped},
+                        "perturbations_skipped": skipped, "null_perturbations": int(null_perturbations)},
         }  # fmt: skip
+
+    def _null_variants(self, variants, cells, num_null, seed, mode, site, max_length, observed, perturb_time_points):
+        """
+        `num_null` sham perturbations per perturbation (see [`matched_null_genes`]): the same edit of genes the same
+        cells express as often and as highly, drawn with `seed`. They run like screen variants (sharing the control)
+        and are the null that [`differential_expression_against_null`] judges the perturbation's effects by.
+        """
+        if num_null == 0:
+            return []
+        profile = expression_profile(cells, self.model.config.encoder.vocab_size)
+        allowed = None
+        if site == "tgt":  # a target edit can only touch target genes: the shams are target genes too
+            allowed = np.zeros(len(profile[0]), dtype=bool)
+            for gene in self.model.config.target_genes or []:
+                token = self.tokenizer.vocab.get(gene)
+                if token is not None:
+                    allowed[token] = True
+        rng = np.random.default_rng([int(seed), 7919])
+        nulls = []
+        for variant in variants:
+            source_ids = [self.tokenizer.gene_to_id(g) for g in variant["names"]]
+            for index, sham in enumerate(matched_null_genes(source_ids, profile, num_null, rng, allowed)):
+                genes = sham
+                if site == "tgt":
+                    genes = [self.tokenizer.target_gene_to_id(self.tokenizer.id_to_gene(t)) for t in sham]
+                null = {"label": f"{variant['label']} null {index}", "genes": genes, "sources": cells,
+                        "targets": None, "null_of": variant["label"],
+                        "null_genes": [self.tokenizer.id_to_symbol(t) for t in sham]}  # fmt: skip
+                if site == "src":
+                    edited = [perturb_tokens(c, genes, mode, max_length) for c in cells]
+                    null["sources"] = [t for t, _ in edited]
+                    null["changed"] = np.array([flag for _, flag in edited], dtype=bool)
+                elif observed is not None:
+                    null["targets"], null["changed"] = _edit_observed(observed, perturb_time_points, genes, mode)
+                else:
+                    null["changed"] = None
+                nulls.append(null)
+        return nulls
 
     def _observed_targets(self, targets, num_cells, gene_ids, layer):
         """Rank observed target cells (one AnnData per time point, paired row by row with the source)."""
@@ -311,15 +372,26 @@ class PerturbationPipeline(Pipeline):
 
     # -- postprocess: AnnData, statistics, summary ---------------------------------------------------------------
 
-    def postprocess(self, outputs):
+    def postprocess(
+        self, outputs, fdr=DEFAULT_FDR, min_abs_log2fc=DEFAULT_MIN_ABS_LOG2FC, bootstrap=DEFAULT_BOOTSTRAP
+    ):
         config = self.model.config
         time_values = outputs["time_values"]
         names = [_time_name(config, v) for v in time_values]
         genes = list(config.target_genes or [f"gene_{i}" for i in range(config.num_target_genes)])
         symbols = [self.tokenizer.gene_symbols.get(g, g) for g in genes]
         control = outputs["control"]
+        pairs = list(zip(outputs["variants"], outputs["perturbed"]))
+        nulls, null_genes = {}, {}
+        for variant, predicted in pairs:
+            if "null_of" in variant:
+                nulls.setdefault(variant["null_of"], []).append(predicted["counts"])
+                null_genes.setdefault(variant["null_of"], []).append(variant["null_genes"])
+        thresholds = {"fdr": float(fdr), "min_abs_log2fc": float(min_abs_log2fc), "bootstrap": int(bootstrap)}
         blocks, tables, unaffected = [], [], {}
-        for variant, predicted in zip(outputs["variants"], outputs["perturbed"]):
+        for variant, predicted in pairs:
+            if "null_of" in variant:
+                continue
             label, changed = variant["label"], predicted["changed"]
             unaffected[label] = int((~changed).sum())
             if unaffected[label]:
@@ -338,7 +410,9 @@ class PerturbationPipeline(Pipeline):
                 blocks.append(
                     (obs, control["counts"][:, t], predicted["counts"][:, t], predicted["gene_cosine"][:, t])
                 )
-                table = _de_tables(control["counts"][:, t], predicted["counts"][:, t], symbols, obs, label, name)
+                null_counts = [n[:, t] for n in nulls.get(label, [])]
+                table = _de_tables(control["counts"][:, t], predicted["counts"][:, t], null_counts, symbols, obs, label,
+                                   name, thresholds, outputs["settings"]["seed"])  # fmt: skip
                 tables += _with_gene_shift(table, predicted["gene_cosine"][:, t], obs)
         obs = pd.concat([b[0] for b in blocks], ignore_index=True)
         obs.index = obs.index.astype(str)
@@ -349,8 +423,10 @@ class PerturbationPipeline(Pipeline):
                     "perturbed": np.vstack([b[2] for b in blocks]).astype(np.float32),
                     "gene_embedding_cosine": np.vstack([b[3] for b in blocks]).astype(np.float32)},
         )  # fmt: skip
-        summary = {**outputs["summary"], "cells_unaffected": unaffected,
-                   "perturbations": [v["label"] for v in outputs["variants"]], "time_points": names}  # fmt: skip
+        de = _sorted_by_significance(pd.concat(tables, ignore_index=True))
+        real = [v["label"] for v in outputs["variants"] if "null_of" not in v]
+        summary = {**outputs["summary"], "cells_unaffected": unaffected, "perturbations": real, "time_points": names,
+                   "null_genes": null_genes, **thresholds, "significant": _significant_counts(de)}  # fmt: skip
         settings = outputs["settings"]
         config_out = {
             "mode": summary["mode"], "site": summary["site"], "method": summary["method"],
@@ -358,8 +434,8 @@ class PerturbationPipeline(Pipeline):
             "time_points": names, "num_samples": settings["num_samples"], "seed": settings["seed"],
             "batch_size": settings["batch_size"], **settings["generate"],
         }  # fmt: skip
-        return PerturbationResult(adata=adata, de=pd.concat(tables, ignore_index=True), summary=summary,
-                                  config=config_out)  # fmt: skip
+        config_out.update(null_perturbations=summary["null_perturbations"], **thresholds)
+        return PerturbationResult(adata=adata, de=de, summary=summary, config=config_out)
 
 
 class _TargetEditor:
@@ -616,14 +692,37 @@ def _time_name(config, value):
     return f"{value:g}"
 
 
-def _de_tables(control, perturbed, symbols, obs, label, time_point):
+def _de_tables(control, perturbed, null_counts, symbols, obs, label, time_point, thresholds, seed):
+    """Per-gene statistics against the null, for all cells and per group."""
     tables = []
     groups = obs["group"].to_numpy()
     for group in ["all", *sorted(set(groups) - {"all"})]:
         rows = np.ones(len(groups), dtype=bool) if group == "all" else groups == group
-        table = paired_differential_expression(control[rows], perturbed[rows], symbols)
+        table = differential_expression_against_null(
+            control[rows], perturbed[rows], [n[rows] for n in null_counts], symbols, thresholds["fdr"],
+            thresholds["min_abs_log2fc"], thresholds["bootstrap"], seed,
+        )  # fmt: skip
         table.insert(0, "group", group)
         table.insert(0, "time_point", time_point)
         table.insert(0, "perturbation", label)
         tables.append(table)
     return tables
+
+
+def _sorted_by_significance(de):
+    """Within each perturbation, time point and group (in their order), the most significant genes first (then the
+    largest effects)."""
+    keys = ["perturbation", "time_point", "group"]
+    order = {column: {v: i for i, v in enumerate(dict.fromkeys(de[column]))} for column in keys}
+    ranked = de.assign(
+        **{f"_{c}": de[c].map(order[c]) for c in keys}, _p=de["p_value"].fillna(2.0), _size=-de["log2_fold_change"].abs()
+    )  # fmt: skip
+    ranked = ranked.sort_values([f"_{c}" for c in keys] + ["_p", "_size"], kind="stable")
+    return ranked.drop(columns=[f"_{c}" for c in keys] + ["_p", "_size"]).reset_index(drop=True)
+
+
+def _significant_counts(de):
+    """Significant genes per perturbation and time point (all cells)."""
+    table = de[de["group"] == "all"]
+    return {label: {t: int(v) for t, v in part.groupby("time_point", sort=False)["significant"].sum().items()}
+            for label, part in table.groupby("perturbation", sort=False)}  # fmt: skip
