@@ -273,7 +273,8 @@ def _volcano(part, label, fdr, floor, path, plt, max_labels=8):
         # The axes always span the thresholds, so that tiny effects are not blown up into a "volcano" (and no
         # offset text like "1e-6" crowds the title).
         reach = max(3 * floor, np.nanmax(np.abs(lfc)) * 1.1 if len(lfc) else 0)
-        axis.set_xlim(-reach, reach)
+        # A third more on each side: the labels' column, clear of the points.
+        axis.set_xlim(-1.45 * reach, 1.45 * reach)
         axis.set_ylim(0, max(-np.log10(fdr) * 1.6, np.nanmax(height) * 1.15 if len(height) else 0))
         axis.axhline(-np.log10(fdr), color="black", lw=0.6, ls="--")
         for x in (-floor, floor):
@@ -282,9 +283,11 @@ def _volcano(part, label, fdr, floor, path, plt, max_labels=8):
         axis.set_title(f"{label}: {time_point} ({int(hit.sum())} significant)", fontsize=9)
         axis.set_xlabel("log2 fold change (perturbed / control)")
         axis.set_ylabel("-log10 BH-adjusted p (vs sham null)")
-    axes[0][0].legend(fontsize=7, loc="upper left", framealpha=0.8)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    # Below the panels: a legend never covers points or labels.
+    figure.legend(handles, [*names], loc="lower left", ncol=2, fontsize=7, frameon=False)
     figure.suptitle(f"dashed: FDR {fdr}; dotted: |log2 fold change| {floor}", fontsize=8, y=0.02, va="bottom")
-    figure.tight_layout(rect=(0, 0.05, 1, 1))
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
