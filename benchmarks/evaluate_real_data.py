@@ -58,6 +58,26 @@ def table(metrics: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def head_to_head(metrics: pd.DataFrame) -> dict:
+    """
+    For each baseline: on how many metrics the model is better, of those both have (per evaluated state), by each
+    metric's direction in `perturbgen_hf.evaluation.metrics.METRIC_DIRECTIONS`.
+    """
+    from perturbgen_hf.evaluation.metrics import higher_is_better
+
+    model = "PerturbGen (this model)"
+    counts = {}
+    for (metric, _, _), part in metrics.groupby(["metric", "time_point", "group"], sort=False):
+        values = part.set_index("method")["value"].dropna()
+        if model not in values:
+            continue
+        for baseline, value in values.drop(model).items():
+            better = values[model] > value if higher_is_better(metric) else values[model] < value
+            won, total = counts.get(baseline, (0, 0))
+            counts[baseline] = (won + int(better), total + 1)
+    return {baseline: f"{won}/{total}" for baseline, (won, total) in counts.items()}
+
+
 def main() -> None:
     from perturbgen_hf.cli import main as cli
 
@@ -93,10 +113,12 @@ def main() -> None:
             "cells": summary["cells"],
             "settings": summary["settings"],
             "best_method": summary["best_method"],
+            "model_better_than": head_to_head(metrics),
             "metrics": metrics.to_dict(orient="records"),
         }
         RESULTS.write_text(json.dumps(results, indent=1, default=float))
-        print(f"\n### {name} ({seconds:.0f} s)\n\n{table(metrics)}\n", flush=True)
+        print(f"\n### {name} ({seconds:.0f} s)\n\n{table(metrics)}\n\nmodel better than: {head_to_head(metrics)}\n",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
