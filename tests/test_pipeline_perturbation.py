@@ -290,6 +290,11 @@ def test_a_screen_equals_its_single_gene_runs(pipe, source_cells):
     np.testing.assert_allclose(screen.adata.layers["control"][rows], alone.adata.layers["control"], rtol=1e-5)
     split = pipe(cells, screen=["TNF", "EGR1"], mode="mask", seed=2, batch_size=16, variants_per_batch=1)
     np.testing.assert_allclose(split.adata.layers["perturbed"], screen.adata.layers["perturbed"], rtol=1e-5)
+    # The same when the edit acts on generated target cells (each stacked row carries its own perturbed genes).
+    late = [pipe(cells, screen=["TNF", "EGR1"], mode="delete", site="tgt", perturb_time_points=["2h"], seed=2,
+                 batch_size=16, variants_per_batch=n, iterations=2).adata for n in (1, 2)]  # fmt: skip
+    assert np.array_equal(late[0].obs["changed"], late[1].obs["changed"]) and late[0].obs["changed"].any()
+    np.testing.assert_allclose(late[1].layers["perturbed"], late[0].layers["perturbed"], rtol=1e-5)
 
 
 def test_per_gene_embedding_shift(pipe, source_cells):

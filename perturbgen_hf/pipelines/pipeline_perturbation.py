@@ -23,6 +23,7 @@ How the work is organised (and why):
 The model is duck-typed (`generate`, `readout`, `config`), so the pipeline also runs as remote code.
 """
 
+import itertools
 import logging
 
 import anndata as ad
@@ -287,7 +288,7 @@ class PerturbationPipeline(Pipeline):
             variants = range(chunk, min(chunk + variants_per_batch, num_variants))
             results.append({
                 "start": start, "control": _public(control) if chunk == 0 else None,
-                "variants": {v: self._run_variant(inputs, v, rows, control, run) for v in variants},
+                "variants": self._run_variants(inputs, variants, rows, control, run),
             })  # fmt: skip
         if world > 1:
             from accelerate.utils import gather_object
@@ -295,44 +296,62 @@ class PerturbationPipeline(Pipeline):
             results = gather_object(results)
         return {**inputs, **_assemble(results, num_cells, num_variants, config), "settings": run}
 
-    def _run_variant(self, inputs, index, rows, control, run):
-        """Predict the perturbed cells of one perturbation among `rows` (one cell batch)."""
-        variant = inputs["variants"][index]
-        if variant["changed"] is not None:
-            rows = rows[variant["changed"][rows]]
-        if len(rows) == 0:
-            return {"rows": rows}
-        positions = rows - control["start"]  # each cell's row of random draws and of the control
-        out = self._predict(inputs, rows, variant, positions, run)
+    def _run_variants(self, inputs, indices, rows, control, run):
+        """
+        Predict the perturbed cells of the perturbations `indices` among `rows` (one cell batch). The cells each
+        perturbation changes are stacked over perturbations and run `batch_size` at a time: a knockout of a gene few
+        cells express, or each of a screen's sham knockouts, would otherwise fill a model call with a handful of rows.
+        A cell keeps its row of random draws (`positions`), so stacking does not change any prediction.
+        """
+        owner, member = [], []
+        for index in indices:
+            variant = inputs["variants"][index]
+            chosen = rows if variant["changed"] is None else rows[variant["changed"][rows]]
+            owner.append(np.full(len(chosen), index))
+            member.append(chosen)
+        owner, member = np.concatenate(owner), np.concatenate(member)
+        if len(member) == 0:
+            return {index: {"rows": member} for index in indices}
+        positions = member - control["start"]  # each cell's row of random draws and of the control
+        out = self._predict(inputs, member, [inputs["variants"][i] for i in owner], positions, run)
         changed = out.pop("changed")
         out.pop("time_values")
         cosine = _gene_cosine(control["sequences"][positions], control["hidden"][positions], out.pop("sequences"),
                               out.pop("hidden"), self.model.config)  # fmt: skip
-        return {"rows": rows[changed], "gene_cosine": cosine[changed], **{k: v[changed] for k, v in out.items()}}
+        results = {}
+        for index in indices:
+            keep = (owner == index) & changed
+            kept = {key: value[keep] for key, value in out.items()}
+            results[index] = {"rows": member[keep], "gene_cosine": cosine[keep], **kept}
+        return results
 
-    def _predict(self, inputs, rows, variant, positions, run):
-        """Control (`variant=None`) or perturbed predictions of `rows`, `batch_size` rows per model call."""
+    def _predict(self, inputs, rows, variants, positions, run):
+        """
+        Control (`variants=None`) or perturbed predictions of `rows` (`variants[i]`: the perturbation of row `i`),
+        `batch_size` rows per model call. A teacher-forced call holds one perturbation (each edits its own targets).
+        """
         parts = []
-        for first in range(0, len(rows), run["batch_size"]):
-            chunk = slice(first, first + run["batch_size"])
+        for chunk in _model_calls(variants, len(rows), run["batch_size"], one_variant=inputs["observed"] is not None):
+            chosen = None if variants is None else variants[chunk]
             if inputs["observed"] is not None:
-                parts.append(self._readout(inputs, rows[chunk], variant))
+                parts.append(self._readout(inputs, rows[chunk], None if chosen is None else chosen[0]))
             else:
-                parts.append(self._generate(inputs, rows[chunk], variant, positions[chunk], run))
+                parts.append(self._generate(inputs, rows[chunk], chosen, positions[chunk], run))
         return {key: _concat_ragged([p[key] for p in parts]) for key in parts[0]}
 
-    def _generate(self, inputs, rows, variant, positions, run):
+    def _generate(self, inputs, rows, variants, positions, run):
         config, device = self.model.config, self.model.device
-        sources = inputs["cells"] if variant is None else variant["sources"]
-        input_ids, attention_mask = _pad_rows([sources[r] for r in rows], device)
+        input_ids, attention_mask = _pad_rows(
+            [(inputs["cells"] if variants is None else variants[i]["sources"])[r] for i, r in enumerate(rows)], device
+        )  # fmt: skip
         # The unperturbed cell's length (as many genes as it expresses), so control and perturbed runs match.
         capacity = min(config.num_target_genes, config.decoder_max_position_embeddings - len(config.condition_tokens))
         lengths = torch.tensor([min(max(len(inputs["cells"][r]) - 2, 1), capacity) for r in rows], device=device)
         edits = {"changed": np.ones(len(rows), dtype=bool)}
         extra = {}
-        if variant is not None and inputs["perturb_time_points"]:
-            extra = {"sequence_editor": _TargetEditor(variant["genes"], inputs["mode"], len(config.condition_tokens),
-                                                      len(rows), edits),
+        if variants is not None and inputs["perturb_time_points"]:
+            extra = {"sequence_editor": _TargetEditor([v["genes"] for v in variants], inputs["mode"],
+                                                      len(config.condition_tokens), edits),
                      "edit_time_points": inputs["perturb_time_points"]}  # fmt: skip
         if config.library_size == "observed":
             extra["library_size"] = torch.as_tensor(inputs["library"][rows], dtype=torch.float32, device=device)
@@ -441,15 +460,27 @@ class PerturbationPipeline(Pipeline):
 class _TargetEditor:
     """`sequence_editor` of `generate`: edits generated target cells and records which ones changed."""
 
-    def __init__(self, gene_ids, mode, num_conditions, num_rows, record):
-        self.gene_ids, self.mode, self.num_conditions = gene_ids, mode, num_conditions
+    def __init__(self, gene_ids_per_row, mode, num_conditions, record):
+        self.gene_ids_per_row, self.mode, self.num_conditions = gene_ids_per_row, mode, num_conditions
         self.record = record
-        record["changed"] = np.zeros(num_rows, dtype=bool)
+        record["changed"] = np.zeros(len(gene_ids_per_row), dtype=bool)
 
     def __call__(self, tokens, time_value):
-        edited, changed = edit_target_batch(tokens, [self.gene_ids] * tokens.shape[0], self.mode, self.num_conditions)
+        edited, changed = edit_target_batch(tokens, self.gene_ids_per_row, self.mode, self.num_conditions)
         self.record["changed"] |= changed
         return edited
+
+
+def _model_calls(variants, num_rows, batch_size, one_variant):
+    """Slices of rows for one model call each: `batch_size` rows at most and, with `one_variant`, rows of one
+    perturbation only (`variants[i]`: row `i`'s, in runs; `None`: the control)."""
+    starts = [0]
+    if one_variant and variants is not None:
+        starts += [i for i in range(1, num_rows) if variants[i] is not variants[i - 1]]
+    bounds = [*starts, num_rows]
+    for first, last in itertools.pairwise(bounds):
+        for begin in range(first, last, batch_size):
+            yield slice(begin, min(begin + batch_size, last))
 
 
 def cell_batch_seed(seed: int, batch_start: int, sample: int) -> int:
