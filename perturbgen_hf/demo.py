@@ -91,18 +91,25 @@ def effect_scores(predicted: np.ndarray, truth: np.ndarray, responder_threshold:
             "unaffected": int(unaffected.sum())}  # fmt: skip
 
 
-def significance_calls(called: np.ndarray, truth: np.ndarray, responder_threshold: float = 0.5) -> dict:
+def significance_calls(called: np.ndarray, truth: np.ndarray, responder_threshold: float = 0.5,
+                       unaffected_threshold: float = 0.1) -> dict:  # fmt: skip
     """
     The pipeline's significance calls (against its sham null, with the effect floor) scored against the truth:
     `precision` (share of called genes that are true responders, |true| >= `responder_threshold`; NaN without
-    calls) and `recall` (share of true responders called; NaN without responders).
+    calls), `recall` (share of true responders called; NaN without responders) and `precision_any_effect` (share of
+    called genes with a true effect at all, |true| >= `unaffected_threshold`: a call of a gene the knockout moves by
+    less than a responder's change is not a false discovery).
     """
     called = np.asarray(called, dtype=bool)
-    responders = np.abs(np.asarray(truth, dtype=float)) >= responder_threshold
+    truth = np.abs(np.asarray(truth, dtype=float))
+    responders = truth >= responder_threshold
     hits = int((called & responders).sum())
+    affected = int((called & (truth >= unaffected_threshold)).sum())
     return {"called": int(called.sum()), "responders": int(responders.sum()), "true_calls": hits,
             "precision": hits / called.sum() if called.any() else float("nan"),
-            "recall": hits / responders.sum() if responders.any() else float("nan")}  # fmt: skip
+            "recall": hits / responders.sum() if responders.any() else float("nan"),
+            "affected_calls": affected,
+            "precision_any_effect": affected / called.sum() if called.any() else float("nan")}  # fmt: skip
 
 
 def _lfc_from_log(control_log, perturbed_log):
@@ -258,7 +265,9 @@ def _run_on_simulation(out, settings, progress):
         }
         predictions[time_point] = {"truth": true_t, **methods}
         called = model_de.set_index("gene")["significant"].astype(bool).reindex(true_t.index, fill_value=False)
-        calls[time_point] = significance_calls(called.to_numpy(), true_t.to_numpy(), settings.responder_threshold)
+        calls[time_point] = significance_calls(
+            called.to_numpy(), true_t.to_numpy(), settings.responder_threshold, settings.unaffected_threshold
+        )
         for method, values in methods.items():
             scores = effect_scores(values, true_t.to_numpy(), settings.responder_threshold,
                                    settings.unaffected_threshold)  # fmt: skip
@@ -366,7 +375,9 @@ def _report(summary, scores, settings, control) -> str:
         "",
         *[
             f"- {t}: {c['called']} genes called, {c['true_calls']} of them true responders (precision "
-            f"{c['precision']:.2f}); {c['true_calls']} of {c['responders']} responders called (recall {c['recall']:.2f})"
+            f"{c['precision']:.2f}); {c['true_calls']} of {c['responders']} responders called (recall {c['recall']:.2f}); "
+            f"{c['affected_calls']} calls with a true effect >= {settings.unaffected_threshold} "
+            f"({c['precision_any_effect']:.2f})"
             for t, c in summary.get("significance_calls", {}).items()
         ],
         "",

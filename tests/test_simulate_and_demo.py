@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from perturbgen_hf.data import simulate_trajectory, true_effects
-from perturbgen_hf.demo import FAST, effect_scores, run_demo
+from perturbgen_hf.demo import FAST, effect_scores, run_demo, significance_calls
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,19 @@ def test_effect_scores_by_hand():
     np.testing.assert_allclose(scores["pearson"], np.corrcoef(predicted, truth)[0, 1])
     flat = effect_scores(np.zeros(5), truth)
     assert flat["auroc"] == 0.5 and np.isnan(flat["pearson"]) and flat["sign_agreement"] == 0.0
+
+
+def test_significance_calls_by_hand():
+    truth = np.array([2.0, -1.0, 0.0, 0.05, 0.3, 0.7])
+    called = np.array([True, False, True, False, True, True])
+    calls = significance_calls(called, truth, responder_threshold=0.5, unaffected_threshold=0.1)
+    # responders: 2.0, -1.0, 0.7; called: 2.0, 0.0, 0.3, 0.7
+    assert (calls["called"], calls["responders"], calls["true_calls"]) == (4, 3, 2)
+    assert calls["precision"] == 0.5 and calls["recall"] == 2 / 3
+    # 0.3 is a true (sub-responder) effect; 0.0 is a false discovery
+    assert calls["affected_calls"] == 3 and calls["precision_any_effect"] == 0.75
+    none = significance_calls(np.zeros(6, dtype=bool), truth)
+    assert none["called"] == 0 and np.isnan(none["precision"]) and np.isnan(none["precision_any_effect"])
 
 
 def test_fast_demo_end_to_end(tmp_path):
