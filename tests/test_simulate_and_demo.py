@@ -128,6 +128,14 @@ def test_fast_demo_end_to_end(tmp_path):
     assert np.isfinite(model_rows[["auroc", "sign_agreement"]].to_numpy()).all()
     assert json.loads((out / "summary.json").read_text())["regulator"] == "REG1"
     assert "AUROC" in (out / "report.md").read_text() or "auroc" in (out / "report.md").read_text()
+    # The pipeline's significance calls (against FAST's 3 shams) are scored against the truth at every time point.
+    calls = summary["significance_calls"]
+    assert set(calls) == {"2h", "6h", "12h"}
+    de = pd.read_csv(out / "perturbation" / "de.csv")
+    for time_point, call in calls.items():
+        assert call["called"] == de[(de["time_point"] == time_point) & (de["group"] == "all")]["significant"].sum()
+        assert call["true_calls"] <= min(call["called"], call["responders"]) and call["responders"] > 0
+    assert "Significance calls" in (out / "report.md").read_text()
     assert AutoModel.from_pretrained(out / "model").config.model_type == "perturbgen"
     assert summary["seconds"] > 0
     with pytest.raises(FileExistsError, match="overwrite"):

@@ -317,13 +317,15 @@ def _label_points(axis, rows, x, y, max_labels):
 def _significant_counts(de, fdr, floor, path, plt):
     counts = de.groupby(["perturbation", "group", "time_point"], sort=False)["significant"].sum().unstack("time_point")
     counts = counts[list(dict.fromkeys(de["time_point"]))]
+    # Legend entries read "IL1B (all cells)" / "IL1B (CD14+ Monocytes)", not a tuple.
+    counts.index = [f"{label} ({'all cells' if group == 'all' else group})" for label, group in counts.index]
     figure, axis = plt.subplots(figsize=(max(4.5, 1.2 * counts.shape[1] + 3.5), 3.6))
     counts.T.plot(kind="bar", ax=axis, rot=0)
     axis.set_ylabel("significant genes")
     axis.set_xlabel("time point")
     axis.set_title(f"BH-adjusted p (vs sham null) < {fdr} and |log2 fold change| >= {floor}", fontsize=9)
     # Outside the axes: a legend never covers a bar.
-    axis.legend(fontsize=7, title="perturbation, group", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axis.legend(fontsize=7, title="perturbation (cells)", title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
