@@ -232,7 +232,7 @@ def _run_perturb(args):
 def _add_demo_parser(subparsers):
     parser = subparsers.add_parser(
         "demo",
-        help="the whole job on simulated data with a known answer (10-15 minutes on a 2-core CPU, about half with --null-perturbations 0)",
+        help="the whole job on simulated data with a known answer (10-15 minutes on a 2-core CPU)",
         description=(
             "Simulate a time course driven by a known regulatory cascade, tokenize it, train a small model, knock "
             "out a regulator in held-out source cells, and score the predicted effect at each later time point "
@@ -252,8 +252,8 @@ def _add_demo_parser(subparsers):
     )
     parser.add_argument(
         "--null-perturbations", type=int, default=argparse.SUPPRESS,
-        help="sham knockouts the significance calls are judged against (default: 10, about half the run time on a "
-        "2-core CPU; 0 skips them and calls nothing significant; with --fast: 3)",
+        help="sham knockouts the significance calls are judged against (default: 10, each about as costly "
+        "as the knockout itself; 0 skips them and calls nothing significant; with --fast: 3)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--fast", action="store_true", help="tiny sizes (seconds; the scores mean nothing)")
