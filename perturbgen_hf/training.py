@@ -154,6 +154,7 @@ def parse_arguments(argv=None):
         argv += ["--output_dir", out]
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     _validate(model_args, data_args)
+    _validate_schedule(training_args)
     _check_output_folder(training_args, data_args)
     return model_args, data_args, training_args
 
@@ -173,6 +174,23 @@ def _option_value(argv, name):
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _validate_schedule(training_args):
+    """Options Trainer would take without complaint (or reject only after the output folder exists)."""
+    if training_args.max_steps == 0 or training_args.max_steps < -1:
+        raise ValueError(
+            f"--max_steps must be a positive number of steps (or -1 to train --num_train_epochs), got "
+            f"{training_args.max_steps}."
+        )
+    if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
+        raise ValueError(f"--num_train_epochs must be positive, got {training_args.num_train_epochs}.")
+    if not training_args.learning_rate >= 0:
+        raise ValueError(f"--learning_rate must be >= 0, got {training_args.learning_rate}.")
+    if training_args.per_device_train_batch_size < 1:
+        raise ValueError(
+            f"--per_device_train_batch_size must be >= 1, got {training_args.per_device_train_batch_size}."
+        )
 
 
 def _validate(model_args, data_args):

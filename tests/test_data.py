@@ -179,6 +179,8 @@ def _write(tmp_path, X, obs=None):
         (["--source", "0h", "--time-key", "time", "--targets", "9h"], r"Target time point\(s\) \['9h'\]"),
         (["--source", "0h", "--time-key", "time", "--pairing", "stratified"], "needs a pairing key"),
         (["--source", "0h", "--time-key", "time", "--pairing", "stratified", "--pairing-key", "ct"], "'ct' is not an obs column"),
+        (["--source", "0h", "--time-key", "time", "--num-proc", "0"], "num_proc must be a whole number >= 1, got 0"),
+        (["--source", "0h", "--time-key", "time", "--chunk-size", "-5"], "chunk_size must be"),
     ],
 )  # fmt: skip
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):

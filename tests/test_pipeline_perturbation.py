@@ -222,6 +222,11 @@ def test_screen_shares_the_control(pipe, source_cells):
         ({"genes": ["TNF"], "mode": "overexpress", "num_samples": 0}, ValueError, "num_samples"),
         ({"genes": ["TNF"], "screen": ["EGR1"]}, ValueError, "not both"),
         ({"genes": ["TNF"], "colour": "red"}, TypeError, "colour"),
+        ({"genes": ["TNF"], "fdr": 5}, ValueError, "between 0 and 1.*got 5"),
+        ({"genes": ["TNF"], "fdr": 0}, ValueError, "fdr must be"),
+        ({"genes": ["TNF"], "min_abs_log2fc": -0.1}, ValueError, "min_abs_log2fc must be.*-0.1"),
+        ({"genes": ["TNF"], "min_abs_log2fc": float("nan")}, ValueError, "min_abs_log2fc must be"),
+        ({"genes": ["TNF"], "bootstrap": 2.5}, ValueError, "bootstrap must be.*2.5"),
     ],
 )
 def test_bad_requests(pipe, source_cells, kwargs, error, message):

@@ -195,6 +195,22 @@ def test_bad_training_options(lps_data, tmp_path, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max_steps", "0"], "--max_steps must be a positive number of steps"),
+        (["--max_steps", "-3"], "got -3"),
+        (["--learning_rate", "-0.001"], "--learning_rate must be >= 0, got -0.001"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
+    ],
+)
+def test_a_bad_schedule_fails_before_any_folder_is_made(lps_data, tmp_path, capsys, argv, message):
+    out = tmp_path / "m"
+    assert cli_main(["train", "--data", str(lps_data), "--out", str(out), "--use_cpu", *TINY, *argv]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_non_empty_output_folder_is_not_overwritten(lps_data, tmp_path, capsys):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "notes.txt").write_text("keep")

@@ -190,6 +190,9 @@ def tokenize_anndata(
     Returns:
         `dict`: the description written to `perturbgen_data.json`.
     """
+    for name, value in (("num_proc", num_proc), ("chunk_size", chunk_size)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value}.")
     out = Path(out)
     _prepare_output(out, overwrite)
     path = None
