@@ -29,6 +29,16 @@ DEFAULT_MIN_ABS_LOG2FC = 0.1
 DEFAULT_BOOTSTRAP = 200
 
 
+def check_significance_settings(fdr=DEFAULT_FDR, min_abs_log2fc=DEFAULT_MIN_ABS_LOG2FC, bootstrap=DEFAULT_BOOTSTRAP):
+    """The significance settings: an FDR in (0, 1), a finite effect floor >= 0, a whole number of resamples >= 0."""
+    if not 0.0 < float(fdr) < 1.0:
+        raise ValueError(f"fdr must be a false discovery rate between 0 and 1 (e.g. 0.05), got {fdr}.")
+    if not (np.isfinite(float(min_abs_log2fc)) and float(min_abs_log2fc) >= 0):
+        raise ValueError(f"min_abs_log2fc must be a finite log2 fold change >= 0, got {min_abs_log2fc}.")
+    if int(bootstrap) != float(bootstrap) or int(bootstrap) < 0:
+        raise ValueError(f"bootstrap must be a whole number of resamples >= 0, got {bootstrap}.")
+
+
 def log2_fold_change(control: np.ndarray, perturbed: np.ndarray) -> np.ndarray:
     """log2((mean perturbed CP10k + 1) / (mean control CP10k + 1)) per gene, from counts `(cells, genes)`."""
     cp10k_control = np.expm1(log_normalize(control))

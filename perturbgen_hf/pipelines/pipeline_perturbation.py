@@ -46,6 +46,7 @@ from .perturbation_result import (
     DEFAULT_FDR,
     DEFAULT_MIN_ABS_LOG2FC,
     PerturbationResult,
+    check_significance_settings,
     differential_expression_against_null,
 )
 
@@ -111,7 +112,7 @@ class PerturbationPipeline(Pipeline):
         preprocess = {k: v for k, v in kwargs.items() if k in _PREPROCESS_KEYS and v is not None}
         forward = {k: v for k, v in kwargs.items() if k in _FORWARD_KEYS and v is not None}
         postprocess = {k: v for k, v in kwargs.items() if k in _POSTPROCESS_KEYS and v is not None}
-        _check_thresholds(**postprocess)  # before any generation, not after it
+        check_significance_settings(**postprocess)  # before any generation, not after it
         return preprocess, forward, postprocess
 
     # -- preprocess: tokenize, resolve genes, edit ---------------------------------------------------------------
@@ -659,16 +660,6 @@ def _read_anndata(data, what):
     if adata.n_obs == 0:
         raise ValueError(f"The {what} AnnData has no cells.")
     return adata
-
-
-def _check_thresholds(fdr=DEFAULT_FDR, min_abs_log2fc=DEFAULT_MIN_ABS_LOG2FC, bootstrap=DEFAULT_BOOTSTRAP):
-    """The significance settings: an FDR in (0, 1), a finite effect floor >= 0, a whole number of resamples >= 0."""
-    if not 0.0 < float(fdr) < 1.0:
-        raise ValueError(f"fdr must be a false discovery rate between 0 and 1 (e.g. 0.05), got {fdr}.")
-    if not (np.isfinite(float(min_abs_log2fc)) and float(min_abs_log2fc) >= 0):
-        raise ValueError(f"min_abs_log2fc must be a finite log2 fold change >= 0, got {min_abs_log2fc}.")
-    if int(bootstrap) != float(bootstrap) or int(bootstrap) < 0:
-        raise ValueError(f"bootstrap must be a whole number of resamples >= 0, got {bootstrap}.")
 
 
 def _check_choice(name, value, choices):
