@@ -315,71 +315,9 @@ def test_per_gene_readout_moves_only_the_genes_it_reads():
     torch.testing.assert_close(read["zi_logits"][0, [2, 5]] - base["zi_logits"][0, [2, 5]], corrections[:2, 1])
 
 
-@pytest.mark.parametrize("source_path", ["presence", "rank"])
-def test_count_source_skip_reads_each_target_gene_own_source_weight(source_path):
-    # Target gene g is encoder token 10 + g; the last target gene has no encoder token.
-    ids = [10 + g for g in range(29)] + [-1]
-    config = tiny_config(source_path=source_path, target_source_token_ids=ids)
-    model = PerturbGenForConditionalGeneration(config).eval()
-    head = model.count_head
-    source = torch.tensor([[2, 10, 13, 14, 50, 3, 0]])  # target genes 0, 3, 4 and a token that is no target gene
-    condition = model.condition_on_source(source)
-    weights = condition.gene_weights[0]
-    assert weights.nonzero().flatten().tolist() == [0, 3, 4]
-    if source_path == "presence":
-        assert weights[[0, 3, 4]].tolist() == [1.0, 1.0, 1.0]
-    else:  # ranks 1, 2, 3
-        torch.testing.assert_close(weights[[0, 3, 4]], 1 / torch.log2(torch.tensor([2.0, 3.0, 4.0])))
-    pooled = torch.randn(1, config.decoder_hidden_size)
-    base = head(pooled)
-    # A new skip starts as a no-op.
-    torch.testing.assert_close(head(pooled, source_gene_weights=condition.gene_weights)["mu"], base["mu"])
-    with torch.no_grad():
-        head.source_skip_shared.fill_(0.5)
-        head.source_skip_per_gene[3] = 1.0
-    skipped = head(pooled, source_gene_weights=condition.gene_weights)
-    # Only the source's own genes move, each by (shared + its own factor) times its weight, before the softmax.
-    log_ratio = (skipped["mu"] / skipped["library_size"][:, None]).log() - (
-        base["mu"] / base["library_size"][:, None]
-    ).log()
-    shift = log_ratio[0] - log_ratio[0, 1]  # gene 1 is not in the source
-    expected = torch.zeros(30)
-    expected[[0, 3, 4]] = torch.tensor([0.5, 1.5, 0.5]) * weights[[0, 3, 4]]
-    torch.testing.assert_close(shift, expected, atol=1e-5, rtol=1e-5)
-    # A deleted gene drops out of its own skip.
-    deleted = model.condition_on_source(torch.tensor([[2, 10, 14, 50, 3, 0, 0]]))
-    assert deleted.gene_weights[0, 3] == 0 and deleted.gene_weights[0, 0] > 0
-
-
-def test_count_source_skip_survives_save_and_load(tmp_path):
-    ids = [10 + g for g in range(29)] + [-1]
-    model = PerturbGenForConditionalGeneration(tiny_config(target_source_token_ids=ids)).eval()
-    with torch.no_grad():
-        model.count_head.source_skip_shared.fill_(0.7)
-    model.save_pretrained(tmp_path)
-    loaded = PerturbGenForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert loaded.source_path.target_source_ids.tolist() == ids  # the buffer is rebuilt from the config
-    source = torch.tensor([[2, 10, 13, 14, 50, 3, 0]])
-    torch.testing.assert_close(loaded.condition_on_source(source).gene_weights,
-                               model.condition_on_source(source).gene_weights)  # fmt: skip
-    kwargs = {"sequence_length": 5, "temperature": 0.0, "num_iterations": 2}
-    torch.testing.assert_close(loaded.generate(source, **kwargs).counts, model.generate(source, **kwargs).counts)
-
-
-def test_count_source_skip_is_off_without_the_token_map_or_when_disabled():
-    assert PerturbGenForConditionalGeneration(tiny_config()).count_head.source_skip_per_gene is None
-    ids = list(range(10, 40))
-    off = PerturbGenForConditionalGeneration(tiny_config(target_source_token_ids=ids, count_source_skip=False))
-    assert off.count_head.source_skip_per_gene is None and off.source_path.target_source_ids is None
-    with pytest.raises(ValueError, match="target_source_token_ids"):
-        tiny_config(target_source_token_ids=ids[:5])
-    with pytest.raises(ValueError, match="target_source_token_ids"):
-        tiny_config(target_source_token_ids=[10**6] * 30)
-
-
 @pytest.mark.parametrize(("name", "value"), [("source_path", "mean"), ("source_path_injection", "concat"),
                                              ("count_readout", "token"), ("count_head_reads_source", "yes"),
-                                             ("count_source_skip", "yes"), ("source_path_map", "mlp")])  # fmt: skip
+                                             ("source_path_map", "mlp")])  # fmt: skip
 def test_bad_source_path_settings(name, value):
     with pytest.raises(ValueError, match=name):
         tiny_config(**{name: value})

@@ -107,8 +107,6 @@ class PerturbGenConfig(PreTrainedConfig):
             index, so `generate` accepts values never seen in training. Defaults to `1, 2, ...`.
         source_time_point (`str`, *optional*):
             Name of the source (encoder) state, for the record.
-        source_time_value (`float`, *optional*):
-            Numeric time of the source state; predictions are refused at or before it.
         time_embedding_scale (`float`, *optional*, defaults to 1.0):
             Time values are multiplied by this before the sinusoidal embedding (choose it so that the trained time
             points are a few units apart).
@@ -137,15 +135,6 @@ class PerturbGenConfig(PreTrainedConfig):
         count_head_reads_source (`bool`, *optional*, defaults to `True`):
             With a source path, the count head reads its summary besides the pooled decoder states, so predicted
             counts follow the source directly and not only through the (sampled) generated genes.
-        count_source_skip (`bool`, *optional*, defaults to `True`):
-            With a source path and `target_source_token_ids`, each target gene's count logit also adds its own
-            weight in the source (presence, or the rank weight for `source_path="rank"`) times a learned factor (one
-            shared by every gene plus one per gene, both starting at zero): a direct, gene-by-gene route from the
-            source's genes to the same genes' counts, which reaches genes (and cell types) that training never paired
-            with a target, since the shared factor applies to every gene.
-        target_source_token_ids (`list[int]`, *optional*):
-            The encoder token id of each target gene, in target order (-1 where the encoder has no such gene); set by
-            `perturbgen-hf train` from the tokenizer. Without it `count_source_skip` has nothing to read and is off.
         count_readout (`str`, *optional*, defaults to `"per_gene"`):
             `"per_gene"`: each generated gene's own decoder state adds to that gene's count logits (genes not generated
             keep the pooled head's); `"pooled"`: the count head reads only the mean-pooled cell embedding (the
@@ -260,7 +249,6 @@ class PerturbGenConfig(PreTrainedConfig):
         time_points=None,
         time_values=None,
         source_time_point=None,
-        source_time_value=None,
         time_embedding_scale=1.0,
         context_mode="previous",
         context_gradient=False,
@@ -268,8 +256,6 @@ class PerturbGenConfig(PreTrainedConfig):
         source_path_injection="add",
         source_path_map="linear",
         count_head_reads_source=True,
-        count_source_skip=True,
-        target_source_token_ids=None,
         count_readout="per_gene",
         target_genes=None,
         num_target_genes=2000,
@@ -327,7 +313,6 @@ class PerturbGenConfig(PreTrainedConfig):
             else [float(i + 1) for i in range(len(self.time_points))]
         )
         self.source_time_point = source_time_point
-        self.source_time_value = source_time_value
         self.time_embedding_scale = time_embedding_scale
         self.context_mode = context_mode
         self.context_gradient = context_gradient
@@ -335,8 +320,6 @@ class PerturbGenConfig(PreTrainedConfig):
         self.source_path_injection = source_path_injection
         self.source_path_map = source_path_map
         self.count_head_reads_source = count_head_reads_source
-        self.count_source_skip = count_source_skip
-        self.target_source_token_ids = list(target_source_token_ids) if target_source_token_ids is not None else None
         self.count_readout = count_readout
         self.target_genes = list(target_genes) if target_genes is not None else None
         self.num_target_genes = len(self.target_genes) if self.target_genes is not None else num_target_genes
@@ -433,8 +416,6 @@ class PerturbGenConfig(PreTrainedConfig):
         _check_choice("count_readout", self.count_readout, ("per_gene", "pooled"))
         if not isinstance(self.count_head_reads_source, bool):
             raise ValueError(f"`count_head_reads_source` must be True or False, got {self.count_head_reads_source!r}.")
-        if not isinstance(self.count_source_skip, bool):
-            raise ValueError(f"`count_source_skip` must be True or False, got {self.count_source_skip!r}.")
         for name in ("token_loss_weight", "count_loss_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
@@ -488,22 +469,6 @@ class PerturbGenConfig(PreTrainedConfig):
         for expected, (name, value) in enumerate(special_ids.items()):
             if value != expected:
                 raise ValueError(f"`{name}` must be {expected} (Geneformer's special-token layout), got {value!r}.")
-        if self.target_source_token_ids is not None:
-            ids = self.target_source_token_ids
-            if len(ids) != self.num_target_genes:
-                raise ValueError(
-                    f"`target_source_token_ids` has {len(ids)} entries for {self.num_target_genes} target genes."
-                )
-            bad = [
-                i
-                for i in ids
-                if isinstance(i, bool) or not isinstance(i, int) or not -1 <= i < self.encoder.vocab_size
-            ]
-            if bad:
-                raise ValueError(
-                    f"`target_source_token_ids` must be encoder token ids in [0, {self.encoder.vocab_size}) or -1; "
-                    f"got {bad[:5]}."
-                )
         if self.target_genes is not None:
             duplicates = sorted({g for g in self.target_genes if self.target_genes.count(g) > 1})
             if duplicates:

@@ -366,19 +366,16 @@ class SourceCondition:
         shift (`torch.FloatTensor` of shape `(batch, hidden)`): added to every decoder input embedding.
         scale (`torch.FloatTensor` of shape `(batch, hidden)`, *optional*): with `"film"`, the input embeddings are
             multiplied by `1 + scale` first.
-        gene_weights (`torch.FloatTensor` of shape `(batch, num_target_genes)`, *optional*): each target gene's
-            weight in the source (0 where the source lacks it), read by the count head's `count_source_skip`.
     """
 
     summary: torch.Tensor
     shift: torch.Tensor
     scale: torch.Tensor | None = None
-    gene_weights: torch.Tensor | None = None
 
     def repeat_interleave(self, repeats: int) -> "SourceCondition":
         """The same condition for each row repeated `repeats` times (as `Tensor.repeat_interleave(dim=0)`)."""
         return SourceCondition(*(None if t is None else t.repeat_interleave(repeats, dim=0)
-                                 for t in (self.summary, self.shift, self.scale, self.gene_weights)))  # fmt: skip
+                                 for t in (self.summary, self.shift, self.scale)))  # fmt: skip
 
 
 class PerturbGenSourcePath(nn.Module):
@@ -406,11 +403,6 @@ class PerturbGenSourcePath(nn.Module):
         self.rank_embeddings = bag() if config.source_path == "rank" else None
         self.norm = None if linear else nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.output = None if linear else _zero_initialised(nn.Linear(hidden, 2 * hidden if film else hidden))
-        # The encoder id of each target gene, to hand the count head the target genes' own source weights.
-        ids = config.target_source_token_ids if config.count_source_skip else None
-        self.register_buffer(
-            "target_source_ids", None if ids is None else torch.tensor(ids, dtype=torch.long), persistent=False
-        )
 
     def forward(self, input_ids: torch.Tensor) -> SourceCondition:
         """
@@ -434,22 +426,10 @@ class PerturbGenSourcePath(nn.Module):
             # moves it by its own size relative to the others', whatever the number of genes.
             summary = self.norm(summed)
             projected = self.output(summary)
-        gene_weights = None
-        if self.target_source_ids is not None:
-            weights = presence if self.rank_embeddings is None else rank_weight
-            gene_weights = self.target_gene_weights(input_ids, weights.to(dtype))
-        shift, scale = projected.chunk(2, dim=-1) if self.config.source_path_injection == "film" else (projected, None)
-        return SourceCondition(summary, shift, scale, gene_weights)
-
-    def target_gene_weights(self, input_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """
-        Each target gene's weight in its source cell, `(batch, num_target_genes)`: the weight of the source token
-        that is this gene (summed if it occurs twice), 0 where the source lacks it or the encoder has no such gene.
-        """
-        vocab = self.presence_embeddings.weight.shape[0]
-        dense = weights.new_zeros(input_ids.shape[0], vocab).scatter_add_(1, input_ids, weights)
-        known = self.target_source_ids >= 0
-        return dense[:, self.target_source_ids.clamp(min=0)] * known.to(dense.dtype)
+        if self.config.source_path_injection == "film":
+            shift, scale = projected.chunk(2, dim=-1)
+            return SourceCondition(summary, shift, scale)
+        return SourceCondition(summary, projected)
 
 
 class PerturbGenDecoder(nn.Module):
@@ -574,13 +554,6 @@ class PerturbGenCountHead(nn.Module):
         )
         self.proportion_logits = nn.Linear(hidden, genes)
         self.zi_logits = nn.Linear(hidden, genes) if self.likelihood == "zinb" else None
-        # `count_source_skip`: a gene's own source weight times (a factor shared by every gene + its own), added to
-        # its logit. The shared factor carries "a gene the source expresses is likely expressed later" to genes and
-        # cell types training never saw; both start at zero (a no-op).
-        self.source_skip_shared, self.source_skip_per_gene = None, None
-        if config.count_source_skip and config.source_path != "none" and config.target_source_token_ids is not None:
-            self.source_skip_shared = nn.Parameter(torch.zeros(1))
-            self.source_skip_per_gene = nn.Parameter(torch.zeros(genes))
         # Per-gene readout: each generated gene's own decoder state corrects that gene's logits (proportion and, for
         # "zinb", zero inflation), so a gene's predicted expression follows its source-conditioned state instead of
         # one mean-pooled vector. The last layer starts at zero: the head starts as the pooled one.
@@ -605,7 +578,6 @@ class PerturbGenCountHead(nn.Module):
         source_summary: torch.Tensor | None = None,
         gene_states: torch.Tensor | None = None,
         gene_index: torch.Tensor | None = None,
-        source_gene_weights: torch.Tensor | None = None,
     ) -> dict:
         """
         Args:
@@ -621,8 +593,6 @@ class PerturbGenCountHead(nn.Module):
                 final states, read per gene with `config.count_readout == "per_gene"`.
             gene_index (`torch.LongTensor` of shape `(batch, len)`, *optional*): the target-gene column of each
                 position of `gene_states` (-1 where it is not a gene).
-            source_gene_weights (`torch.FloatTensor` of shape `(batch, genes)`, *optional*): each gene's weight in the
-                source ([`SourceCondition`]`.gene_weights`), read with `config.count_source_skip`.
 
         Returns:
             `dict` with `mu` `(batch, genes)`, `theta` (`(genes,)` or `(batch, genes)`, or None), `zi_logits`
@@ -646,9 +616,6 @@ class PerturbGenCountHead(nn.Module):
         zi_logits = self.zi_logits(hidden) if self.zi_logits is not None else None
         if self.gene_readout is not None and gene_states is not None:
             logits, zi_logits = self._read_genes(logits, zi_logits, gene_states, gene_index)
-        if self.source_skip_per_gene is not None and source_gene_weights is not None:
-            factor = self.source_skip_shared + self.source_skip_per_gene
-            logits = logits + (factor * source_gene_weights.to(factor.dtype)).to(logits.dtype)
         out = {"theta": self._theta(dispersion_condition), "zi_logits": None, "library_size": library,
                "log_normalized": None, "normalized_hidden": hidden}  # fmt: skip
         if self.likelihood == "mse":
@@ -715,10 +682,6 @@ def _summary(source_condition):
     return None if source_condition is None else source_condition.summary
 
 
-def _gene_weights(source_condition):
-    return None if source_condition is None else source_condition.gene_weights
-
-
 class PerturbGenPreTrainedModel(PreTrainedModel):
     config: PerturbGenConfig
     config_class = PerturbGenConfig
@@ -743,16 +706,10 @@ class PerturbGenPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, PerturbGenSourcePath) and module.target_source_ids is not None:
-            # A non-persistent buffer (it is the config's list): re-created when weights load onto the meta device.
-            init.copy_(module.target_source_ids, torch.tensor(self.config.target_source_token_ids, dtype=torch.long))
         elif isinstance(module, nn.EmbeddingBag):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, PerturbGenCountHead):
             init.zeros_(module.log_theta)
-            for skip in (module.source_skip_shared, module.source_skip_per_gene):
-                if skip is not None:
-                    init.zeros_(skip)
             if module.log_library_size is not None:
                 init.constant_(module.log_library_size.bias, self.config.log_library_size_init)
 
@@ -1101,7 +1058,6 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 source_summary=_summary(condition),
                 gene_states=count_hidden,
                 gene_index=self.gene_index(count_ids),
-                source_gene_weights=_gene_weights(condition),
             )
             if readable
             else dict.fromkeys(_COUNT_KEYS)
@@ -1517,8 +1473,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             library = library_size[:, index] if library_size is not None and library_size.dim() == 2 else library_size
             pooled_ids = pooled_input[0] if pooled_input else tokens
             params.append(self.count_head(pooled, library, source_summary=_summary(source_condition),
-                                          gene_states=hidden, gene_index=self.gene_index(pooled_ids),
-                                          source_gene_weights=_gene_weights(source_condition)))  # fmt: skip
+                                          gene_states=hidden, gene_index=self.gene_index(pooled_ids)))  # fmt: skip
         stacked = {key: [p[key] for p in params] for key in ("mu", "zi_logits", "library_size")}
         counts = torch.stack([self.count_head.expected_counts(p) for p in params], dim=1)
         hidden_states = None
