@@ -232,7 +232,7 @@ def _run_perturb(args):
 def _add_demo_parser(subparsers):
     parser = subparsers.add_parser(
         "demo",
-        help="the whole job on simulated data with a known answer (10-15 minutes on a 2-core CPU)",
+        help="the whole job on simulated data with a known answer (2-4 minutes on a 2-core CPU)",
         description=(
             "Simulate a time course driven by a known regulatory cascade, tokenize it, train a small model, knock "
             "out a regulator in held-out source cells, and score the predicted effect at each later time point "
