@@ -196,17 +196,26 @@ def _run_perturb(args):
 
     import perturbgen_hf  # noqa: F401  (registers the task)
 
+    from .io_utils import check_h5ad_file, check_model_location, model_load_errors
+
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise FileExistsError(f"Output folder {str(out)!r} is not empty; pass --overwrite to replace it.")
-    if not Path(args.adata).is_file():
-        raise FileNotFoundError(f"Source h5ad not found: {args.adata!r}")
+    check_h5ad_file(args.adata, "source")
+    check_model_location(args.model)
     options = _perturb_options(args)
     from .pipelines.pipeline_perturbation import process_state
 
     state = process_state()  # under torchrun / accelerate launch: this process's device and rank
     device = state.device if state.num_processes > 1 else None
-    pipe = pipeline("perturbation", model=args.model, device=device)
+    from .modeling import PerturbGenForConditionalGeneration
+    from .tokenization import PerturbGenTokenizer
+
+    # Loaded here rather than by `pipeline(model=path)`, which wraps every loading error in a multi-line report.
+    with model_load_errors(args.model):
+        model = PerturbGenForConditionalGeneration.from_pretrained(args.model)
+        tokenizer = PerturbGenTokenizer.from_pretrained(args.model)
+    pipe = pipeline("perturbation", model=model, tokenizer=tokenizer, device=device)
     result = pipe(args.adata, **options)
     if not state.is_main_process:  # every process holds the gathered result; one writes it
         return 0
@@ -296,7 +305,7 @@ def _run_demo(args):
 
 
 def _add_evaluate_parser(subparsers):
-    from .evaluation.protocols import PROTOCOLS, EvaluationSettings
+    from .evaluation.protocols import MODEL_COUNTS, PROTOCOLS, EvaluationSettings
 
     defaults = EvaluationSettings()
     parser = subparsers.add_parser(
@@ -341,8 +350,10 @@ def _add_evaluate_parser(subparsers):
     parser.add_argument("--iterations", type=int, default=defaults.iterations, help="MaskGIT steps per time point")
     parser.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction,
                         help="share of each time point's cells held out (heldout-cells)")  # fmt: skip
-    parser.add_argument("--model-counts", choices=("sample", "mean"), default=defaults.model_counts,
-                        help="the model's predicted cells: counts drawn from its distribution, or expected counts")  # fmt: skip
+    parser.add_argument("--model-counts", choices=MODEL_COUNTS, default=defaults.model_counts,
+                        help="the model's predicted cells: Poisson draws around its expected counts, draws from its "
+                        "own (ZI)NB (whose dispersion counts the generated cells' variation twice), or the expected "
+                        "counts")  # fmt: skip
     parser.add_argument("--top-de", type=int, default=defaults.top_de, help="DE genes of pearson_delta_top*_de")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of splits, training and generation")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")

@@ -264,6 +264,28 @@ def test_evaluate_reuses_a_model_and_a_tokenized_folder(heldout_time_run, tmp_pa
     pd.testing.assert_frame_equal(first, again)  # same model, same seed: the same scores
 
 
+def test_model_counts_change_only_the_model_rows(heldout_time_run, tmp_path):
+    from perturbgen_hf.evaluation.protocols import EvaluationSettings, run_evaluation
+
+    assert EvaluationSettings().model_counts == "poisson"
+    tables = {}
+    for mode in ("poisson", "sample", "mean"):
+        code = main(["evaluate", str(SHALEK), "--out", str(tmp_path / mode), "--protocol", "heldout-time",
+                     "--heldout", "4h", "--time-key", "time", "--source", "1h", "--model",
+                     str(heldout_time_run / "model"), "--model-counts", mode, *TINY])  # fmt: skip
+        assert code == 0
+        tables[mode] = pd.read_csv(tmp_path / mode / "metrics.csv").set_index(["metric", "method"])["value"]
+    pd.testing.assert_series_equal(tables["poisson"], pd.read_csv(heldout_time_run / "metrics.csv").set_index(
+        ["metric", "method"])["value"])  # the default  # fmt: skip
+    model, baseline = "PerturbGen (this model)", "training mean"
+    for mode in ("sample", "mean"):
+        assert tables[mode][("mse", model)] != tables["poisson"][("mse", model)]
+        assert tables[mode][("mse", baseline)] == tables["poisson"][("mse", baseline)]
+    with pytest.raises(ValueError, match="model_counts must be one of"):
+        run_evaluation(SHALEK, tmp_path / "bad", "heldout-time", "time", "1h", heldout="4h",
+                       model=heldout_time_run / "model", settings=EvaluationSettings(model_counts="draws"))  # fmt: skip
+
+
 def test_evaluate_refuses_a_model_that_saw_the_heldout_time_point(heldout_time_run, tmp_path, capsys):
     code = main(["evaluate", str(SHALEK), "--out", str(tmp_path / "x"), "--protocol", "heldout-time", "--heldout",
                  "2h", "--time-key", "time", "--source", "1h", "--model", str(heldout_time_run / "model"), *TINY])  # fmt: skip

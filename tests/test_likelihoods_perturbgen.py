@@ -6,6 +6,7 @@ from scipy import stats
 from perturbgen_hf.modeling import (
     negative_binomial_log_prob,
     sample_negative_binomial,
+    sample_poisson,
     zero_inflated_negative_binomial_log_prob,
     zero_inflated_negative_binomial_mean,
 )
@@ -75,3 +76,15 @@ def test_sampling_is_reproducible_and_has_the_right_moments():
     zi = torch.full((20000,), 0.0)  # pi = 0.5
     c = sample_negative_binomial(mu, theta, zi, generator=torch.Generator().manual_seed(3))
     assert c.mean().item() == pytest.approx(zero_inflated_negative_binomial_mean(mu, zi)[0].item(), rel=0.06)
+
+
+def test_poisson_sampling_is_reproducible_has_poisson_moments_and_leaves_the_global_rng_alone():
+    rate = torch.cat([torch.full((20000,), 6.0), torch.zeros(10)])
+    state = torch.get_rng_state()
+    a = sample_poisson(rate, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, sample_poisson(rate, generator=torch.Generator().manual_seed(3)))
+    assert not torch.equal(a, sample_poisson(rate, generator=torch.Generator().manual_seed(4)))
+    assert a[:20000].mean().item() == pytest.approx(6.0, rel=0.03)
+    assert a[:20000].var().item() == pytest.approx(6.0, rel=0.06)  # no extra dispersion, unlike the NB's 6 + 36/theta
+    assert (a[20000:] == 0).all() and (a == a.round()).all()

@@ -4,6 +4,7 @@ from .configuration_perturbgen import PerturbGenConfig
 from .likelihoods_perturbgen import (
     negative_binomial_log_prob,
     sample_negative_binomial,
+    sample_poisson,
     zero_inflated_negative_binomial_log_prob,
     zero_inflated_negative_binomial_mean,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "negative_binomial_log_prob",
     "num_masked_after_step",
     "sample_negative_binomial",
+    "sample_poisson",
     "sample_training_mask",
     "zero_inflated_negative_binomial_log_prob",
     "zero_inflated_negative_binomial_mean",

@@ -124,9 +124,28 @@ def sample_negative_binomial(
     return counts
 
 
+def sample_poisson(rate: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """
+    Draw Poisson counts around `rate` (reproducibly under `generator`, leaving the caller's global RNG untouched).
+
+    Args:
+        rate (`torch.Tensor`): the expected counts. generator (`torch.Generator`, *optional*).
+
+    Returns:
+        `torch.Tensor` shaped like `rate`: sampled counts (float).
+    """
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if generator is not None else None
+    devices = [rate.device] if rate.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return torch.poisson(rate.clamp(min=0))
+
+
 __all__ = [
     "negative_binomial_log_prob",
     "sample_negative_binomial",
+    "sample_poisson",
     "zero_inflated_negative_binomial_log_prob",
     "zero_inflated_negative_binomial_mean",
 ]
