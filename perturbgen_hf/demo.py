@@ -22,6 +22,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from .data.simulate import simulate_trajectory, true_effects
+from .io_utils import read_anndata
 from .pipelines.perturbation_result import log_normalize
 from .training import CpuTrainingSettings, train_on_cpu
 
@@ -201,6 +202,13 @@ def run_demo(out, settings: DemoSettings | None = None, adata=None, time_key=Non
     """
     settings = settings or DemoSettings()
     out = Path(out)
+    if adata is not None:
+        # The user's data is read and checked before the output folder is touched: a bad file leaves nothing.
+        if not (time_key and source and gene):
+            raise ValueError("On your own data, give --time-key, --source and --gene as well as --adata.")
+        adata = read_anndata(adata)
+        if time_key not in adata.obs.columns:
+            raise KeyError(f"time key {time_key!r} is not an obs column; available: {list(adata.obs.columns)}.")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise FileExistsError(f"Output folder {str(out)!r} is not empty; pass --overwrite to replace it.")
@@ -463,17 +471,8 @@ def _run_on_user_data(out, settings, adata, time_key, source, gene, progress):
 
     from .data import tokenize_anndata
 
-    if not (time_key and source and gene):
-        raise ValueError("On your own data, give --time-key, --source and --gene as well as --adata.")
     started = time.perf_counter()
     steps = _Steps(["tokenizing", "training", "perturbing", "reporting"], progress)
-    if not isinstance(adata, ad.AnnData):
-        path = Path(adata)
-        if not path.is_file():
-            raise FileNotFoundError(f"Input file not found: {str(path)!r}")
-        adata = ad.read_h5ad(path)
-    if time_key not in adata.obs.columns:
-        raise KeyError(f"time key {time_key!r} is not an obs column; available: {list(adata.obs.columns)}.")
     tokenize_anndata(adata, out / "tokens", time_key=time_key, source=source, n_hvg=1000, include_genes=[gene],
                      seed=settings.seed, max_length=settings.max_source_length, progress=False)  # fmt: skip
     steps.next()

@@ -27,6 +27,7 @@ from transformers import (
 
 from .data.collator import DataCollatorForPerturbGen
 from .data.tokenize_dataset import load_description
+from .io_utils import check_model_location, model_load_errors
 from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
 from .pipelines.perturbation_result import log_normalize
 from .tokenization import PerturbGenTokenizer
@@ -262,7 +263,9 @@ def build_model(model_args, data_args, tokenizer, description, train_dataset, tr
     time_points = [description["time_points"][i] for i in train_positions]
     time_values = [description["time_values"][i] for i in train_positions]
     if model_args.model:
-        model = PerturbGenForConditionalGeneration.from_pretrained(model_args.model)
+        check_model_location(model_args.model, needs_tokenizer=False)
+        with model_load_errors(model_args.model):
+            model = PerturbGenForConditionalGeneration.from_pretrained(model_args.model)
         missing = [t for t in time_points if t not in model.config.time_points]
         if missing:
             logger.warning(

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
+from ..io_utils import read_anndata
 from ..tokenization import PerturbGenTokenizer, check_raw_counts
 from ..tokenization.chunking import map_row_chunks, read_rows
 from ..tokenization.tokenization_perturbgen import write_arrow_stream
@@ -198,9 +199,7 @@ def tokenize_anndata(
     path = None
     if not isinstance(adata, ad.AnnData):
         path = Path(adata)
-        if not path.is_file():
-            raise FileNotFoundError(f"Input file not found: {str(path)!r}")
-        adata = ad.read_h5ad(path, backed="r")
+        adata = read_anndata(path, backed="r")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"The input is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     obs = adata.obs.copy()

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Pipeline
 
+from ..io_utils import read_anndata
 from .perturbation_edits import (
     MODES,
     edit_target_batch,
@@ -653,10 +654,7 @@ def _pad_rows(tokens, device):
 
 
 def _read_anndata(data, what):
-    if isinstance(data, ad.AnnData):
-        adata = data
-    else:
-        adata = ad.read_h5ad(str(data))  # FileNotFoundError names a missing file
+    adata = read_anndata(data, what)
     if adata.n_obs == 0:
         raise ValueError(f"The {what} AnnData has no cells.")
     return adata

@@ -925,6 +925,10 @@ def _as_csr(block) -> sp.csr_matrix:
 
 
 def _read_json(path):
+    if path is None:
+        raise FileNotFoundError(
+            "Tokenizer file not found: the folder has no vocab.json (saved without its tokenizer)."
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Tokenizer file not found: {str(path)!r}")
     with open(path, encoding="utf-8") as handle:
