@@ -196,7 +196,7 @@ def _run_perturb(args):
 
     import perturbgen_hf  # noqa: F401  (registers the task)
 
-    from .io_utils import check_h5ad_file, check_model_location, model_load_errors
+    from .io_utils import check_h5ad_file, check_model_location, load_model_folder
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
@@ -208,13 +208,8 @@ def _run_perturb(args):
 
     state = process_state()  # under torchrun / accelerate launch: this process's device and rank
     device = state.device if state.num_processes > 1 else None
-    from .modeling import PerturbGenForConditionalGeneration
-    from .tokenization import PerturbGenTokenizer
-
     # Loaded here rather than by `pipeline(model=path)`, which wraps every loading error in a multi-line report.
-    with model_load_errors(args.model):
-        model = PerturbGenForConditionalGeneration.from_pretrained(args.model)
-        tokenizer = PerturbGenTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_model_folder(args.model)
     pipe = pipeline("perturbation", model=model, tokenizer=tokenizer, device=device)
     result = pipe(args.adata, **options)
     if not state.is_main_process:  # every process holds the gathered result; one writes it

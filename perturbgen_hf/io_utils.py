@@ -163,6 +163,25 @@ def model_load_errors(model):
         ) from None
 
 
+def load_model_folder(model):
+    """
+    The model and tokenizer saved in one folder, after [`check_model_location`], with loading errors as one line;
+    the tokenizer is checked against the model's vocabularies.
+
+    Returns:
+        `tuple`: ([`PerturbGenForConditionalGeneration`] in eval mode, [`PerturbGenTokenizer`]).
+    """
+    from .modeling import PerturbGenForConditionalGeneration
+    from .tokenization import PerturbGenTokenizer
+
+    check_model_location(model)
+    with model_load_errors(model):
+        loaded = PerturbGenForConditionalGeneration.from_pretrained(model).eval()
+        tokenizer = PerturbGenTokenizer.from_pretrained(model)
+    tokenizer.check_model_compatibility(loaded)
+    return loaded, tokenizer
+
+
 def _what_folder_is_instead(path: Path) -> str:
     if (path / "perturbgen_data.json").is_file():
         return "it is a tokenized-data folder (perturbgen-hf tokenize's output); pass it as --data, not --model."
@@ -189,4 +208,11 @@ def _first_line(error) -> str:
     return text.splitlines()[0]
 
 
-__all__ = ["check_h5ad_file", "check_model_location", "check_safetensors_file", "model_load_errors", "read_anndata"]
+__all__ = [
+    "check_h5ad_file",
+    "check_model_location",
+    "check_safetensors_file",
+    "load_model_folder",
+    "model_load_errors",
+    "read_anndata",
+]

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.tokenize_dataset import _gene_ids, load_description, resolve_time_points
-from ..io_utils import check_model_location, model_load_errors, read_anndata
+from ..io_utils import load_model_folder, read_anndata
 from ..training import CpuTrainingSettings, train_on_cpu
 from . import baselines, metrics
 
@@ -254,16 +254,7 @@ def _train_model(adata, split, out, time_key, source, order, values, time_value_
 
 
 def _load_model(path):
-    from ..modeling import PerturbGenForConditionalGeneration
-    from ..tokenization import PerturbGenTokenizer
-
-    path = Path(path)
-    check_model_location(path)
-    with model_load_errors(path):
-        model = PerturbGenForConditionalGeneration.from_pretrained(path).eval()
-        tokenizer = PerturbGenTokenizer.from_pretrained(path)
-    tokenizer.check_model_compatibility(model)
-    return model, tokenizer
+    return load_model_folder(Path(path))
 
 
 def _predict(model, tokenizer, adata, identifiers, split, evaluated, value_of, settings, progress):

@@ -5,6 +5,8 @@ Parametrisation (as scVI): mean `mu > 0`, inverse dispersion `theta > 0` (varian
 zero-inflated model, the logit `zi_logits` of the probability that a count is a structural zero.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -105,13 +107,8 @@ def sample_negative_binomial(
         `torch.Tensor` shaped like `mu`: sampled counts (float).
     """
     theta = theta.expand_as(mu)
-    # Gamma(shape=theta, scale=mu/theta) has mean mu. torch's gamma and poisson samplers take no generator, so the
-    # global RNG is seeded from `generator` inside a fork that leaves the caller's global RNG state untouched.
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if generator is not None else None
-    devices = [mu.device] if mu.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        if seed is not None:
-            torch.manual_seed(seed)
+    # Gamma(shape=theta, scale=mu/theta) has mean mu.
+    with _global_rng_from(generator, mu.device):
         rate = torch._standard_gamma(theta) / theta * mu
         counts = torch.poisson(rate)
     if zi_logits is not None:
@@ -134,12 +131,21 @@ def sample_poisson(rate: torch.Tensor, generator: torch.Generator | None = None)
     Returns:
         `torch.Tensor` shaped like `rate`: sampled counts (float).
     """
+    with _global_rng_from(generator, rate.device):
+        return torch.poisson(rate.clamp(min=0))
+
+
+@contextlib.contextmanager
+def _global_rng_from(generator, device):
+    """
+    torch's gamma and Poisson samplers take no generator: inside this block the global RNG is seeded from
+    `generator` (when given), in a fork that leaves the caller's global RNG state untouched.
+    """
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if generator is not None else None
-    devices = [rate.device] if rate.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         if seed is not None:
             torch.manual_seed(seed)
-        return torch.poisson(rate.clamp(min=0))
+        yield
 
 
 __all__ = [
