@@ -7,19 +7,10 @@ Importing this package registers the model with `AutoConfig`, `AutoModel`, `Auto
 `trust_remote_code` exports, records the classes in `auto_map` when saving).
 """
 
+import sys
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
-
-from .modeling import (
-    PerturbGenConfig,
-    PerturbGenForConditionalGeneration,
-    PerturbGenGenerateOutput,
-    PerturbGenOutput,
-    PerturbGenPreTrainedModel,
-)
-from .pipelines import PerturbationPipeline, PerturbationResult
-from .tokenization import PerturbGenTokenizer
+from pathlib import Path
 
 
 try:
@@ -27,8 +18,48 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
+# Public names and the subpackage that defines each: imported on first use (PEP 562), so that what does not need
+# torch (the `perturbgen-hf` command's --help and --version) does not pay for it.
+_PUBLIC = {
+    "PerturbGenConfig": ".modeling",
+    "PerturbGenForConditionalGeneration": ".modeling",
+    "PerturbGenGenerateOutput": ".modeling",
+    "PerturbGenOutput": ".modeling",
+    "PerturbGenPreTrainedModel": ".modeling",
+    "PerturbGenTokenizer": ".tokenization",
+    "PerturbationPipeline": ".pipelines",
+    "PerturbationResult": ".pipelines",
+}
+_registered = False
 
-def _register_auto_classes():
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_PUBLIC])
+
+
+def register() -> None:
+    """
+    Register the model with `AutoConfig`, `AutoModel`, `AutoModelForSeq2SeqLM` and `AutoTokenizer`, and the
+    "perturbation" task with `pipeline`. Importing the package does it; calling it again does nothing.
+    """
+    global _registered
+    if _registered:
+        return
+    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
+    from .pipelines import PerturbationPipeline
+    from .tokenization import PerturbGenTokenizer
+
     AutoConfig.register(PerturbGenConfig.model_type, PerturbGenConfig, exist_ok=True)
     AutoModel.register(PerturbGenConfig, PerturbGenForConditionalGeneration, exist_ok=True)
     AutoModelForSeq2SeqLM.register(PerturbGenConfig, PerturbGenForConditionalGeneration, exist_ok=True)
@@ -38,27 +69,19 @@ def _register_auto_classes():
     PerturbGenConfig.register_for_auto_class("AutoConfig")
     PerturbGenForConditionalGeneration.register_for_auto_class("AutoModel")
     PerturbGenTokenizer.register_for_auto_class("AutoTokenizer")
-
-
-def _register_pipeline():
-    from transformers.pipelines import PIPELINE_REGISTRY
-
     PIPELINE_REGISTRY.register_pipeline(
         "perturbation", pipeline_class=PerturbationPipeline, pt_model=AutoModel, type="multimodal"
     )
+    _registered = True
 
 
-_register_auto_classes()
-_register_pipeline()
+def _started_as_command() -> bool:
+    # The `perturbgen-hf` console script imports this package before its `main` runs; it registers (through
+    # `register`) only once a subcommand is going to work, so that `--help` answers without torch.
+    return Path(sys.argv[0]).name in ("perturbgen-hf", "perturbgen-hf.exe") if sys.argv else False
 
-__all__ = [
-    "PerturbGenConfig",
-    "PerturbGenForConditionalGeneration",
-    "PerturbGenGenerateOutput",
-    "PerturbGenOutput",
-    "PerturbGenPreTrainedModel",
-    "PerturbGenTokenizer",
-    "PerturbationPipeline",
-    "PerturbationResult",
-    "__version__",
-]
+
+if not _started_as_command():
+    register()
+
+__all__ = [*_PUBLIC, "__version__", "register"]

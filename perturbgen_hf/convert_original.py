@@ -26,15 +26,13 @@ import logging
 import math
 import pickle
 import re
-import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
+from .output_folder import check_output_folder, staged_output_folder
 from .tokenization import PerturbGenTokenizer
 from .tokenization.safe_pickle import load_dictionary_pickle
 
@@ -426,7 +424,7 @@ def _load_weights(model, weights):
 
 def convert_original_checkpoint(checkpoint, token_dict, tokenid_to_rowid, rowid_to_gene, time_points, out,
                                 encoder_checkpoint=None, time_values=None, gene_median_dict=None,
-                                overwrite=False) -> dict:  # fmt: skip
+                                overwrite=False, force_overwrite=False) -> dict:  # fmt: skip
     """
     Convert an original PerturbGen checkpoint into a folder of this package (see the module docstring).
 
@@ -443,13 +441,13 @@ def convert_original_checkpoint(checkpoint, token_dict, tokenid_to_rowid, rowid_
             since the original's time encoding is ordinal.
         gene_median_dict (`str` or `os.PathLike`, *optional*): `{Ensembl ID: median}`, for ranking new cells as the
             original did.
+        overwrite (`bool`), force_overwrite (`bool`): replace an earlier result, or any folder (see
+            [`perturbgen_hf.output_folder.check_output_folder`]); the new one replaces it only once complete.
 
     Returns:
         `dict`: the conversion report, also written to `out/conversion_report.json`.
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"Output folder {str(out)!r} is not empty; pass --overwrite to replace it.")
+    out = check_output_folder(out, overwrite, force_overwrite)
     time_points = [str(t) for t in time_points]
     time_values = [float(v) for v in time_values] if time_values else [float(i + 1) for i in range(len(time_points))]
     if len(time_values) != len(time_points):
@@ -487,7 +485,10 @@ def convert_original_checkpoint(checkpoint, token_dict, tokenid_to_rowid, rowid_
         "hyper_parameters": _jsonable(hparams),
         "warnings": warnings,
     }  # fmt: skip
-    _write(out, model, tokenizer, report, overwrite)
+    with staged_output_folder(out, "convert-original", overwrite, force_overwrite) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "conversion_report.json").write_text(json.dumps(report, indent=2))
     for warning in warnings:
         logger.warning(warning)
     return report
@@ -504,52 +505,3 @@ def _jsonable(value):
     if value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value)):
         return value
     return repr(value)
-
-
-def _write(out, model, tokenizer, report, overwrite):
-    """Write into a sibling staging folder, then move it into place, so a failure leaves nothing half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "conversion_report.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-# -- command line -----------------------------------------------------------------------------------------------------
-
-
-def add_convert_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="original stage-1 (masking) or stage-2 (count) .ckpt")
-    parser.add_argument("--encoder-checkpoint", help="the original's standalone encoder .ckpt (supplies or checks it)")
-    parser.add_argument("--token-dict", required=True, help="encoder vocabulary pickle {Ensembl ID: token id}")
-    parser.add_argument("--tokenid-to-rowid", required=True, help="pickle {source token id: decoder row id}")
-    parser.add_argument("--rowid-to-gene", required=True, help="pickle {decoder row id: gene} (mapping_dict_path)")
-    parser.add_argument("--gene-median-dict", help="pickle {Ensembl ID: median}, to rank new cells as the original")
-    parser.add_argument("--time-points", nargs="+", required=True,
-                        help="names of the original's time points 1, 2, ... in order (e.g. 90min 6h 10h)")  # fmt: skip
-    parser.add_argument("--time-values", nargs="+", type=float, help="their numeric values (default 1, 2, ...)")
-    parser.add_argument("--out", required=True, help="output folder (refused if not empty, unless --overwrite)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-
-
-def run_convert_command(args) -> int:
-    report = convert_original_checkpoint(
-        args.checkpoint, args.token_dict, args.tokenid_to_rowid, args.rowid_to_gene, args.time_points, args.out,
-        encoder_checkpoint=args.encoder_checkpoint, time_values=args.time_values,
-        gene_median_dict=args.gene_median_dict, overwrite=args.overwrite,
-    )  # fmt: skip
-    sys.stdout.write(
-        f"Converted a stage-{report['stage']} PerturbGen checkpoint into {args.out} (load it with "
-        f"AutoModel.from_pretrained); dropped {len(report['dropped_keys'])} keys, ignored "
-        f"{report['ignored_duplicate_keys']} duplicates. Report: {Path(args.out) / 'conversion_report.json'}\n"
-    )
-    for warning in report["warnings"]:
-        sys.stdout.write(f"warning: {warning}\n")
-    return 0

@@ -9,7 +9,6 @@ baselines scored the same way. With `adata=` the same steps run on a user's data
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .data.simulate import simulate_trajectory, true_effects
 from .io_utils import read_anndata
+from .output_folder import check_output_folder, staged_output_folder
 from .pipelines.perturbation_result import log_normalize
 from .training import CpuTrainingSettings, train_on_cpu
 
@@ -185,7 +185,7 @@ class _Steps:
 
 
 def run_demo(out, settings: DemoSettings | None = None, adata=None, time_key=None, source=None, gene=None,
-             overwrite=False, progress=True) -> dict:  # fmt: skip
+             overwrite=False, force_overwrite=False, progress=True) -> dict:  # fmt: skip
     """
     Run the demo and write its report, plots, data and model under `out`.
 
@@ -194,14 +194,16 @@ def run_demo(out, settings: DemoSettings | None = None, adata=None, time_key=Non
         settings ([`DemoSettings`], *optional*): sizes and settings (default: the full demo).
         adata (`str`, `os.PathLike` or `AnnData`, *optional*): a user's data (raw counts) instead of the simulation;
             needs `time_key` (obs column of time points), `source` (the source time point) and `gene`.
-        overwrite (`bool`): replace a non-empty `out`.
+        overwrite (`bool`): replace an earlier result in `out`; force_overwrite (`bool`): replace any folder. The
+            run is built beside `out` and replaces it only once complete.
         progress (`bool`): show progress on stderr.
 
     Returns:
         `dict`: the scores (per time point and method, when there is a truth), run time and file locations.
     """
     settings = settings or DemoSettings()
-    out = Path(out)
+    settings.check()
+    out = check_output_folder(out, overwrite, force_overwrite)
     if adata is not None:
         # The user's data is read and checked before the output folder is touched: a bad file leaves nothing.
         if not (time_key and source and gene):
@@ -209,17 +211,13 @@ def run_demo(out, settings: DemoSettings | None = None, adata=None, time_key=Non
         adata = read_anndata(adata)
         if time_key not in adata.obs.columns:
             raise KeyError(f"time key {time_key!r} is not an obs column; available: {list(adata.obs.columns)}.")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"Output folder {str(out)!r} is not empty; pass --overwrite to replace it.")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    if adata is not None:
-        return _run_on_user_data(out, settings, adata, time_key, source, gene, progress)
-    return _run_on_simulation(out, settings, progress)
+    with staged_output_folder(out, "demo", overwrite, force_overwrite) as work:
+        if adata is not None:
+            return _run_on_user_data(work, out, settings, adata, time_key, source, gene, progress)
+        return _run_on_simulation(work, out, settings, progress)
 
 
-def _run_on_simulation(out, settings, progress):
+def _run_on_simulation(work, out, settings, progress):
     from transformers import pipeline
 
     from .data import tokenize_anndata
@@ -234,22 +232,22 @@ def _run_on_simulation(out, settings, progress):
     time_points = list(dict.fromkeys(control.obs["time"].astype(str)))
     source_time, later = time_points[0], time_points[1:]
     train_data = _with_symbols(control[~heldout])
-    train_data.write_h5ad(out / "simulated_training_data.h5ad")
+    train_data.write_h5ad(work / "simulated_training_data.h5ad")
     steps.next()
 
-    tokenize_anndata(train_data, out / "tokens", time_key="time", time_value_key="time_value", source=source_time,
+    tokenize_anndata(train_data, work / "tokens", time_key="time", time_value_key="time_value", source=source_time,
                      gene_id_key="gene_id", n_hvg=train_data.n_vars, pairing="stratified", pairing_key="clone",
                      seed=settings.seed, max_length=settings.max_source_length, progress=False)  # fmt: skip
     steps.next()
-    curve = train_on_cpu(out / "tokens", out / "model", settings, log_every=max(1, settings.max_steps // 30))
+    curve = train_on_cpu(work / "tokens", work / "model", settings, log_every=max(1, settings.max_steps // 30))
     steps.next()
 
     source_cells = _with_symbols(control[heldout & (control.obs["time"].astype(str) == source_time).to_numpy()])
-    pipe = pipeline("perturbation", model=str(out / "model"), gene_ids="gene_id")
+    pipe = pipeline("perturbation", model=str(work / "model"), gene_ids="gene_id")
     result = pipe(source_cells, genes=[settings.regulator], mode="delete", iterations=settings.iterations,
                   num_samples=settings.num_samples, temperature=settings.temperature, seed=settings.seed,
                   null_perturbations=settings.null_perturbations, progress=False)  # fmt: skip
-    result.save(out / "perturbation")
+    result.save(work / "perturbation")
     steps.next()
 
     truth = true_effects(control[heldout], knocked[heldout])
@@ -281,13 +279,14 @@ def _run_on_simulation(out, settings, progress):
                                    settings.unaffected_threshold)  # fmt: skip
             rows.append({"time_point": time_point, "method": method, **scores})
     scores = pd.DataFrame(rows)
-    scores.to_csv(out / "scores.csv", index=False)
-    plots = _plot_simulation(out / "plots", predictions, control, settings.regulator, later, curve)
+    scores.to_csv(work / "scores.csv", index=False)
+    plots = _plot_simulation(work / "plots", predictions, control, settings.regulator, later, curve)
     seconds = time.perf_counter() - started
+    plots = [out / Path(p).relative_to(work) for p in plots]  # where they will be once the run is complete
     summary = _summarise(scores, settings, seconds, result, out, plots, curve)
     summary["significance_calls"] = calls
-    (out / "report.md").write_text(_report(summary, scores, settings, control))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (work / "report.md").write_text(_report(summary, scores, settings, control))
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     steps.next()
     steps.close()
     return summary
@@ -466,36 +465,36 @@ def _plot_curve(folder, curve, plt):
     return path
 
 
-def _run_on_user_data(out, settings, adata, time_key, source, gene, progress):
+def _run_on_user_data(work, out, settings, adata, time_key, source, gene, progress):
     from transformers import pipeline
 
     from .data import tokenize_anndata
 
     started = time.perf_counter()
     steps = _Steps(["tokenizing", "training", "perturbing", "reporting"], progress)
-    tokenize_anndata(adata, out / "tokens", time_key=time_key, source=source, n_hvg=1000, include_genes=[gene],
+    tokenize_anndata(adata, work / "tokens", time_key=time_key, source=source, n_hvg=1000, include_genes=[gene],
                      seed=settings.seed, max_length=settings.max_source_length, progress=False)  # fmt: skip
     steps.next()
-    curve = train_on_cpu(out / "tokens", out / "model", settings, log_every=max(1, settings.max_steps // 30))
+    curve = train_on_cpu(work / "tokens", work / "model", settings, log_every=max(1, settings.max_steps // 30))
     steps.next()
     at_source = (adata.obs[time_key].astype(str) == str(source)).to_numpy()
     cells = adata[np.flatnonzero(at_source)[: settings.max_cells]].copy()
-    pipe = pipeline("perturbation", model=str(out / "model"))
+    pipe = pipeline("perturbation", model=str(work / "model"))
     result = pipe(cells, genes=[gene], mode="delete", iterations=settings.iterations, seed=settings.seed,
                   null_perturbations=settings.null_perturbations, progress=False)  # fmt: skip
-    result.save(out / "perturbation")
+    result.save(work / "perturbation")
     steps.next()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plots = result.plot(out / "plots")
-    (out / "plots").mkdir(exist_ok=True)
-    plots.append(_plot_curve(out / "plots", curve, plt))
+    plots = result.plot(work / "plots")
+    (work / "plots").mkdir(exist_ok=True)
+    plots.append(_plot_curve(work / "plots", curve, plt))
     top = result.de[result.de["group"] == "all"].groupby("time_point", sort=False).head(10)  # sorted by p already
     seconds = time.perf_counter() - started
-    (out / "report.md").write_text("\n".join([
+    (work / "report.md").write_text("\n".join([
         f"# perturbgen-hf demo on {adata.n_obs} cells: {gene} knocked out at {source}",
         "",
         f"Run time: {seconds:.0f} s. {result.summary['cells']} source cells perturbed; "
@@ -515,5 +514,5 @@ def _run_on_user_data(out, settings, adata, time_key, source, gene, progress):
     summary = {"seconds": round(seconds, 1), "gene": gene, "cells_perturbed": result.summary["cells"],
                "files": {"report": str(out / "report.md"), "model": str(out / "model")},
                "settings": asdict(replace(settings))}  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary

@@ -48,9 +48,26 @@ def read_anndata(data, what: str = "input", backed: str | None = None):
     path = Path(data)
     check_h5ad_file(path, what)
     try:
-        return ad.read_h5ad(path, backed=backed)
+        adata = ad.read_h5ad(path, backed=backed)
     except (OSError, KeyError, ValueError, TypeError) as error:
         raise ValueError(f"Could not read the {what} file {str(path)!r} as h5ad ({_first_line(error)}).") from None
+    if backed is None:  # a backed matrix is checked block by block as it is read (`read_rows`)
+        _check_matrix_structure(adata, path, what)
+    return adata
+
+
+def _check_matrix_structure(adata, path, what) -> None:
+    # Bytes corrupted inside a sparse X read without complaint, then crash the compiled sparse kernels (a
+    # segmentation fault) wherever the matrix is first used; checked here, they are one error naming the file.
+    import scipy.sparse as sp
+
+    for name, matrix in [("X", adata.X), *((f"layers[{k!r}]", v) for k, v in adata.layers.items())]:
+        if sp.issparse(matrix) and matrix.format in ("csr", "csc"):
+            try:
+                matrix.check_format(full_check=True)
+            except ValueError as error:
+                raise ValueError(f"The {what} file {str(path)!r} is corrupted: its {name} is not a valid sparse "
+                                 f"matrix ({error}).") from None  # fmt: skip
 
 
 def check_h5ad_file(path, what: str = "input") -> None:

@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,108 +29,13 @@ from .data.collator import DataCollatorForPerturbGen
 from .data.tokenize_dataset import load_description
 from .io_utils import check_model_location, model_load_errors
 from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
+from .output_folder import check_output_folder, write_marker
 from .pipelines.perturbation_result import log_normalize
+from .settings import OBJECTIVES, PRESETS, CpuTrainingSettings, DataArguments, ModelArguments
 from .tokenization import PerturbGenTokenizer
 
 
 logger = logging.getLogger(__name__)
-
-# Encoder and decoder sizes of models built from scratch. "tiny" trains in seconds on a CPU; "base" has the
-# Geneformer V2 encoder shape.
-PRESETS = {
-    "tiny": {
-        "encoder": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
-        "decoder": {"decoder_hidden_size": 32, "decoder_num_layers": 2, "decoder_num_heads": 4,
-                    "decoder_intermediate_size": 64},
-    },
-    "compact": {
-        "encoder": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
-        "decoder": {"decoder_hidden_size": 64, "decoder_num_layers": 3, "decoder_num_heads": 4,
-                    "decoder_intermediate_size": 256},
-    },
-    "small": {
-        "encoder": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256},
-        "decoder": {"decoder_hidden_size": 128, "decoder_num_layers": 4, "decoder_num_heads": 4,
-                    "decoder_intermediate_size": 512},
-    },
-    "base": {
-        "encoder": {"hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8, "intermediate_size": 1024},
-        "decoder": {"decoder_hidden_size": 512, "decoder_num_layers": 6, "decoder_num_heads": 8,
-                    "decoder_intermediate_size": 2048},
-    },
-}  # fmt: skip
-OBJECTIVES = ("joint", "tokens", "counts")
-
-
-@dataclass
-class ModelArguments:
-    """Which model to train."""
-
-    preset: str = field(
-        default="tiny", metadata={"help": "size of a model built from scratch: tiny, compact, small or base"}
-    )
-    geneformer: str | None = field(
-        default=None, metadata={"help": "local Geneformer BertForMaskedLM folder to use as the encoder"}
-    )
-    model: str | None = field(default=None, metadata={"help": "saved PerturbGen model to continue training"})
-    freeze_encoder: bool = field(default=True, metadata={"help": "keep the encoder's weights fixed"})
-    count_likelihood: str = field(default="zinb", metadata={"help": "zinb, nb or mse"})
-    library_size: str = field(default="predicted", metadata={"help": "predicted (by a head) or observed"})
-    context_mode: str = field(default="previous", metadata={"help": "previous, all, chained or none"})
-    source_path: str = field(
-        default="presence",
-        metadata={
-            "help": "undiluted source summary added to the decoder: presence, rank (presence + rank-weighted) "
-            "or none (cross-attention only, as the original)"
-        },
-    )
-    source_path_injection: str = field(default="add", metadata={"help": "add or film"})
-    source_path_map: str = field(
-        default="linear",
-        metadata={
-            "help": "normalized (LayerNorm + linear map of the sum) or linear (the sum of zero-initialised "
-            "gene embeddings itself)"
-        },
-    )
-    count_head_reads_source: bool = field(
-        default=True, metadata={"help": "the count head also reads the source path's summary"}
-    )
-    count_readout: str = field(
-        default="per_gene", metadata={"help": "per_gene (each gene's own decoder state) or pooled (the original's)"}
-    )
-    mask_schedule: str = field(default="cosine", metadata={"help": "cosine, pow or linear"})
-
-
-@dataclass
-class DataArguments:
-    """Where the data come from and how they are used."""
-
-    data: str = field(default=None, metadata={"help": "output folder of `perturbgen-hf tokenize`"})
-    out: str | None = field(default=None, metadata={"help": "where the trained model goes (sets --output_dir)"})
-    config: str | None = field(
-        default=None, metadata={"help": "YAML file of any of these options; the command line wins"}
-    )
-    objective: str = field(
-        default="joint",
-        metadata={"help": "joint (tokens + counts), tokens (stage 1) or counts (stage 2: only the count head trains)"},
-    )
-    count_loss_weight: float = field(default=1.0, metadata={"help": "weight of the count loss in the joint objective"})
-    target_time_points: str = field(default="random", metadata={"help": "random (one per example and step) or all"})
-    heldout_time_point: str | None = field(
-        default=None,
-        metadata={"help": "leave this time point out of training and validate on it (interpolation or extrapolation)"},
-    )
-    eval_fraction: float = field(
-        default=0.1, metadata={"help": "fraction of source cells held out for validation, per group (0: none)"}
-    )
-    max_source_length: int | None = field(default=1024, metadata={"help": "keep the top-ranked source genes"})
-    max_target_length: int | None = field(default=512, metadata={"help": "keep the top-ranked target genes"})
-    early_stopping_patience: int | None = field(
-        default=None, metadata={"help": "stop after this many evaluations without improvement"}
-    )
-    overwrite: bool = field(
-        default=False, metadata={"help": "train into a non-empty output folder (its files may be replaced)"}
-    )
 
 
 def parse_arguments(argv=None):
@@ -161,11 +66,9 @@ def parse_arguments(argv=None):
 
 
 def _check_output_folder(training_args, data_args):
-    out = Path(training_args.output_dir)
-    if out.is_dir() and any(out.iterdir()) and not (data_args.overwrite or training_args.resume_from_checkpoint):
-        raise FileExistsError(
-            f"Output folder {str(out)!r} is not empty; pass --overwrite to train into it, or --resume_from_checkpoint."
-        )
+    if training_args.resume_from_checkpoint:
+        return
+    check_output_folder(training_args.output_dir, data_args.overwrite, data_args.force_overwrite)
 
 
 def _option_value(argv, name):
@@ -442,6 +345,11 @@ def train(model_args, data_args, training_args):
         callbacks=callbacks,
     )  # fmt: skip
     trainer.get_eval_dataloader = _with_collator(trainer.get_eval_dataloader, eval_collator)
+    if trainer.is_world_process_zero():
+        # Checkpoints are written here as training goes (for --resume_from_checkpoint); the marker says whose
+        # folder it is, so that --overwrite may later replace it.
+        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+        write_marker(training_args.output_dir, "train")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate() if eval_dataset is not None else {}
     sensitivity = source_sensitivity(trainer.model, eval_dataset if eval_dataset is not None else train_dataset,
@@ -607,26 +515,6 @@ Predictions are model outputs, not measurements; compare them with the package's
 mean, linear model) before trusting them. Time points far outside the trained range are extrapolations. Cells
 from other tissues, species or technologies than the training data are out of distribution.
 """
-
-
-@dataclass
-class CpuTrainingSettings:
-    """The training of a small model on a CPU (the demo's and `evaluate`'s; see [`train_on_cpu`])."""
-
-    preset: str = "compact"
-    max_steps: int = 400
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    freeze_encoder: bool = True
-    max_source_length: int = 256
-    max_target_length: int = 128
-    context_mode: str = "previous"
-    source_path: str = "presence"
-    source_path_injection: str = "add"
-    source_path_map: str = "linear"
-    count_head_reads_source: bool = True
-    count_readout: str = "per_gene"
-    seed: int = 0
 
 
 def train_on_cpu(data, out, settings: CpuTrainingSettings, log_every: int, progress: bool = False):

@@ -12,6 +12,7 @@ from datasets import load_from_disk
 from perturbgen_hf import PerturbGenForConditionalGeneration
 from perturbgen_hf.cli import main
 from perturbgen_hf.data import DataCollatorForPerturbGen, load_description, pair_cells, tokenize_anndata
+from perturbgen_hf.output_folder import OUTPUT_MARKER
 from perturbgen_hf.tokenization import PerturbGenTokenizer
 
 
@@ -228,6 +229,12 @@ def test_cli_missing_file_existing_output_and_help(tmp_path, capsys):
     assert main(args) == 1
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
+    # A folder perturbgen-hf did not write is replaced only on --force-overwrite; an earlier result on --overwrite.
+    assert main([*args, "--overwrite"]) == 1
+    assert "--force-overwrite" in capsys.readouterr().err
+    assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
+    assert main([*args, "--force-overwrite"]) == 0
+    assert not (tmp_path / "o" / "keep.txt").exists()
     assert main([*args, "--overwrite"]) == 0
     assert json.loads((tmp_path / "o" / "perturbgen_data.json").read_text())["time_values"] == [6.0]
     with pytest.raises(SystemExit) as exit_info:
@@ -247,7 +254,12 @@ def test_parallel_tokenize_gives_the_same_dataset(tmp_path, shared_data):
     tokenize_anndata(path, tmp_path / "two", num_proc=2, **options)
     one, two = load_from_disk(str(tmp_path / "one" / "dataset")), load_from_disk(str(tmp_path / "two" / "dataset"))
     assert one.to_dict() == two.to_dict()
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["dataset", "perturbgen_data.json", "tokenizer"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        OUTPUT_MARKER,
+        "dataset",
+        "perturbgen_data.json",
+        "tokenizer",
+    ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
 
 

@@ -1,7 +1,11 @@
 """Bad user files get one clear line that names the file and the problem, not a library's traceback."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -199,3 +203,159 @@ def test_a_hub_id_is_left_to_transformers_when_online(monkeypatch):
     check_model_location("some-org/some-model")  # not refused here: transformers fetches it (or says why not)
     with pytest.raises(FileNotFoundError, match="not a Hugging Face Hub id"):
         check_model_location("./no/such/../folder")
+
+
+# -- silently accepted inputs -------------------------------------------------------------------------------------------
+
+
+def _with_obs_and_var(path, times=None, genes=None):
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (9, 6)).astype(np.float32))
+    times = times if times is not None else ["0h"] * 3 + ["2h"] * 3 + ["6h"] * 3
+    obs = pd.DataFrame({"time": times}, index=[f"c{i}" for i in range(9)])
+    var = pd.DataFrame(index=pd.Index(genes or [f"G{i}" for i in range(6)]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # anndata's own "names are not unique"
+        ad.AnnData(counts, obs=obs, var=var).write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize("missing", [np.nan, None, ""])
+def test_cells_without_a_time_point_are_an_error_not_a_time_point(missing, tmp_path, capsys):
+    times = ["0h", missing, "0h", "2h", "2h", "2h", "6h", "6h", "6h"]
+    path = _with_obs_and_var(tmp_path / "nan.h5ad", times=times)
+    assert main(["tokenize", str(path), "--out", str(tmp_path / "t"), "--time-key", "time", "--source", "0h",
+                 "--no-progress"]) == 1  # fmt: skip
+    err = _error_line(capsys)
+    assert "1 cell(s) have no time point" in err and "c1" in err
+    assert not (tmp_path / "t").exists()
+
+
+def test_duplicated_gene_ids_are_named_once(tmp_path, caplog):
+    path = _with_obs_and_var(tmp_path / "dup.h5ad", genes=["G0", "G1", "G2", "G0", "G1", "G5"])
+    with caplog.at_level("WARNING", logger="perturbgen_hf"):
+        assert main(["tokenize", str(path), "--out", str(tmp_path / "t"), "--time-key", "time", "--source", "0h",
+                     "--no-progress"]) == 0  # fmt: skip
+    warnings = [r.getMessage() for r in caplog.records if "occur more than once" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "2 gene identifiers of var_names" in warnings[0] and "G0, G1" in warnings[0]
+
+
+BAD_PERTURB_OPTIONS = {
+    "negative time point": (["--time-points", "-5"], "not a time after the source"),
+    "infinite time point": (["--time-points", "inf"], "not a time after the source"),
+    "unknown time point": (["--time-points", "tomorrow"], "Unknown time point 'tomorrow'"),
+    "fdr above 1": (["--fdr", "5"], "fdr must be a false discovery rate between 0 and 1"),
+    "fdr of 0": (["--fdr", "0"], "fdr must be a false discovery rate between 0 and 1"),
+    "negative effect floor": (["--min-abs-log2fc", "-1"], "min_abs_log2fc must be"),
+    "zero samples": (["--num-samples", "0"], "--num-samples must be >= 1"),
+    "zero iterations": (["--iterations", "0"], "--iterations must be >= 1"),
+    "zero batch": (["--batch-size", "0"], "--batch-size must be >= 1"),
+    "negative nulls": (["--null-perturbations", "-2"], "--null-perturbations must be >= 0"),
+    "unknown gene": (["--genes", "NOTAGENE"], "NOTAGENE"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PERTURB_OPTIONS))
+def test_bad_perturb_options_are_one_line_and_write_nothing(case, saved_model, tmp_path, capsys):
+    options, words = BAD_PERTURB_OPTIONS[case]
+    source = SHALEK_SOURCE_CELLS(tmp_path)
+    genes = [] if "--genes" in options else ["--genes", "Il1b"]
+    code = main(["perturb", "--model", str(saved_model), "--adata", str(source), *genes, "--iterations", "1",
+                 "--null-perturbations", "0", "--bootstrap", "0", "--no-plots", "--out", str(tmp_path / "out"),
+                 *options])  # fmt: skip
+    err = _error_line(capsys)
+    assert code == 1 and words in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def SHALEK_SOURCE_CELLS(folder):
+    """Four 1h cells of the LPS time course (the saved model's data), as an h5ad."""
+    path = folder / "source.h5ad"
+    if not path.exists():
+        lps = ad.read_h5ad(SHALEK)
+        lps[np.flatnonzero((lps.obs["time"].astype(str) == "1h").to_numpy())[:4]].copy().write_h5ad(path)
+    return path
+
+
+def test_train_refuses_zero_steps_and_a_negative_learning_rate_before_making_a_folder(saved_model, tmp_path, capsys):
+    tokens = saved_model.parent / "lps"
+    for options, words in ((["--max_steps", "0"], "--max_steps must be a positive number"),
+                           (["--max_steps", "2", "--learning_rate", "-1"], "--learning_rate must be >= 0")):  # fmt: skip
+        assert main(["train", "--data", str(tokens), "--out", str(tmp_path / "m"), "--use_cpu", *options]) == 1
+        assert words in _error_line(capsys)
+        assert not (tmp_path / "m").exists()
+
+
+# -- start-up -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["tokenize", "--help"], ["train", "--help"],
+                                  ["perturb", "--help"], ["evaluate", "--help"], ["demo", "--help"],
+                                  ["convert-original", "--help"]])  # fmt: skip
+def test_help_and_version_do_not_import_torch(argv):
+    # As the console script runs it: the package is imported with argv[0] = "perturbgen-hf".
+    code = (
+        "import sys; sys.argv = ['perturbgen-hf', *sys.argv[1:]]\n"
+        "from perturbgen_hf.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "sys.stderr.write('torch imported' if 'torch' in sys.modules else 'torch not imported')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    assert done.stderr.strip().endswith("torch not imported"), done.stderr[-2000:]
+    assert "usage:" in done.stdout or "perturbgen-hf 0" in done.stdout or "perturbgen-hf " in done.stdout
+
+
+def test_importing_the_package_still_registers_the_auto_classes():
+    code = (
+        "import perturbgen_hf\n"
+        "from transformers import AutoConfig, pipeline\n"
+        "from transformers.pipelines import PIPELINE_REGISTRY\n"
+        "print(type(AutoConfig.for_model('perturbgen')).__name__, 'perturbation' in PIPELINE_REGISTRY.get_supported_tasks())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.stdout.split() == ["PerturbGenConfig", "True"], done.stderr[-2000:]
+
+
+# -- corrupted bytes ----------------------------------------------------------------------------------------------------
+
+
+def _corrupt(path, dataset):
+    """Overwrite the middle half of `X/<dataset>`'s stored bytes with random bytes, in place."""
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        stored = handle[f"X/{dataset}"]
+        if stored.chunks:
+            info = stored.id.get_chunk_info(0)
+            offset, size = info.byte_offset, info.size
+        else:
+            offset, size = stored.id.get_offset(), stored.id.get_storage_size()
+    with open(path, "r+b") as handle:
+        handle.seek(offset + size // 4)
+        handle.write(np.random.default_rng(1).integers(0, 256, size // 2, dtype=np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("dataset", ["indices", "indptr", "data"])
+@pytest.mark.parametrize("command", ["tokenize", "evaluate"])
+def test_corrupted_counts_are_an_error_not_a_crash(dataset, command, tmp_path):
+    # Run as a separate process: before the check, corrupted indices crashed it with a segmentation fault.
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (60, 40)).astype(np.float32))
+    obs = pd.DataFrame({"time": np.repeat(["0h", "2h", "6h"], 20)}, index=[f"c{i}" for i in range(60)])
+    path = tmp_path / "counts.h5ad"
+    ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(40)])).write_h5ad(path)
+    _corrupt(path, dataset)
+    argv = {
+        "tokenize": ["tokenize", str(path), "--out", str(tmp_path / "out"), "--time-key", "time", "--source", "0h",
+                     "--no-progress"],
+        "evaluate": ["evaluate", str(path), "--out", str(tmp_path / "out"), "--protocol", "heldout-time",
+                     "--heldout", "2h", "--time-key", "time", "--source", "0h", "--no-progress"],
+    }[command]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "perturbgen_hf.cli", *argv], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr and last.startswith(f"perturbgen-hf {command}: error:"), done.stderr[-3000:]
+    # Corrupted structure (indices, row pointers) is named with the file; corrupted values read as non-counts.
+    assert (str(path) in last and "corrupted" in last) or "NaN or infinite" in last or "raw counts" in last, last
+    assert not (tmp_path / "out").exists()

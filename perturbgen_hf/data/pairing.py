@@ -19,10 +19,12 @@ import logging
 import numpy as np
 import pandas as pd
 
+from ..settings import PAIRING_MODES
+
 
 logger = logging.getLogger(__name__)
 
-PAIRING_MODES = ("random", "stratified", "mapping", "transport")
+
 # Entropic regularisation of "transport" pairing, relative to the median squared distance, and PCA components.
 TRANSPORT_EPSILON = 0.05
 TRANSPORT_COMPONENTS = 10

@@ -11,14 +11,11 @@ ids, genes by rank), `target_condition_ids`, `target_counts_indices`/`target_cou
 target genes), `target_library_size` (counts of all genes), `target_cell_ids`; `source_cell_id`, `source_group`.
 """
 
-import argparse
+import contextlib
 import hashlib
 import json
 import logging
 import re
-import shutil
-import sys
-import tempfile
 from functools import partial
 from itertools import pairwise
 from pathlib import Path
@@ -32,10 +29,11 @@ from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
 from ..io_utils import read_anndata
-from ..tokenization import PerturbGenTokenizer, check_raw_counts
+from ..output_folder import check_output_folder, staged_output_folder
+from ..tokenization import PerturbGenTokenizer, check_raw_counts, warn_duplicate_gene_ids
 from ..tokenization.chunking import map_row_chunks, read_rows
 from ..tokenization.tokenization_perturbgen import write_arrow_stream
-from .pairing import PAIRING_MODES, pair_cells
+from .pairing import pair_cells
 
 
 logger = logging.getLogger(__name__)
@@ -76,6 +74,13 @@ def resolve_time_points(obs, time_key, time_order=None, time_value_key=None):
     """
     if time_key not in obs.columns:
         raise KeyError(f"Time key {time_key!r} is not an obs column; available: {list(obs.columns)}.")
+    missing = obs[time_key].isna().to_numpy() | (obs[time_key].astype(str).str.strip() == "").to_numpy()
+    if missing.any():
+        examples = ", ".join(map(str, obs.index[missing][:3]))
+        raise ValueError(
+            f"{int(missing.sum())} cell(s) have no time point in obs[{time_key!r}] (NaN or empty), e.g. {examples}; "
+            "drop them or fill them in before tokenizing."
+        )
     present = obs[time_key].astype(str)
     observed = set(present.unique())
     if time_order:
@@ -163,6 +168,7 @@ def tokenize_anndata(
     chunk_size=2048,
     num_proc=1,
     overwrite=False,
+    force_overwrite=False,
     progress=True,
 ):
     """
@@ -185,7 +191,8 @@ def tokenize_anndata(
         condition_keys (`list[str]`): obs columns whose values become condition tokens of each target.
         seed (`int`): pairing seed. max_length (`int`): longest source sequence. chunk_size (`int`): cells per chunk.
         num_proc (`int`): processes that rank cells in parallel (forked; a backed file is reopened in each).
-        overwrite (`bool`): replace an existing output folder.
+        overwrite (`bool`): replace an earlier result in `out`; force_overwrite (`bool`): replace any folder (see
+            [`perturbgen_hf.output_folder.check_output_folder`]). The new result replaces it only once complete.
         progress (`bool`): show progress bars.
 
     Returns:
@@ -194,8 +201,7 @@ def tokenize_anndata(
     for name, value in (("num_proc", num_proc), ("chunk_size", chunk_size)):
         if int(value) != value or value < 1:
             raise ValueError(f"{name} must be a whole number >= 1, got {value}.")
-    out = Path(out)
-    _prepare_output(out, overwrite)
+    out = check_output_folder(out, overwrite, force_overwrite)
     path = None
     if not isinstance(adata, ad.AnnData):
         path = Path(adata)
@@ -230,8 +236,7 @@ def tokenize_anndata(
     mapping = pd.read_csv(pairing_file) if pairing == "mapping" and pairing_file else None
     counts = adata.X if pairing == "transport" else None
     pairs, report = pair_cells(obs, time_key, time_points, pairing, pairing_key, mapping, seed, counts=counts)
-    staging = _staging_folder(out)
-    try:
+    with staged_output_folder(out, "tokenize", overwrite, force_overwrite) as staging:
         cell_paths, empty_cells = _tokenize_cells(
             adata.X, cell_rows, tokenizer, gene_ids, max_length, chunk_size, num_proc, progress, staging
         )
@@ -239,17 +244,8 @@ def tokenize_anndata(
         pairs_path = _write_pairs(pairs, cell_rows, cell_paths, obs, conditions, pairing_key, staging, progress)
         description = _describe(path, adata, time_key, time_points, order, values, tokenizer, report, pairing,
                                 pairing_key, condition_keys, seed, max_length, empty_cells, gene_id_key)  # fmt: skip
-        _finish_output(out, staging, pairs_path, cell_paths, tokenizer, description)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        _finish_output(staging, pairs_path, cell_paths, tokenizer, description, progress)
     return description
-
-
-def _prepare_output(out, overwrite):
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"Output folder {str(out)!r} exists and is not empty; pass --overwrite to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _select_time_points(order, source, targets):
@@ -271,10 +267,13 @@ def _select_time_points(order, source, targets):
 
 def _gene_ids(adata, gene_id_key):
     if gene_id_key is None:
-        return [str(g) for g in adata.var_names]
-    if gene_id_key not in adata.var.columns:
+        ids = [str(g) for g in adata.var_names]
+    elif gene_id_key not in adata.var.columns:
         raise KeyError(f"Gene id key {gene_id_key!r} is not a var column; available: {list(adata.var.columns)}.")
-    return ["" if pd.isna(g) else str(g) for g in adata.var[gene_id_key]]
+    else:
+        ids = ["" if pd.isna(g) else str(g) for g in adata.var[gene_id_key]]
+    warn_duplicate_gene_ids(ids, f"var[{gene_id_key!r}]" if gene_id_key else "var_names")
+    return ids
 
 
 def _build_tokenizer(counts, rows, gene_ids, dictionaries, max_length):
@@ -430,22 +429,30 @@ def _describe(path, adata, time_key, time_points, order, values, tokenizer, repo
     }
 
 
-def _staging_folder(out: Path) -> Path:
-    """A temporary sibling of `out`: everything is written there, then moved into place in one rename."""
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-
-
-def _finish_output(out, staging, pairs_path, temporary, tokenizer, description):
+def _finish_output(staging, pairs_path, temporary, tokenizer, description, progress):
     dataset = Dataset.from_file(str(pairs_path))  # memory-mapped, no cache files elsewhere
-    dataset.save_to_disk(str(staging / "dataset"))
+    with _datasets_progress(progress):
+        dataset.save_to_disk(str(staging / "dataset"))
     del dataset
     for path in [pairs_path, *temporary]:
         path.unlink()
     tokenizer.save_pretrained(staging / "tokenizer")
     (staging / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+
+
+@contextlib.contextmanager
+def _datasets_progress(progress):
+    """`datasets`' own progress bars follow `progress` (they are global switches)."""
+    from datasets.utils import logging as datasets_logging
+
+    enabled = datasets_logging.is_progress_bar_enabled()
+    if enabled and not progress:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled and not progress:
+            datasets_logging.enable_progress_bar()
 
 
 def load_description(folder) -> dict:
@@ -456,80 +463,5 @@ def load_description(folder) -> dict:
     return json.loads(path.read_text())
 
 
-def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("adata", help="input .h5ad with raw integer counts in X")
-    parser.add_argument("--out", required=True, help="output folder (created; must not exist unless --overwrite)")
-    parser.add_argument("--time-key", required=True, help="obs column with the time point of each cell")
-    parser.add_argument(
-        "--time-order",
-        nargs="+",
-        help="time points in temporal order (default: ordered categories, or by the number in each name)",
-    )
-    parser.add_argument("--time-value-key", help="obs column with the numeric time (e.g. hours) of each cell")
-    parser.add_argument("--source", required=True, help="source time point (the encoder's input)")
-    parser.add_argument("--targets", nargs="+", help="target time points (default: every later time point)")
-    parser.add_argument("--gene-id-key", help="var column with Ensembl IDs or symbols (default: var_names)")
-    vocabulary = parser.add_mutually_exclusive_group()
-    vocabulary.add_argument(
-        "--tokenizer",
-        help="a saved model (or tokenizer) folder: use its vocabulary and keep its target genes (to fine-tune it)",
-    )
-    vocabulary.add_argument(
-        "--dictionaries",
-        nargs="+",
-        metavar="PKL",
-        help="TOKEN_PKL MEDIAN_PKL [MAPPING_PKL] (Geneformer / PerturbGen dictionaries)",
-    )
-    vocabulary.add_argument(
-        "--fit-vocabulary",
-        action="store_true",
-        help="fit the vocabulary and medians on the data (the default without --dictionaries)",
-    )
-    parser.add_argument(
-        "--n-hvg", type=int, default=2000, help="number of highly variable genes in the decoder's vocabulary"
-    )
-    parser.add_argument("--include-genes", nargs="+", default=[], help="genes forced into the decoder's vocabulary")
-    parser.add_argument(
-        "--pairing", choices=PAIRING_MODES, default="random", help="how source cells are paired with target cells"
-    )
-    parser.add_argument("--pairing-key", help="obs column for stratified or mapping pairing (e.g. cell_type)")
-    parser.add_argument(
-        "--pairing-file", help="CSV of allowed lineage paths (one column per time point) for mapping pairing"
-    )
-    parser.add_argument("--condition-keys", nargs="+", default=[], help="obs columns that become condition tokens")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pairing")
-    parser.add_argument(
-        "--max-length", type=int, default=4096, help="longest source sequence, <cls> and <eos> included"
-    )
-    parser.add_argument("--chunk-size", type=int, default=2048, help="cells read and ranked at a time")
-    parser.add_argument("--num-proc", type=int, default=1, help="processes that rank cells in parallel")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def run_tokenize_command(args) -> int:
-    if args.n_hvg < 1:
-        raise ValueError(f"--n-hvg must be positive, got {args.n_hvg}.")
-    if args.pairing == "mapping" and not args.pairing_file:
-        raise ValueError("--pairing mapping needs --pairing-file.")
-    description = tokenize_anndata(
-        args.adata, args.out, args.time_key, args.source, targets=args.targets, time_order=args.time_order,
-        time_value_key=args.time_value_key, gene_id_key=args.gene_id_key, dictionaries=args.dictionaries,
-        tokenizer=args.tokenizer,
-        n_hvg=args.n_hvg, include_genes=args.include_genes, pairing=args.pairing, pairing_key=args.pairing_key,
-        pairing_file=args.pairing_file, condition_keys=args.condition_keys, seed=args.seed,
-        max_length=args.max_length, chunk_size=args.chunk_size, num_proc=args.num_proc, overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )  # fmt: skip
-    report = description["pairing"]
-    logger.info("pairing report: %s", json.dumps(report))
-    summary = ", ".join(f"{t}: {r['cells']} cells" for t, r in report["time_points"].items())
-    # The command's result line (commands report on stdout; the library itself only logs).
-    sys.stdout.write(
-        f"wrote {report['num_pairs']} pairs ({summary}; {description['num_target_genes']} target genes) to {args.out}\n"
-    )
-    return 0
-
-
-__all__ = ["add_tokenize_arguments", "load_description", "pair_cells", "resolve_time_points", "select_target_genes",
+__all__ = ["load_description", "pair_cells", "resolve_time_points", "select_target_genes",
            "tokenize_anndata"]  # fmt: skip

@@ -23,7 +23,6 @@ distance on the expression itself.
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,50 +34,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.tokenize_dataset import _gene_ids, load_description, resolve_time_points
-from ..io_utils import load_model_folder, read_anndata
-from ..training import CpuTrainingSettings, train_on_cpu
+from ..io_utils import check_model_location, load_model_folder, read_anndata
+from ..output_folder import check_output_folder, staged_output_folder
+from ..settings import MODEL_COUNTS, PROTOCOLS, EvaluationSettings
+from ..training import train_on_cpu
 from . import baselines, metrics
 
 
 logger = logging.getLogger(__name__)
-
-PROTOCOLS = ("heldout-time", "heldout-group", "heldout-cells")
 MODEL = "PerturbGen (this model)"
-
-
-@dataclass
-class EvaluationSettings(CpuTrainingSettings):
-    """Every number an evaluation run uses (generation, metric depths; training: the base class)."""
-
-    n_hvg: int = 500
-    iterations: int = 8
-    generation_batch_size: int = 32
-    heldout_fraction: float = 0.2
-    top_de: int = 20
-    top_r2: int = 100
-    overlap_k: int = 50
-    token_k: int = 25
-    n_pcs: int = 50
-    linear_components: int = 10
-    linear_ridge: float = 0.1
-    fdr: float = 0.05
-    # How the model's cells become counts (`MODEL_COUNTS`). "poisson": measured on Kang (every cell type's stimulated
-    # cells predicted from its control cells, validation model without CD8 T cells), draws from the fitted (ZI)NB
-    # had 7-9 points more zeros than the observed cells and 1.4-2.0 times their variance, which biased every gene's
-    # mean log1p CP10k by -0.18 to -0.22 and doubled the mse on trained cell types (0.060-0.104 against 0.029-0.067
-    # with Poisson draws): the generated genes already vary from cell to cell as the cells do, and the NB's extra
-    # dispersion, fitted in training, counts that variation twice.
-    model_counts: str = "poisson"
-    # "transport" (optimal-transport pairs, within the pairing key's groups; see `perturbgen_hf.data.pair_cells`): a
-    # source then carries information about its own future, which stratified pairs (by the key, random without one)
-    # do not; "stratified" is the original's.
-    pairing: str = "transport"
-
-
-# How `evaluate` turns the model's output into cells: Poisson draws around the expected counts (the default),
-# draws from the model's own (ZI)NB ("sample"), or the expected counts themselves ("mean", which collapse every
-# distribution metric).
-MODEL_COUNTS = ("poisson", "sample", "mean")
 
 
 @dataclass
@@ -92,7 +56,7 @@ class _Split:
 
 def run_evaluation(adata, out, protocol, time_key, source, heldout=None, group_key=None, time_order=None,
                    time_value_key=None, gene_id_key=None, pairing_key=None, model=None, settings=None,
-                   overwrite=False, progress=True) -> dict:  # fmt: skip
+                   overwrite=False, force_overwrite=False, progress=True) -> dict:  # fmt: skip
     """
     Run a protocol and write `metrics.json`, `metrics.csv` and `plots/` under `out`.
 
@@ -108,27 +72,42 @@ def run_evaluation(adata, out, protocol, time_key, source, heldout=None, group_k
         pairing_key (`str`, *optional*): stratify the training pairs by this obs column (default: `group_key`).
         model (`str` or `os.PathLike`, *optional*): a saved model trained without the held-out part (default:
             train one with `settings`).
-        settings ([`EvaluationSettings`], *optional*).
+        settings ([`EvaluationSettings`], *optional*): checked before any work.
+        overwrite (`bool`), force_overwrite (`bool`): replace an earlier result in `out`, or any folder; the run is
+            built beside `out` and replaces it only once complete.
 
     Returns:
         `dict`: the contents of `metrics.json`.
     """
     settings = settings or EvaluationSettings()
     started = time.perf_counter()
+    # Every option is checked before any work: a bad one leaves neither an output folder nor half of one.
     if protocol not in PROTOCOLS:
         raise ValueError(f"Unknown protocol {protocol!r}; choose one of {list(PROTOCOLS)}.")
+    settings.check()
+    out = check_output_folder(out, overwrite, force_overwrite)
+    if model is not None:
+        check_model_location(model)
     adata = _read(adata)
     order, values = resolve_time_points(adata.obs, time_key, time_order, time_value_key)
     if source not in order:
         raise ValueError(f"Source time point {source!r} is not in obs[{time_key!r}]: {order}.")
-    out = _prepare(out, overwrite)
     times = adata.obs[time_key].astype(str).to_numpy()
     groups = _groups(adata, group_key, protocol)
     split = _split(protocol, times, groups, order, source, heldout, settings)
     value_of = dict(zip(order, values))
+    with staged_output_folder(out, "evaluate", overwrite, force_overwrite) as work:
+        return _evaluate(adata, work, out, protocol, split, model, time_key, source, order, values, value_of, times,
+                         groups, heldout, time_value_key, gene_id_key, pairing_key or group_key, settings, started,
+                         progress)  # fmt: skip
+
+
+def _evaluate(adata, work, out, protocol, split, model, time_key, source, order, values, value_of, times, groups,
+              heldout, time_value_key, gene_id_key, pairing_key, settings, started, progress):  # fmt: skip
+    """Train (unless given a model), predict and score, writing into `work` (which becomes `out`)."""
     if model is None:
-        model = _train_model(adata, split, out, time_key, source, order, values, time_value_key, gene_id_key,
-                             pairing_key or group_key, settings, progress)  # fmt: skip
+        model = _train_model(adata, split, work, time_key, source, order, values, time_value_key, gene_id_key,
+                             pairing_key, settings, progress)  # fmt: skip
     model, tokenizer = _load_model(model)
     if protocol == "heldout-time" and heldout in model.config.time_points:
         raise ValueError(f"The model was trained on the held-out time point {heldout!r}; train one without it.")
@@ -139,10 +118,10 @@ def run_evaluation(adata, out, protocol, time_key, source, heldout=None, group_k
     rows, details = _score_all(split, expression, generated, tokenizer, times, groups, order, value_of, source,
                                protocol, settings)  # fmt: skip
     table = pd.DataFrame(rows, columns=["metric", "time_point", "group", "method", "value"])
-    table.to_csv(out / "metrics.csv", index=False)
-    plots = _plot(out / "plots", table, details)
+    table.to_csv(work / "metrics.csv", index=False)
+    plots = [out / p.relative_to(work) for p in _plot(work / "plots", table, details)]
     result = _summary(table, protocol, heldout, split, evaluated, source, settings, model, started, out, plots)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
+    (work / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
     return result
 
 
@@ -154,16 +133,6 @@ def _read(adata):
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"The input is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     return adata
-
-
-def _prepare(out, overwrite):
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"Output folder {str(out)!r} is not empty; pass --overwrite to replace it.")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _groups(adata, group_key, protocol):

@@ -1,8 +1,6 @@
 """The result of an in silico perturbation: predicted counts, differential expression, a summary; saved atomically."""
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -208,25 +206,22 @@ class PerturbationResult:
     summary: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
-    def save(self, path, overwrite: bool = False) -> Path:
-        """Write `result.h5ad`, `de.csv`, `summary.json` and `config.yaml` into `path`, atomically."""
-        path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{str(path)!r} exists and is not empty; pass overwrite=True to replace it.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+    def save(self, path, overwrite: bool = False, plots: bool = False, force_overwrite: bool = False) -> Path:
+        """
+        Write `result.h5ad`, `de.csv`, `summary.json`, `config.yaml` (and with `plots`, `plots/`) into `path`. The
+        files are written beside it and moved into place together, so a failure or a kill leaves an earlier result
+        whole; `overwrite` replaces only an earlier result of this package, `force_overwrite` any folder.
+        """
+        from ..output_folder import staged_output_folder
+
+        with staged_output_folder(path, "perturb", overwrite, force_overwrite) as staging:
             self.adata.write_h5ad(staging / "result.h5ad")
             self.de.to_csv(staging / "de.csv", index=False)
             (staging / "summary.json").write_text(json.dumps(self.summary, indent=2, default=str))
             (staging / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
-            if path.exists():
-                shutil.rmtree(path)
-            staging.rename(path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return path
+            if plots:
+                self.plot(staging / "plots")
+        return Path(path)
 
     def plot(self, folder, top: int = 6) -> list:
         """

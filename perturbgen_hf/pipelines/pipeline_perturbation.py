@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import Pipeline
 
 from ..io_utils import read_anndata
+from ..tokenization import warn_duplicate_gene_ids
 from .perturbation_edits import (
     MODES,
     edit_target_batch,
@@ -114,6 +115,8 @@ class PerturbationPipeline(Pipeline):
         forward = {k: v for k, v in kwargs.items() if k in _FORWARD_KEYS and v is not None}
         postprocess = {k: v for k, v in kwargs.items() if k in _POSTPROCESS_KEYS and v is not None}
         check_significance_settings(**postprocess)  # before any generation, not after it
+        for value in _as_list(forward.get("time_points")):
+            _as_time_point(value, self.model.config, warn=False)  # before the cells are tokenized
         return preprocess, forward, postprocess
 
     # -- preprocess: tokenize, resolve genes, edit ---------------------------------------------------------------
@@ -692,6 +695,7 @@ def _counts_and_genes(adata, gene_ids, layer):
         identifiers = ["" if pd.isna(g) else str(g) for g in adata.var[gene_ids]]
     else:
         identifiers = list(gene_ids) if gene_ids is not None else list(adata.var_names)
+    warn_duplicate_gene_ids(identifiers, f"var[{gene_ids!r}]" if isinstance(gene_ids, str) else "the source genes")
     if layer is not None:
         if layer not in adata.layers:
             raise KeyError(f"No layer {layer!r}; available: {list(adata.layers.keys())}.")
@@ -704,16 +708,28 @@ def _cosine(a, b):
     return (a * b).sum(1) / np.where(norms > 0, norms, 1.0)
 
 
-def _as_time_point(value, config):
+def _as_time_point(value, config, warn=True):
     """A name of the model's time points, or a number (also given as text, e.g. from a command line)."""
-    if isinstance(value, str) and value not in config.time_points:
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(
-                f"Unknown time point {value!r}; this model knows {config.time_points} (or give a number)."
-            ) from None
-    return value
+    if isinstance(value, str) and value in config.time_points:
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Unknown time point {value!r}; this model knows {config.time_points} (or give a number)."
+        ) from None
+    trained = [float(v) for v in config.time_values]
+    # Time values are hours (or positions 1, 2, ... with the source first) after the source state, which is never
+    # negative: a negative time would be before the source the prediction starts from.
+    if not np.isfinite(number) or number < 0 or (min(trained) > 0 and number == 0):
+        raise ValueError(
+            f"Time point {value!r} is not a time after the source state; this model's time points are "
+            f"{dict(zip(config.time_points, trained))}."
+        )
+    if warn and not min(trained) <= number <= max(trained):
+        logger.warning("Time point %s lies outside the trained range %s-%s: an extrapolation.", value,
+                       min(trained), max(trained))  # fmt: skip
+    return number
 
 
 def _time_name(config, value):

@@ -24,7 +24,29 @@ def read_rows(counts, rows) -> sp.csr_matrix:
             block = counts[int(rows[0]) : int(rows[-1]) + 1]
         else:
             block = counts[rows]
-    return sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+    block = sp.csr_matrix(block) if sp.issparse(block) else sp.csr_matrix(np.asarray(block))
+    check_csr_structure(block, counts, rows)
+    return block
+
+
+def check_csr_structure(block: sp.csr_matrix, counts=None, rows=None) -> None:
+    """
+    Raise a `ValueError` if a CSR block's structure is inconsistent (column indices out of range, row pointers that
+    decrease): what bytes corrupted inside an h5ad's `X` produce. The compiled sparse kernels do not check this and
+    crash the process (a segmentation fault) instead of raising.
+    """
+    try:
+        block.check_format(full_check=True)
+    except ValueError as error:
+        location = _backed_location(counts) if counts is not None else None
+        where = f" of {location[0]!r} ({location[1]})" if location else ""
+        if isinstance(rows, slice):
+            span = f"rows {rows.start}-{rows.stop - 1}"
+        elif rows is not None and len(rows):
+            span = f"rows {int(np.min(rows))}-{int(np.max(rows))}"
+        else:
+            span = "the matrix"
+        raise ValueError(f"The count matrix{where} is corrupted in {span}: {error}.") from None
 
 
 def row_blocks(num_rows: int, chunk_size: int, rows=None) -> list:

@@ -823,6 +823,39 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
             )
 
 
+_WARNED_DUPLICATES = set()
+
+
+def warn_duplicate_gene_ids(gene_ids, where: str = "the input") -> list[str]:
+    """
+    Log (once per set of identifiers) that some genes occur more than once: their counts are summed into one token.
+
+    Args:
+        gene_ids (`list[str]`): one identifier per column of the counts.
+        where (`str`): how the message names the data.
+
+    Returns:
+        `list[str]`: the duplicated identifiers, sorted.
+    """
+    seen, duplicated = set(), set()
+    for gene in gene_ids:
+        if gene and gene in seen:
+            duplicated.add(gene)
+        seen.add(gene)
+    duplicated = sorted(duplicated)
+    key = (where, tuple(duplicated))
+    if duplicated and key not in _WARNED_DUPLICATES:
+        _WARNED_DUPLICATES.add(key)
+        extra = sum(gene_ids.count(g) - 1 for g in duplicated) if len(duplicated) < 1000 else "some"
+        shown = ", ".join(duplicated[:10]) + (", ..." if len(duplicated) > 10 else "")
+        logger.warning(
+            "%d gene identifiers of %s occur more than once (%s extra columns): %s. Their counts are summed into one "
+            "token per gene; make the identifiers unique (or give another --gene-id-key) to keep them apart.",
+            len(duplicated), where, extra, shown,
+        )  # fmt: skip
+    return duplicated
+
+
 def counts_and_genes(cells, gene_ids=None, layer=None):
     """The count matrix and gene identifiers of an AnnData (or a matrix with explicit `gene_ids`)."""
     if hasattr(cells, "X") and hasattr(cells, "var_names"):
@@ -962,4 +995,5 @@ __all__ = [
     "library_sizes",
     "pad_ranked",
     "rank_chunk",
+    "warn_duplicate_gene_ids",
 ]
