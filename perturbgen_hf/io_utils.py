@@ -70,6 +70,53 @@ def _check_matrix_structure(adata, path, what) -> None:
                                  f"matrix ({error}).") from None  # fmt: skip
 
 
+def read_yaml_options(path, what: str = "config") -> dict:
+    """
+    The mapping of option names to values in a YAML file.
+
+    Raises:
+        `FileNotFoundError`: no such file. `ValueError`: YAML that does not parse (with the line and column), or a
+        file that holds something other than a mapping.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"The {what} {str(path)!r} does not exist" + (" (it is a folder)." if path.is_dir()
+                                                                               else "."))  # fmt: skip
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or type(error).__name__
+        raise ValueError(f"The {what} {str(path)!r} is not valid YAML{where}: {problem}.") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"The {what} {str(path)!r} is not a text (YAML) file.") from None
+    values = values or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"The {what} {str(path)!r} must hold a mapping of option names to values, not a "
+                         f"{type(values).__name__}.")  # fmt: skip
+    return values
+
+
+def check_tokenizer_folder(path) -> None:
+    """Raise a one-line error unless `path` is a saved tokenizer (or model) folder: it must hold `vocab.json`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Tokenizer folder {str(path)!r} does not exist.")
+    if not path.is_dir():
+        raise NotADirectoryError(f"Tokenizer {str(path)!r} is a file; give the folder of a saved model or tokenizer.")
+    if not (path / "vocab.json").is_file():
+        inside = path / "tokenizer"
+        hint = (
+            f" (a tokenized-data folder? its tokenizer is {str(inside)!r})"
+            if (inside / "vocab.json").is_file()
+            else ""
+        )
+        raise FileNotFoundError(f"{str(path)!r} is not a tokenizer folder: it has no vocab.json{hint}.")
+
+
 def check_h5ad_file(path, what: str = "input") -> None:
     """Refuse a path that is missing, a folder, empty, or not an HDF5 file, naming it (see [`read_anndata`])."""
     path = Path(path)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from datasets import load_from_disk
 from transformers import (
     EarlyStoppingCallback,
@@ -27,7 +26,7 @@ from transformers import (
 
 from .data.collator import DataCollatorForPerturbGen
 from .data.tokenize_dataset import load_description
-from .io_utils import check_model_location, model_load_errors
+from .io_utils import check_model_location, model_load_errors, read_yaml_options
 from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
 from .output_folder import check_output_folder, write_marker
 from .pipelines.perturbation_result import log_normalize
@@ -45,11 +44,7 @@ def parse_arguments(argv=None):
     config_path = _option_value(argv, "--config")
     if config_path is not None:
         path = Path(config_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Training config not found: {str(path)!r}")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of option names to values.")
+        values = read_yaml_options(path, "training config")
         known = {f for dc in (ModelArguments, DataArguments, TrainingArguments) for f in dc.__dataclass_fields__}
         unknown = sorted(set(values) - known)
         if unknown:

@@ -359,3 +359,45 @@ def test_corrupted_counts_are_an_error_not_a_crash(dataset, command, tmp_path):
     # Corrupted structure (indices, row pointers) is named with the file; corrupted values read as non-counts.
     assert (str(path) in last and "corrupted" in last) or "NaN or infinite" in last or "raw counts" in last, last
     assert not (tmp_path / "out").exists()
+
+
+# -- option files -------------------------------------------------------------------------------------------------------
+
+YAML_CASES = {
+    "malformed": ("genes: [IL1B\nmode: : mask\n", "is not valid YAML at line"),
+    "a list": ("- a\n- b\n", "must hold a mapping of option names to values, not a list"),
+    "binary": (bytes(range(256)), "not"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_CASES))
+@pytest.mark.parametrize("command", ["perturb", "train"])
+def test_a_bad_yaml_config_is_one_line(case, command, saved_model, tmp_path, capsys):
+    text, words = YAML_CASES[case]
+    config = tmp_path / "options.yaml"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    argv = {
+        "perturb": ["perturb", "--model", str(saved_model), "--adata", str(SHALEK_SOURCE_CELLS(tmp_path)),
+                    "--out", str(tmp_path / "out"), "--config", str(config)],
+        "train": ["train", "--data", str(saved_model.parent / "lps"), "--out", str(tmp_path / "out"), "--use_cpu",
+                  "--config", str(config)],
+    }[command]  # fmt: skip
+    assert main(argv) == 1
+    err = _error_line(capsys)
+    assert str(config) in err and words in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "tokenized-data folder", "empty folder"])
+def test_a_bad_tokenizer_folder_is_one_line(kind, saved_model, tmp_path, capsys):
+    folder = {"missing": tmp_path / "nope", "tokenized-data folder": saved_model.parent / "lps",
+              "empty folder": tmp_path / "empty"}[kind]  # fmt: skip
+    if kind == "empty folder":
+        folder.mkdir()
+    source = _small_h5ad(tmp_path / "in.h5ad")
+    assert main(["tokenize", str(source), "--out", str(tmp_path / "out"), "--time-key", "time", "--source", "0h",
+                 "--tokenizer", str(folder), "--no-progress"]) == 1  # fmt: skip
+    err = _error_line(capsys)
+    assert str(folder) in err and ("does not exist" in err or "no vocab.json" in err), err
+    if kind == "tokenized-data folder":
+        assert "its tokenizer is" in err

@@ -101,14 +101,10 @@ def add_parser(subparsers):
 def _perturb_options(args) -> dict:
     options = {}
     if args.config:
-        import yaml
+        from ..io_utils import read_yaml_options
 
         path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"Perturbation config not found: {str(path)!r}")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path} must hold a mapping of option names to values.")
+        values = read_yaml_options(path, "perturbation config")
         for key, value in values.items():
             name = ORIGINAL_PERTURB_KEYS.get(key, key)
             if name not in PERTURB_KEYS:

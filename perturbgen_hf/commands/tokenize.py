@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from ..settings import PAIRING_MODES
 from ._common import add_output_arguments
@@ -84,6 +85,8 @@ def run(args) -> int:
         raise ValueError(f"--n-hvg must be positive, got {args.n_hvg}.")
     if args.pairing == "mapping" and not args.pairing_file:
         raise ValueError("--pairing mapping needs --pairing-file.")
+    if args.pairing_file and not Path(args.pairing_file).is_file():
+        raise FileNotFoundError(f"The pairing file {args.pairing_file!r} does not exist.")
     description = tokenize_anndata(
         args.adata, args.out, args.time_key, args.source, targets=args.targets, time_order=args.time_order,
         time_value_key=args.time_value_key, gene_id_key=args.gene_id_key, dictionaries=args.dictionaries,

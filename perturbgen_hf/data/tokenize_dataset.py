@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from datasets import Dataset, Features, List, Value
 from tqdm.auto import tqdm
 
-from ..io_utils import read_anndata
+from ..io_utils import check_tokenizer_folder, read_anndata
 from ..output_folder import check_output_folder, staged_output_folder
 from ..tokenization import PerturbGenTokenizer, check_raw_counts, warn_duplicate_gene_ids
 from ..tokenization.chunking import map_row_chunks, read_rows
@@ -216,6 +216,7 @@ def tokenize_anndata(
             raise KeyError(f"{key!r} is not an obs column; available: {list(obs.columns)}.")
     gene_ids = _gene_ids(adata, gene_id_key)
     if isinstance(tokenizer, (str, Path)):
+        check_tokenizer_folder(tokenizer)
         tokenizer = PerturbGenTokenizer.from_pretrained(tokenizer)
     cell_rows = np.flatnonzero(obs[time_key].astype(str).isin(time_points).to_numpy())
     tokenizer = tokenizer or _build_tokenizer(adata.X, cell_rows, gene_ids, dictionaries, max_length)
