@@ -3,8 +3,9 @@ perturbgen-hf: PerturbGen, a trajectory-aware generative transformer for in sili
 as a native Hugging Face transformers model.
 
 Importing this package registers the model with `AutoConfig`, `AutoModel`, `AutoModelForSeq2SeqLM` and
-`AutoTokenizer` (and, for
-`trust_remote_code` exports, records the classes in `auto_map` when saving).
+`AutoTokenizer` and the "perturbation" task with `pipeline` (and, for `trust_remote_code` exports, records the
+classes in `auto_map` when saving). The public names are imported on first use; the `perturbgen-hf` console
+script defers the registration (`register`) until a subcommand runs, so that its `--help` needs no torch.
 """
 
 import sys

@@ -168,8 +168,12 @@ def _with_symbols(adata):
     return adata
 
 
+_SIMULATION_STEPS = ["simulating", "tokenizing", "training", "perturbing", "scoring"]
+_USER_DATA_STEPS = ["tokenizing", "training", "perturbing", "reporting"]
+
+
 class _Steps:
-    """A progress display over the demo's steps (tqdm, on stderr)."""
+    """A progress display over the demo's steps (tqdm, on stderr); a failure erases it, so the error is last."""
 
     def __init__(self, names, enabled):
         self.bar = tqdm(total=len(names), desc=names[0], disable=not enabled, bar_format="{desc} [{n}/{total}]")
@@ -182,6 +186,15 @@ class _Steps:
 
     def close(self):
         self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, trace):
+        if kind is not None:
+            self.bar.leave = False
+        self.bar.close()
+        return False
 
 
 def run_demo(out, settings: DemoSettings | None = None, adata=None, time_key=None, source=None, gene=None,
@@ -211,19 +224,19 @@ def run_demo(out, settings: DemoSettings | None = None, adata=None, time_key=Non
         adata = read_anndata(adata)
         if time_key not in adata.obs.columns:
             raise KeyError(f"time key {time_key!r} is not an obs column; available: {list(adata.obs.columns)}.")
-    with staged_output_folder(out, "demo", overwrite, force_overwrite) as work:
+    names = _USER_DATA_STEPS if adata is not None else _SIMULATION_STEPS
+    with staged_output_folder(out, "demo", overwrite, force_overwrite) as work, _Steps(names, progress) as steps:
         if adata is not None:
-            return _run_on_user_data(work, out, settings, adata, time_key, source, gene, progress)
-        return _run_on_simulation(work, out, settings, progress)
+            return _run_on_user_data(work, out, settings, adata, time_key, source, gene, steps)
+        return _run_on_simulation(work, out, settings, steps)
 
 
-def _run_on_simulation(work, out, settings, progress):
+def _run_on_simulation(work, out, settings, steps):
     from transformers import pipeline
 
     from .data import tokenize_anndata
 
     started = time.perf_counter()
-    steps = _Steps(["simulating", "tokenizing", "training", "perturbing", "scoring"], progress)
     simulation = {"num_clones": settings.num_clones, "cells_per_clone": settings.cells_per_clone,
                   "seed": settings.seed}  # fmt: skip
     control = simulate_trajectory(**simulation)
@@ -465,13 +478,12 @@ def _plot_curve(folder, curve, plt):
     return path
 
 
-def _run_on_user_data(work, out, settings, adata, time_key, source, gene, progress):
+def _run_on_user_data(work, out, settings, adata, time_key, source, gene, steps):
     from transformers import pipeline
 
     from .data import tokenize_anndata
 
     started = time.perf_counter()
-    steps = _Steps(["tokenizing", "training", "perturbing", "reporting"], progress)
     tokenize_anndata(adata, work / "tokens", time_key=time_key, source=source, n_hvg=1000, include_genes=[gene],
                      seed=settings.seed, max_length=settings.max_source_length, progress=False)  # fmt: skip
     steps.next()
