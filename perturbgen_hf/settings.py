@@ -72,13 +72,6 @@ class ModelArguments:
     count_readout: str = field(
         default="per_gene", metadata={"help": "per_gene (each gene's own decoder state) or pooled (the original's)"}
     )
-    count_source_copy: bool = field(
-        default=True,
-        metadata={
-            "help": "each target gene's presence and rank in the source add to its predicted count (per-gene "
-            "learned weights), so a cell type never trained on keeps its identity genes"
-        },
-    )
     mask_schedule: str = field(default="cosine", metadata={"help": "cosine, pow or linear"})
 
 
@@ -137,7 +130,6 @@ class CpuTrainingSettings:
     source_path_map: str = "linear"
     count_head_reads_source: bool = True
     count_readout: str = "per_gene"
-    count_source_copy: bool = True
     seed: int = 0
 
     def check(self) -> None:

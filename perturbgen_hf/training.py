@@ -189,8 +189,6 @@ def build_model(model_args, data_args, tokenizer, description, train_dataset, tr
             "source_path_map": model_args.source_path_map,
             "count_head_reads_source": model_args.count_head_reads_source,
             "count_readout": model_args.count_readout,
-            "count_source_copy": model_args.count_source_copy and model_args.source_path != "none",
-            "target_source_token_ids": tokenizer.target_token_ids().tolist(),
             "mask_schedule": model_args.mask_schedule,
             "log_library_size_init": mean_log_library_size(train_dataset),
         }
@@ -536,8 +534,7 @@ def train_on_cpu(data, out, settings: CpuTrainingSettings, log_every: int, progr
         "--context_mode", settings.context_mode, "--source_path", settings.source_path,
         "--source_path_injection", settings.source_path_injection, "--source_path_map", settings.source_path_map,
         "--count_head_reads_source",
-        str(settings.count_head_reads_source).lower(), "--count_readout", settings.count_readout,
-        "--count_source_copy", str(settings.count_source_copy).lower(), "--seed",
+        str(settings.count_head_reads_source).lower(), "--count_readout", settings.count_readout, "--seed",
         str(settings.seed), "--logging_steps", str(log_every), "--save_strategy", "no", "--disable_tqdm",
         str(not progress).lower(),
     ]  # fmt: skip

@@ -1,5 +1,4 @@
 import json
-import math
 import os
 import subprocess
 import sys
@@ -322,69 +321,3 @@ def test_per_gene_readout_moves_only_the_genes_it_reads():
 def test_bad_source_path_settings(name, value):
     with pytest.raises(ValueError, match=name):
         tiny_config(**{name: value})
-
-
-def _copy_config(**overrides):
-    # Target gene k is encoder token 20 + k (the encoder's vocabulary is larger than the decoder's).
-    return tiny_config(source_path="presence", count_source_copy=True,
-                       target_source_token_ids=[20 + k for k in range(30)], **overrides)  # fmt: skip
-
-
-def test_source_gene_features_find_each_target_gene_and_its_rank():
-    from perturbgen_hf.modeling.modeling_perturbgen import source_gene_features
-
-    ids = torch.tensor([40, 41, 42, 43])  # four target genes
-    source = torch.tensor([[2, 42, 7, 1, 40, 3, 0]])  # gene 42 at rank 1, a non-target at 2, <mask> at 3, 40 at 4
-    features = source_gene_features(source, ids, first_gene_id=4, mask_token_id=1)
-    assert features.shape == (1, 4, 2)
-    assert features[0, :, 0].tolist() == [1.0, 0.0, 1.0, 0.0]
-    torch.testing.assert_close(features[0, :, 1], torch.tensor([math.log2(5) / 10, 0.0, math.log2(2) / 10, 0.0]))
-
-
-def test_source_copy_moves_each_gene_by_its_own_weight_and_a_knockout_removes_it():
-    config = _copy_config(count_likelihood="nb")
-    model = PerturbGenForConditionalGeneration(config).eval()
-    head = model.count_head
-    assert head.source_copy.shape == (30, 2) and not head.source_copy.any()  # starts as a no-op
-    with torch.no_grad():
-        head.source_copy.copy_(torch.randn(30, 2))
-    source = torch.tensor([[2, 25, 12, 20, 30, 3]])  # target genes 5, 0 and 10 (12 is not a target gene)
-    deleted = torch.tensor([[2, 25, 12, 30, 3, 0]])  # target gene 0 knocked out
-    pooled = torch.randn(1, config.decoder_hidden_size)
-    base = head(pooled)
-    full = model.condition_on_source(source).gene_features
-    cut = model.condition_on_source(deleted).gene_features
-    with_source = head(pooled, source_gene_features=full)
-    logits = torch.log(with_source["mu"] / with_source["library_size"][:, None])
-    base_logits = torch.log(base["mu"] / base["library_size"][:, None])
-    moved = logits - base_logits
-    moved = moved - moved[:, [1]]  # proportions: logits up to a constant; gene 1 is absent from the source
-    expected = (full * head.source_copy).sum(-1)
-    torch.testing.assert_close(moved, expected - expected[:, [1]], atol=1e-5, rtol=1e-4)
-    # The knockout removes gene 0's presence; genes after it move up one rank.
-    assert full[0, 0, 0] == 1 and cut[0, 0, 0] == 0
-    assert cut[0, 10, 1] < full[0, 10, 1]
-
-
-def test_source_copy_needs_ids_and_a_source_path():
-    with pytest.raises(ValueError, match="count_source_copy"):
-        tiny_config(source_path="presence", count_source_copy=True)
-    with pytest.raises(ValueError, match="count_source_copy"):
-        tiny_config(source_path="none", count_source_copy=True, target_source_token_ids=list(range(20, 50)))
-    with pytest.raises(ValueError, match="target_source_token_ids"):
-        tiny_config(target_source_token_ids=list(range(40, 60)))
-
-
-def test_source_copy_model_saves_generates_and_trains(tmp_path):
-    config = _copy_config()
-    model = PerturbGenForConditionalGeneration(config)
-    out = model(**tiny_batch(config))
-    out.loss.backward()
-    assert model.count_head.source_copy.grad.abs().sum() > 0
-    model.save_pretrained(tmp_path)
-    loaded = PerturbGenForConditionalGeneration.from_pretrained(tmp_path).eval()
-    assert loaded.config.target_source_token_ids == config.target_source_token_ids
-    torch.testing.assert_close(loaded.count_head.source_copy, model.count_head.source_copy)
-    source = torch.tensor([[2, *range(20, 40), 3]])
-    kwargs = {"sequence_length": 6, "temperature": 0.0, "num_iterations": 2}
-    assert loaded.generate(source, **kwargs).counts.shape == (1, 3, 30)

@@ -139,16 +139,6 @@ class PerturbGenConfig(PreTrainedConfig):
             `"per_gene"`: each generated gene's own decoder state adds to that gene's count logits (genes not generated
             keep the pooled head's); `"pooled"`: the count head reads only the mean-pooled cell embedding (the
             original's).
-        count_source_copy (`bool`, *optional*, defaults to `False`):
-            A per-gene path from the source cell to the count head: each target gene's presence among the source's
-            tokens, and its rank there (`presence * log2(rank + 1) / 10`), times two learned per-gene weights
-            (starting at zero), are added to that gene's proportion logit. The model then predicts a change from
-            the source gene by gene, as a linear model does, and keeps the source's identity genes for a cell type
-            it was not trained on (instead of pulling it toward the trained types' profiles). Needs a source path and
-            `target_source_token_ids`; `train` sets it for new models.
-        target_source_token_ids (`list[int]`, *optional*):
-            Encoder token id of each target gene, in target order (where the count head finds a target gene among
-            the source's tokens); required with `count_source_copy`.
         target_genes (`list[str]`, *optional*):
             Gene identifiers (Ensembl IDs) of the decoder's vocabulary, in token-id order.
         num_target_genes (`int`, *optional*, defaults to 2000):
@@ -267,8 +257,6 @@ class PerturbGenConfig(PreTrainedConfig):
         source_path_map="linear",
         count_head_reads_source=True,
         count_readout="per_gene",
-        count_source_copy=False,
-        target_source_token_ids=None,
         target_genes=None,
         num_target_genes=2000,
         condition_tokens=None,
@@ -333,10 +321,6 @@ class PerturbGenConfig(PreTrainedConfig):
         self.source_path_map = source_path_map
         self.count_head_reads_source = count_head_reads_source
         self.count_readout = count_readout
-        self.count_source_copy = count_source_copy
-        self.target_source_token_ids = (
-            [int(i) for i in target_source_token_ids] if target_source_token_ids is not None else None
-        )
         self.target_genes = list(target_genes) if target_genes is not None else None
         self.num_target_genes = len(self.target_genes) if self.target_genes is not None else num_target_genes
         if self.target_genes is not None and num_target_genes not in (2000, self.num_target_genes):
@@ -432,7 +416,6 @@ class PerturbGenConfig(PreTrainedConfig):
         _check_choice("count_readout", self.count_readout, ("per_gene", "pooled"))
         if not isinstance(self.count_head_reads_source, bool):
             raise ValueError(f"`count_head_reads_source` must be True or False, got {self.count_head_reads_source!r}.")
-        self._check_source_copy()
         for name in ("token_loss_weight", "count_loss_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
@@ -444,27 +427,6 @@ class PerturbGenConfig(PreTrainedConfig):
         self._validate_original_switches()
         self._validate_time_points()
         self._validate_vocabulary()
-
-    def _check_source_copy(self):
-        if not isinstance(self.count_source_copy, bool):
-            raise ValueError(f"`count_source_copy` must be True or False, got {self.count_source_copy!r}.")
-        ids = self.target_source_token_ids
-        if ids is not None:
-            vocab = self.encoder.vocab_size
-            if len(ids) != self.num_target_genes:
-                raise ValueError(
-                    f"`target_source_token_ids` has {len(ids)} ids for {self.num_target_genes} target genes."
-                )
-            if len(set(ids)) != len(ids) or any(i < self.first_gene_token_id or i >= vocab for i in ids):
-                raise ValueError(
-                    f"`target_source_token_ids` must be distinct gene ids of the encoder vocabulary "
-                    f"[{self.first_gene_token_id}, {vocab})."
-                )
-        if self.count_source_copy and (ids is None or self.source_path == "none"):
-            raise ValueError(
-                "`count_source_copy=True` needs `target_source_token_ids` (the encoder id of each target gene) and a "
-                f"source path (`source_path` is {self.source_path!r})."
-            )
 
     def _validate_original_switches(self):
         for name, choices in (("encoder_type", _ENCODER_TYPES), ("time_encoding", _TIME_ENCODINGS),

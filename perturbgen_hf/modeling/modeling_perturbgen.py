@@ -366,49 +366,16 @@ class SourceCondition:
         shift (`torch.FloatTensor` of shape `(batch, hidden)`): added to every decoder input embedding.
         scale (`torch.FloatTensor` of shape `(batch, hidden)`, *optional*): with `"film"`, the input embeddings are
             multiplied by `1 + scale` first.
-        gene_features (`torch.FloatTensor` of shape `(batch, num_target_genes, 2)`, *optional*): with
-            `config.count_source_copy`, each target gene's presence in the source and `presence * log2(rank + 1) / 10`
-            (see [`source_gene_features`]).
     """
 
     summary: torch.Tensor
     shift: torch.Tensor
     scale: torch.Tensor | None = None
-    gene_features: torch.Tensor | None = None
 
     def repeat_interleave(self, repeats: int) -> "SourceCondition":
         """The same condition for each row repeated `repeats` times (as `Tensor.repeat_interleave(dim=0)`)."""
         return SourceCondition(*(None if t is None else t.repeat_interleave(repeats, dim=0)
-                                 for t in (self.summary, self.shift, self.scale, self.gene_features)))  # fmt: skip
-
-
-def source_gene_features(input_ids: torch.Tensor, target_source_ids: torch.Tensor, first_gene_id: int,
-                         mask_token_id: int) -> torch.Tensor:  # fmt: skip
-    """
-    Where each target gene stands in rank-value encoded source cells: its presence (1 or 0) and
-    `presence * log2(rank + 1) / 10` (ranks as in [`source_rank_weights`]; the tenth keeps the feature near 1 for
-    sources of up to ~1,000 genes). Log-rank, because a gene's log expression falls roughly linearly in its log rank.
-
-    Args:
-        input_ids (`torch.LongTensor` of shape `(batch, source_len)`): source tokens (encoder vocabulary).
-        target_source_ids (`torch.LongTensor` of shape `(num_target_genes,)`): the encoder id of each target gene.
-
-    Returns:
-        `torch.FloatTensor` of shape `(batch, num_target_genes, 2)`.
-    """
-    presence, _ = source_rank_weights(input_ids, first_gene_id, mask_token_id)
-    ranked = (input_ids >= first_gene_id) | (input_ids == mask_token_id)
-    log_rank = torch.log2(ranked.long().cumsum(dim=1).clamp(min=1).float() + 1.0) / 10.0
-    order = torch.argsort(target_source_ids)
-    sorted_ids = target_source_ids[order]
-    slot = torch.searchsorted(sorted_ids, input_ids).clamp(max=sorted_ids.numel() - 1)
-    is_target = (sorted_ids[slot] == input_ids) & (presence > 0)
-    column = torch.where(is_target, order[slot], 0)
-    weight = is_target.float()
-    features = input_ids.new_zeros((input_ids.shape[0], target_source_ids.numel(), 2), dtype=torch.float32)
-    features[..., 0].scatter_add_(1, column, weight)
-    features[..., 1].scatter_add_(1, column, weight * log_rank)
-    return features
+                                 for t in (self.summary, self.shift, self.scale)))  # fmt: skip
 
 
 class PerturbGenSourcePath(nn.Module):
@@ -459,16 +426,10 @@ class PerturbGenSourcePath(nn.Module):
             # moves it by its own size relative to the others', whatever the number of genes.
             summary = self.norm(summed)
             projected = self.output(summary)
-        features = self._gene_features(input_ids) if self.config.count_source_copy else None
         if self.config.source_path_injection == "film":
             shift, scale = projected.chunk(2, dim=-1)
-            return SourceCondition(summary, shift, scale, features)
-        return SourceCondition(summary, projected, gene_features=features)
-
-    def _gene_features(self, input_ids):
-        ids = torch.tensor(self.config.target_source_token_ids, dtype=input_ids.dtype, device=input_ids.device)
-        features = source_gene_features(input_ids, ids, self.config.first_gene_token_id, self.config.mask_token_id)
-        return features.to(self.presence_embeddings.weight.dtype)
+            return SourceCondition(summary, shift, scale)
+        return SourceCondition(summary, projected)
 
 
 class PerturbGenDecoder(nn.Module):
@@ -604,8 +565,6 @@ class PerturbGenCountHead(nn.Module):
                 nn.Linear(width, width), nn.GELU(), _zero_initialised(nn.Linear(width, outputs))
             )
         self.log_library_size = nn.Linear(hidden, 1) if self.library_mode == "predicted" else None
-        # Per-gene weights of the source gene features (presence, log-rank); zero: the head starts without them.
-        self.source_copy = nn.Parameter(torch.zeros(genes, 2)) if config.count_source_copy else None
         # Trained, unlike the original's `theta` (which its optimiser never received). One column per dispersion
         # condition when there are several (the original's per-batch `theta`).
         conditions = config.num_dispersion_conditions
@@ -619,7 +578,6 @@ class PerturbGenCountHead(nn.Module):
         source_summary: torch.Tensor | None = None,
         gene_states: torch.Tensor | None = None,
         gene_index: torch.Tensor | None = None,
-        source_gene_features: torch.Tensor | None = None,
     ) -> dict:
         """
         Args:
@@ -635,8 +593,6 @@ class PerturbGenCountHead(nn.Module):
                 final states, read per gene with `config.count_readout == "per_gene"`.
             gene_index (`torch.LongTensor` of shape `(batch, len)`, *optional*): the target-gene column of each
                 position of `gene_states` (-1 where it is not a gene).
-            source_gene_features (`torch.FloatTensor` of shape `(batch, genes, 2)`, *optional*): the source
-                path's `gene_features`, read with `config.count_source_copy`.
 
         Returns:
             `dict` with `mu` `(batch, genes)`, `theta` (`(genes,)` or `(batch, genes)`, or None), `zi_logits`
@@ -660,8 +616,6 @@ class PerturbGenCountHead(nn.Module):
         zi_logits = self.zi_logits(hidden) if self.zi_logits is not None else None
         if self.gene_readout is not None and gene_states is not None:
             logits, zi_logits = self._read_genes(logits, zi_logits, gene_states, gene_index)
-        if self.source_copy is not None and source_gene_features is not None:
-            logits = logits + (source_gene_features.to(logits.dtype) * self.source_copy.to(logits.dtype)).sum(-1)
         out = {"theta": self._theta(dispersion_condition), "zi_logits": None, "library_size": library,
                "log_normalized": None, "normalized_hidden": hidden}  # fmt: skip
         if self.likelihood == "mse":
@@ -724,11 +678,8 @@ class PerturbGenCountHead(nn.Module):
         return params["mu"]
 
 
-def _source_inputs(source_condition) -> dict:
-    """What the count head reads of a [`SourceCondition`] (nothing without a source path)."""
-    if source_condition is None:
-        return {"source_summary": None, "source_gene_features": None}
-    return {"source_summary": source_condition.summary, "source_gene_features": source_condition.gene_features}
+def _summary(source_condition):
+    return None if source_condition is None else source_condition.summary
 
 
 class PerturbGenPreTrainedModel(PreTrainedModel):
@@ -1104,7 +1055,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             self.count_head(
                 cell_embeddings,
                 library_size,
-                **_source_inputs(condition),
+                source_summary=_summary(condition),
                 gene_states=count_hidden,
                 gene_index=self.gene_index(count_ids),
             )
@@ -1521,7 +1472,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             embeddings.append(pooled)
             library = library_size[:, index] if library_size is not None and library_size.dim() == 2 else library_size
             pooled_ids = pooled_input[0] if pooled_input else tokens
-            params.append(self.count_head(pooled, library, **_source_inputs(source_condition),
+            params.append(self.count_head(pooled, library, source_summary=_summary(source_condition),
                                           gene_states=hidden, gene_index=self.gene_index(pooled_ids)))  # fmt: skip
         stacked = {key: [p[key] for p in params] for key in ("mu", "zi_logits", "library_size")}
         counts = torch.stack([self.count_head.expected_counts(p) for p in params], dim=1)

@@ -817,12 +817,6 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
             raise ValueError(
                 f"The model has {config.num_target_genes} target genes, the tokenizer {self.num_target_genes}."
             )
-        source_ids = getattr(config, "target_source_token_ids", None)
-        if source_ids is not None and list(source_ids) != self.target_token_ids().tolist():
-            raise ValueError(
-                "The model's `target_source_token_ids` (where it finds each target gene among the source's tokens) "
-                "differ from this tokenizer's ids of its target genes: the vocabularies are not the same."
-            )
         if list(config.condition_tokens) != self.condition_tokens:
             raise ValueError(
                 f"Condition tokens differ: model {list(config.condition_tokens)}, tokenizer {self.condition_tokens}."
