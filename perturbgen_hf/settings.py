@@ -47,7 +47,10 @@ class ModelArguments:
         default=None, metadata={"help": "local Geneformer BertForMaskedLM folder to use as the encoder"}
     )
     model: str | None = field(default=None, metadata={"help": "saved PerturbGen model to continue training"})
-    freeze_encoder: bool = field(default=True, metadata={"help": "keep the encoder's weights fixed"})
+    freeze_encoder: bool = field(
+        default=True,
+        metadata={"help": "whether the encoder's weights stay fixed (true; --no_freeze_encoder trains them)"},
+    )
     count_likelihood: str = field(default="zinb", metadata={"help": "zinb, nb or mse"})
     library_size: str = field(default="predicted", metadata={"help": "predicted (by a head) or observed"})
     context_mode: str = field(default="previous", metadata={"help": "previous, all, chained or none"})

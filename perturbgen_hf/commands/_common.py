@@ -1,5 +1,7 @@
 """Options every command that writes a folder shares."""
 
+import argparse
+
 
 def add_output_arguments(parser, what: str = "output folder") -> None:
     """`--out` and the two ways of replacing an existing folder (see `perturbgen_hf.output_folder`)."""
@@ -16,3 +18,30 @@ def add_overwrite_arguments(parser) -> None:
         "--force-overwrite", action="store_true",
         help="replace the output folder even if perturbgen-hf did not write it (its files are deleted)",
     )  # fmt: skip
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """
+    Shows an option's default once, and only when there is one to show: not for flags (`store_true`), not for
+    `None` (an option that is off unless given), and not when the help text already says its default. Descriptions
+    are wrapped paragraph by paragraph; indented lines (commands, examples) are kept as written.
+    """
+
+    def _fill_text(self, text, width, indent):
+        paragraphs = []
+        for paragraph in text.strip("\n").split("\n\n"):
+            lines = paragraph.splitlines()
+            if any(line.startswith((" ", "\t")) for line in lines):
+                paragraphs.append("\n".join(indent + line for line in lines))
+            else:
+                paragraphs.append(super()._fill_text(" ".join(lines), width, indent))
+        return "\n\n".join(paragraphs)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and not isinstance(
+            action, (argparse._StoreTrueAction, argparse._HelpAction, argparse._VersionAction)
+        )
+        if shown and "default" not in text and "%(default)" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text

@@ -1,10 +1,9 @@
 """`perturbgen-hf convert-original`: an original PerturbGen checkpoint -> a folder AutoModel and the pipeline load."""
 
-import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_output_arguments
+from ._common import HelpFormatter, add_output_arguments
 
 
 NAME = "convert-original"
@@ -22,7 +21,7 @@ def add_parser(subparsers):
             "executing anything in them (AnnData objects in their hyper-parameters become inert placeholders); "
             "every unexpected or missing key and every shape mismatch is reported by name."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser)
     parser.set_defaults(run=run)

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from ._common import add_overwrite_arguments
+from ._common import HelpFormatter, add_overwrite_arguments
 
 
 NAME = "demo"
@@ -20,7 +20,7 @@ def add_parser(subparsers):
             "model, a random ranking). Writes OUT/report.md, plots, scores and the trained model. With --adata, the "
             "same steps run on your data (raw counts), without a truth to score."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--out", default="perturbgen_demo", help="output folder (refused if not empty)")
     parser.add_argument("--adata", help="your own h5ad of raw counts instead of the simulation")

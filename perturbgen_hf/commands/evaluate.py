@@ -1,10 +1,9 @@
 """`perturbgen-hf evaluate`: hold out a time point, a group or cells; predict them; score beside baselines."""
 
-import argparse
 import sys
 
-from ..settings import MODEL_COUNTS, PROTOCOLS, EvaluationSettings
-from ._common import add_output_arguments
+from ..settings import MODEL_COUNTS, PRESETS, PROTOCOLS, EvaluationSettings
+from ._common import HelpFormatter, add_output_arguments
 
 
 NAME = "evaluate"
@@ -24,7 +23,7 @@ def add_parser(subparsers):
             "computed the same way (no change, training mean, nearest time point, linear PCA + ridge). Writes "
             "OUT/metrics.json, a tidy OUT/metrics.csv (metric, time_point, group, method, value) and OUT/plots/."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("adata", nargs="?", help="h5ad of raw counts with every time point (or give --data)")
     parser.add_argument("--data", help="a `perturbgen-hf tokenize` output folder: its input h5ad and options are used")
@@ -42,7 +41,7 @@ def add_parser(subparsers):
                         help="training pairs: stratified (random within --pairing-key groups) or transport (each "
                         "source with its likely descendants, within groups)")  # fmt: skip
     parser.add_argument("--model", help="a model trained without the held-out part (default: train one)")
-    parser.add_argument("--preset", default=defaults.preset, help="size of the model trained (tiny, compact, small)")
+    parser.add_argument("--preset", default=defaults.preset, help=f"size of the model trained: {', '.join(PRESETS)}")
     parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="training steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="training learning rate")

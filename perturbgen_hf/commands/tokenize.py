@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..settings import PAIRING_MODES
-from ._common import add_output_arguments
+from ._common import HelpFormatter, add_output_arguments
 
 
 logger = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ def add_parser(subparsers):
             "Rank-value encode the cells of an AnnData file of raw counts, pair source cells with target cells at "
             "later time points, and write a datasets.Dataset, the tokenizer and a description to OUT."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser)
     parser.set_defaults(run=run)

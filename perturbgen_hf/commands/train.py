@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 
 from ..settings import DataArguments, ModelArguments
+from ._common import HelpFormatter
 
 
 NAME = "train"
@@ -54,7 +55,7 @@ def help_parser() -> argparse.ArgumentParser:
             "--learning_rate, --per_device_train_batch_size, --save_steps, --resume_from_checkpoint, --seed, ...): "
             "`perturbgen-hf train --help-training` lists them all."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         add_help=False,
     )
     for dataclass in (ModelArguments, DataArguments):
