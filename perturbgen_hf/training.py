@@ -18,6 +18,8 @@ from datasets import load_from_disk
 from transformers import (
     EarlyStoppingCallback,
     HfArgumentParser,
+    PrinterCallback,
+    ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 def parse_arguments(argv=None):
     """`(ModelArguments, DataArguments, TrainingArguments)` from the command line and an optional YAML file."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="perturbgen-hf train")
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = _option_value(argv, "--config")
     if config_path is not None:
@@ -272,6 +274,35 @@ class EpochSeedCallback(TrainerCallback):
         self.collator.epoch = int(state.epoch or 0)
 
 
+class LogLinesCallback(TrainerCallback):
+    """
+    Trainer's logs as one readable logging line each (`step 100/1600: loss 7.93, learning_rate 0.00099, ...`),
+    instead of the Python dicts that Trainer's own printer and progress bar write to stdout.
+    """
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in logs.items() if k != "total_flos")  # fmt: skip
+        logger.info("step %d/%d: %s", state.global_step, state.max_steps, shown)
+
+
+class _ProgressBarOnly(ProgressCallback):
+    """Trainer's progress bar without the log dicts it writes under the bar (see [`LogLinesCallback`])."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
+
+
+def _use_log_lines(trainer):
+    had_bar = trainer.pop_callback(ProgressCallback) is not None
+    trainer.remove_callback(PrinterCallback)
+    if had_bar:
+        trainer.add_callback(_ProgressBarOnly)
+    trainer.add_callback(LogLinesCallback)
+
+
 class PerturbGenTrainer(Trainer):
     """
     `Trainer` whose evaluation reports the token loss, perplexity, count negative log-likelihood and the mean squared
@@ -328,6 +359,9 @@ def train(model_args, data_args, training_args):
     train_collator, eval_collator = build_collators(model, data_args, description, train_positions, heldout_position)
     push, training_args.push_to_hub = training_args.push_to_hub, False  # pushed once, with a model card, at the end
     training_args.remove_unused_columns = False  # the collator reads the raw columns
+    if training_args.device.type == "cpu":
+        # Pinned memory only speeds up copies to an accelerator; on a CPU torch warns at every dataloader.
+        training_args.dataloader_pin_memory = False
     training_args.label_names = ["labels", "target_counts"]
     train_collator.seed = eval_collator.seed = training_args.seed
     callbacks = [EpochSeedCallback(train_collator)]
@@ -340,6 +374,7 @@ def train(model_args, data_args, training_args):
         callbacks=callbacks,
     )  # fmt: skip
     trainer.get_eval_dataloader = _with_collator(trainer.get_eval_dataloader, eval_collator)
+    _use_log_lines(trainer)
     if trainer.is_world_process_zero():
         # Checkpoints are written here as training goes (for --resume_from_checkpoint); the marker says whose
         # folder it is, so that --overwrite may later replace it.
