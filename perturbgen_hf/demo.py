@@ -9,6 +9,7 @@ baselines scored the same way. With `adata=` the same steps run on a user's data
 
 import json
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -173,19 +174,48 @@ _USER_DATA_STEPS = ["tokenizing", "training", "perturbing", "reporting"]
 
 
 class _Steps:
-    """A progress display over the demo's steps (tqdm, on stderr); a failure erases it, so the error is last."""
+    """
+    A progress display over the demo's steps (tqdm, on stderr); a failure erases it, so the error is last. While it
+    is open, the libraries' own bars for short internal work (transformers' "Loading weights" and "Writing model
+    shards", datasets' "Saving the dataset") are off, so they do not break into it; the training bar stays.
+    """
 
     def __init__(self, names, enabled):
-        self.bar = tqdm(total=len(names), desc=names[0], disable=not enabled, bar_format="{desc} [{n}/{total}]")
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        # A bar redrawn with carriage returns reads as one run-together line in a log file: there, one line a step.
+        self.lines = enabled and not sys.stderr.isatty()
+        self.bar = tqdm(total=len(names), desc=names[0], disable=not enabled or self.lines,
+                        bar_format="{desc} [{n}/{total}]")  # fmt: skip
         self.names = names
+        # Counted here: a disabled tqdm bar does not count its updates.
+        self.done = 0
+        self._line(0)
+        self._restore = []
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            self._restore.append(hf_logging.enable_progress_bar)
+        if datasets.is_progress_bar_enabled():
+            datasets.disable_progress_bars()
+            self._restore.append(datasets.enable_progress_bars)
 
     def next(self):
         self.bar.update(1)
-        if self.bar.n < len(self.names):
-            self.bar.set_description(self.names[self.bar.n])
+        self.done += 1
+        if self.done < len(self.names):
+            self.bar.set_description(self.names[self.done])
+            self._line(self.done)
+
+    def _line(self, index):
+        if self.lines:
+            sys.stderr.write(f"[{index + 1}/{len(self.names)}] {self.names[index].rstrip(': ')}\n")
+            sys.stderr.flush()
 
     def close(self):
         self.bar.close()
+        while self._restore:
+            self._restore.pop()()
 
     def __enter__(self):
         return self
@@ -193,7 +223,7 @@ class _Steps:
     def __exit__(self, kind, value, trace):
         if kind is not None:
             self.bar.leave = False
-        self.bar.close()
+        self.close()
         return False
 
 
@@ -293,7 +323,7 @@ def _run_on_simulation(work, out, settings, steps):
             rows.append({"time_point": time_point, "method": method, **scores})
     scores = pd.DataFrame(rows)
     scores.to_csv(work / "scores.csv", index=False)
-    plots = _plot_simulation(work / "plots", predictions, control, settings.regulator, later, curve)
+    plots = _plot_simulation(work / "plots", predictions, control, settings.regulator, later, curve, scores, settings)
     seconds = time.perf_counter() - started
     plots = [out / Path(p).relative_to(work) for p in plots]  # where they will be once the run is complete
     summary = _summarise(scores, settings, seconds, result, out, plots, curve)
@@ -358,6 +388,8 @@ def _report(summary, scores, settings, control) -> str:
         else "**It does not beat every baseline at every time point** (see the table)."
     )
     size = summary["median_abs_predicted_change"]
+    times = [t for t in control.obs["time"].cat.categories if t in size]
+    size = {t: size[t] for t in times}
     if max(size.values()) < 0.01:
         margin += (
             f" The model's predicted changes are close to zero (median |log2 fold change| "
@@ -387,7 +419,7 @@ def _report(summary, scores, settings, control) -> str:
         "- `pearson`: correlation of predicted and true log2 fold changes over all genes;",
         "- `sign_agreement`: share of responders whose predicted change has the true sign.",
         "",
-        table.to_markdown() if _has_tabulate() else table.to_string(),
+        markdown_table(table),
         "",
         f"Significance calls of the pipeline (BH-adjusted p against {settings.null_perturbations} sham knockouts of "
         f"genes expressed like {settings.regulator} below {summary['fdr']}, and |log2 fold change| >= "
@@ -410,59 +442,98 @@ def _report(summary, scores, settings, control) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _has_tabulate():
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def markdown_table(frame: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub Markdown table of `frame` (its index as the first columns), numbers to `digits` significant digits."""
+    frame = frame.reset_index() if not isinstance(frame.index, pd.RangeIndex) else frame
+
+    def cell(value):
+        if isinstance(value, (bool, np.bool_)):
+            return "yes" if value else "no"
+        if isinstance(value, (float, np.floating)):
+            return "n/a" if np.isnan(value) else f"{value:.{digits}g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * frame.shape[1]]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
 
 
-def _plot_simulation(folder, predictions, control, regulator, time_points, curve):
+def _plot_simulation(folder, predictions, control, regulator, time_points, curve, scores, settings):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    fig, axes = plt.subplots(1, len(time_points), figsize=(4.2 * len(time_points), 4), squeeze=False)
-    for ax, time_point in zip(axes[0], time_points):
-        values = predictions[time_point]
-        ax.scatter(values["truth"], values["PerturbGen (this model)"], s=10, alpha=0.7)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.axvline(0, color="grey", lw=0.5)
-        ax.set_title(f"{time_point}")
-        ax.set_xlabel("true log2 fold change")
-        ax.set_ylabel("predicted log2 fold change")
-    fig.suptitle(f"{regulator} knockout: predicted vs true effect per gene")
-    fig.tight_layout()
-    paths.append(folder / "predicted_vs_true.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
     edges = pd.DataFrame(control.uns["network"]["edges"])
     direct = list(edges[edges["regulator"] == regulator]["target"])
     tiers = {"direct targets": direct, "second-tier targets": list(edges[edges["regulator"].isin(direct)]["target"])}
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for (name, genes), colour in zip(tiers.items(), ("tab:red", "tab:blue")):
-        for source, style in (("truth", "-"), ("PerturbGen (this model)", "--")):
-            means = [np.abs(predictions[t][source].reindex(genes).to_numpy()
-                            if source == "truth" else pd.Series(predictions[t][source],
-                                                                index=predictions[t]["truth"].index)
-                            .reindex(genes).to_numpy()).mean() for t in time_points]  # fmt: skip
-            ax.plot(time_points, means, style, color=colour, marker="o",
-                    label=f"{name}, {'true' if source == 'truth' else 'predicted'}")  # fmt: skip
-    ax.set_ylabel("mean |log2 fold change|")
-    ax.set_xlabel("time point")
-    ax.set_title(f"{regulator} knockout: the cascade over time")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(folder / "cascade.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    model = "PerturbGen (this model)"
+    paths = [_plot_predicted_vs_true(folder, predictions, tiers, regulator, time_points, scores, model, plt)]
+    paths.append(_plot_cascade(folder, predictions, tiers, regulator, time_points, model, plt))
     paths.append(_plot_curve(folder, curve, plt))
     return paths
+
+
+def _plot_predicted_vs_true(folder, predictions, tiers, regulator, time_points, scores, model, plt):
+    """One panel per time point, both axes on the same log2 scale, with the identity line and the panel's scores."""
+    colours = {"direct targets": "tab:red", "second-tier targets": "tab:blue"}
+    fig, axes = plt.subplots(1, len(time_points), figsize=(4.2 * len(time_points), 4.4), squeeze=False)
+    for ax, time_point in zip(axes[0], time_points):
+        truth = predictions[time_point]["truth"]
+        predicted = pd.Series(predictions[time_point][model], index=truth.index)
+        other = ~truth.index.isin([g for genes in tiers.values() for g in genes])
+        ax.scatter(truth[other], predicted[other], s=8, color="lightgrey", label="other genes")
+        for name, genes in tiers.items():
+            shown = truth.index.isin(genes)
+            ax.scatter(truth[shown], predicted[shown], s=14, color=colours[name], label=name)
+        values = np.concatenate([truth.to_numpy(), predicted.to_numpy()])
+        low, high = np.nanmin(values), np.nanmax(values)
+        pad = 0.05 * (high - low or 1.0)
+        ax.plot(
+            [low - pad, high + pad], [low - pad, high + pad], "--", color="black", lw=0.8, label="predicted = true"
+        )
+        ax.set_xlim(low - pad, high + pad)
+        ax.set_ylim(low - pad, high + pad)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        row = scores[(scores["time_point"] == time_point) & (scores["method"] == model)].iloc[0]
+        ax.set_title(f"{time_point}: AUROC {row['auroc']:.2f}, Pearson {row['pearson']:.2f}")
+        ax.set_xlabel("true log2 fold change")
+        ax.set_ylabel("predicted log2 fold change (same scale)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle(f"{regulator} knockout: predicted vs true effect per gene")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path = folder / "predicted_vs_true.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_cascade(folder, predictions, tiers, regulator, time_points, model, plt):
+    """Mean |log2 fold change| of each tier over time, true and predicted, one panel per tier (lines that coincide
+    stay visible: different markers, the predicted one drawn over the true one)."""
+    fig, axes = plt.subplots(1, len(tiers), figsize=(4.5 * len(tiers), 3.8), squeeze=False, sharey=True)
+    for ax, (name, genes) in zip(axes[0], tiers.items()):
+        for source, style, marker, label in (("truth", "-", "o", "true"), (model, "--", "x", "predicted")):
+            means = []
+            for t in time_points:
+                truth = predictions[t]["truth"]
+                values = truth if source == "truth" else pd.Series(predictions[t][source], index=truth.index)
+                means.append(np.abs(values.reindex(genes).to_numpy()).mean())
+            ax.plot(time_points, means, style, marker=marker, color="black" if source == "truth" else "tab:red",
+                    label=label, markersize=7)  # fmt: skip
+        ax.set_title(f"{name} ({len(genes)} genes)")
+        ax.set_xlabel("time point")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("mean |log2 fold change|")
+    fig.suptitle(f"{regulator} knockout: the cascade over time")
+    fig.tight_layout()
+    path = folder / "cascade.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _plot_curve(folder, curve, plt):
@@ -478,6 +549,38 @@ def _plot_curve(folder, curve, plt):
     return path
 
 
+def _check_gene_is_read(tokens, adata, time_key, source, gene, settings):
+    """Refuse, before training, a gene that no source cell has among the genes the model reads."""
+    from .tokenization import PerturbGenTokenizer
+
+    tokenizer = PerturbGenTokenizer.from_pretrained(tokens / "tokenizer")
+    at_source = np.flatnonzero((adata.obs[time_key].astype(str) == str(source)).to_numpy())[: settings.max_cells]
+    token = int(tokenizer.resolve_genes([gene])[0])  # tokenize_anndata already refused an unknown gene
+    ranked = tokenizer.rank_cells(adata.X[at_source], list(adata.var_names), max_length=settings.max_source_length)
+    read = sum(token in ranked.cell(i) for i in range(len(ranked)))
+    if read == 0:
+        raise ValueError(
+            f"{gene} is not among the top {settings.max_source_length - 2} genes of any of the {len(at_source)} "
+            f"source cells ({source}), which is all the model reads of a cell (`max_source_length`), so knocking it "
+            "out cannot change a prediction. Choose a gene that is among the most expressed at the source time "
+            "point"
+            + (
+                f", or run without --fast (which reads {DemoSettings().max_source_length - 2} genes)."
+                if settings.max_source_length < DemoSettings().max_source_length
+                else "."
+            )
+        )
+
+
+def _unaffected_sentence(unaffected, cells, gene, source_length) -> str:
+    if not unaffected:
+        return f"{gene} is among the genes the model reads in every one of them."
+    return (
+        f"In {unaffected} of the {cells} cells {gene} is not among the top {source_length - 2} genes the model reads "
+        f"(the source length, `max_source_length`), so the knockout cannot change them; they are kept as controls."
+    )
+
+
 def _run_on_user_data(work, out, settings, adata, time_key, source, gene, steps):
     from transformers import pipeline
 
@@ -486,6 +589,7 @@ def _run_on_user_data(work, out, settings, adata, time_key, source, gene, steps)
     started = time.perf_counter()
     tokenize_anndata(adata, work / "tokens", time_key=time_key, source=source, n_hvg=1000, include_genes=[gene],
                      seed=settings.seed, max_length=settings.max_source_length, progress=False)  # fmt: skip
+    _check_gene_is_read(work / "tokens", adata, time_key, source, gene, settings)
     steps.next()
     curve = train_on_cpu(work / "tokens", work / "model", settings, log_every=max(1, settings.max_steps // 30))
     steps.next()
@@ -509,15 +613,17 @@ def _run_on_user_data(work, out, settings, adata, time_key, source, gene, steps)
     (work / "report.md").write_text("\n".join([
         f"# perturbgen-hf demo on {adata.n_obs} cells: {gene} knocked out at {source}",
         "",
-        f"Run time: {seconds:.0f} s. {result.summary['cells']} source cells perturbed; "
-        f"{result.summary['cells_unaffected']} did not express {gene}. There is no truth to score on real data.",
+        f"Run time: {seconds:.0f} s. {result.summary['cells']} source cells perturbed. "
+        + _unaffected_sentence(sum(result.summary["cells_unaffected"].values()), len(cells), gene,
+                               settings.max_source_length)
+        + " There is no truth to score on real data.",
         "",
         f"Top genes per time point by p-value against {result.summary['null_perturbations']} sham knockouts "
         f"(significant: BH-adjusted p < {result.summary['fdr']} and |log2 fold change| >= "
         f"{result.summary['min_abs_log2fc']}):",
         "",
-        top[["time_point", "gene", "log2_fold_change", "ci_low", "ci_high", "p_adjusted", "significant"]].to_string(
-            index=False, float_format=lambda v: f"{v:.3g}"),
+        markdown_table(top[["time_point", "gene", "log2_fold_change", "ci_low", "ci_high", "p_adjusted",
+                            "significant"]].reset_index(drop=True)),
         "",
         "Plots in `plots/`; the model in `model/`; the full result in `perturbation/`.",
     ]) + "\n")  # fmt: skip

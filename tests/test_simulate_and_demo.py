@@ -155,3 +155,13 @@ def test_fast_demo_on_user_data(tmp_path):
     assert summary["cells_perturbed"] == 80
     with pytest.raises(ValueError, match="--time-key, --source and --gene"):
         run_demo(tmp_path / "other", FAST, adata=str(path), progress=False)
+
+
+def test_demo_steps_write_one_line_a_step_when_stderr_is_not_a_terminal(capsys):
+    from perturbgen_hf.demo import _Steps
+
+    with _Steps(["simulating: ", "tokenizing: ", "training: "], enabled=True) as steps:
+        steps.next()
+        steps.next()
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["[1/3] simulating", "[2/3] tokenizing", "[3/3] training"]
