@@ -39,7 +39,7 @@ def test_rank_value_encoding_matches_a_direct_computation(tokenizer):
     counts = rng.poisson(2.0, size=(20, 12)) * rng.integers(0, 2, size=(20, 12))
     counts[3] = 0  # an empty cell
     counts[4, :4] = 5  # ties broken by token id
-    batch = tokenizer(counts, gene_ids=GENES)
+    batch = tokenizer(counts, gene_ids=GENES, padding=True)
     for i in range(20):
         expected = reference_tokens(counts[i], GENES, tokenizer, 6)
         assert batch["input_ids"][i][: len(expected)].tolist() == expected
@@ -84,14 +84,14 @@ def test_parallel_chunks_stop_cleanly_when_the_consumer_stops():
 def test_inputs_sparse_dense_anndata_and_backed(tokenizer, tmp_path):
     rng = np.random.default_rng(1)
     counts = rng.poisson(1.5, size=(30, 12)).astype(np.float32)
-    dense = tokenizer(counts, gene_ids=GENES)["input_ids"]
-    assert np.array_equal(tokenizer(sp.csr_matrix(counts), gene_ids=GENES)["input_ids"], dense)
+    dense = tokenizer(counts, gene_ids=GENES, padding=True)["input_ids"]
+    assert np.array_equal(tokenizer(sp.csr_matrix(counts), gene_ids=GENES, padding=True)["input_ids"], dense)
     adata = ad.AnnData(sp.csr_matrix(counts))
     adata.var_names = SYMBOLS  # symbols resolve too
-    assert np.array_equal(tokenizer(adata)["input_ids"], dense)
+    assert np.array_equal(tokenizer(adata, padding=True)["input_ids"], dense)
     adata.write_h5ad(tmp_path / "cells.h5ad")
     backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
-    assert np.array_equal(tokenizer(backed, return_tensors="pt")["input_ids"].numpy(), dense)
+    assert np.array_equal(tokenizer(backed, padding=True, return_tensors="pt")["input_ids"].numpy(), dense)
     # A backed file read by two processes, each reopening it.
     ranked = tokenizer.rank_cells(backed.X, SYMBOLS, max_length=8, chunk_size=4, num_proc=2)
     assert np.array_equal(pad_ranked(ranked, dense.shape[1], 0)[0], dense)
@@ -103,14 +103,14 @@ def test_total_counts_option(tokenizer):
     a = PerturbGenTokenizer.from_vocabulary(GENES, np.ones(12), total_counts="all")
     b = PerturbGenTokenizer.from_vocabulary(GENES, np.ones(12), total_counts="vocabulary")
     # Ranks only depend on ratios within a cell, so the two agree on order; both are valid choices.
-    assert a(counts, gene_ids=gene_ids)["input_ids"].tolist() == b(counts, gene_ids=gene_ids)["input_ids"].tolist()
+    assert a(counts, gene_ids=gene_ids)["input_ids"] == b(counts, gene_ids=gene_ids)["input_ids"]
     with pytest.raises(ValueError, match="total_counts"):
         PerturbGenTokenizer.from_vocabulary(GENES, np.ones(12), total_counts="some")
 
 
 def test_duplicate_columns_are_summed(tokenizer):
     counts = np.array([[2, 2, 3]])
-    ids = tokenizer(counts, gene_ids=[GENES[0], GENES[0], GENES[1]])["input_ids"][0].tolist()
+    ids = tokenizer(counts, gene_ids=[GENES[0], GENES[0], GENES[1]])["input_ids"][0]
     # summed, gene 0 has 4 counts / median 0.5 = 8 > gene 1: 3 / 0.73; one column alone (4) would lose
     assert ids == [2, 4, 5, 3]
 
@@ -156,7 +156,7 @@ def test_save_load_and_auto_tokenizer(tokenizer, tmp_path):
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert type(loaded) is PerturbGenTokenizer
     counts = np.random.default_rng(2).poisson(2.0, size=(5, 12))
-    assert np.array_equal(loaded(counts, gene_ids=GENES)["input_ids"], tokenizer(counts, gene_ids=GENES)["input_ids"])
+    assert loaded(counts, gene_ids=GENES)["input_ids"] == tokenizer(counts, gene_ids=GENES)["input_ids"]
     assert loaded.target_genes == [GENES[1], GENES[0], GENES[7]]
     assert loaded.condition_token_id("donor=A") == 4 + 3
     assert loaded.gene_to_id("TNF") == 5
@@ -234,3 +234,18 @@ def test_restricted_unpickler_refuses_code(tmp_path):
         load_dictionary_pickle(tmp_path / "list.pkl")
     with pytest.raises(FileNotFoundError, match=r"missing\.pkl"):
         load_dictionary_pickle(tmp_path / "missing.pkl")
+
+
+def test_padding_follows_the_transformers_convention(tokenizer):
+    counts = np.array([[5, 1, 0, 0], [1, 1, 1, 1]])  # 2 and 4 genes
+    plain = tokenizer(counts, gene_ids=GENES[:4])
+    assert [len(ids) for ids in plain["input_ids"]] == [4, 6]  # unpadded lists, <cls> ... <eos>
+    assert plain["attention_mask"] == [[1] * 4, [1] * 6]
+    padded = tokenizer(counts, gene_ids=GENES[:4], padding=True, return_tensors="np")
+    assert padded["input_ids"].shape == (2, 6) and padded["input_ids"][0, 4:].tolist() == [0, 0]
+    assert [row.tolist() for row in padded["input_ids"]] == [ids + [0] * (6 - len(ids)) for ids in plain["input_ids"]]
+    assert tokenizer(counts, gene_ids=GENES[:4], padding="max_length", max_length=8)["input_ids"].shape == (2, 8)
+    with pytest.raises(ValueError, match="padding=True"):
+        tokenizer(counts, gene_ids=GENES[:4], return_tensors="pt")
+    with pytest.raises(ValueError, match="padding must be"):
+        tokenizer(counts, gene_ids=GENES[:4], padding="left")

@@ -229,7 +229,7 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
     ...     "vocab/perturbgen_gene_median_dict_gftokens_gc95M.pkl",
     ...     "vocab/perturbgen_ensembl_mapping_dict_gc95M.pkl",
     ... )  # doctest: +SKIP
-    >>> batch = tokenizer(adata, gene_ids=adata.var["ensembl_id"], return_tensors="pt")  # doctest: +SKIP
+    >>> batch = tokenizer(adata, gene_ids=adata.var["ensembl_id"], padding=True, return_tensors="pt")  # doctest: +SKIP
     ```
     """
 
@@ -673,7 +673,7 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
         return partial(self.rank_block, gene_ids=gene_ids, max_length=max_length,
                        add_special_tokens=add_special_tokens, targets=targets, check_counts=check_counts)  # fmt: skip
 
-    def __call__(self, cells=None, gene_ids=None, max_length=None, padding="longest", return_tensors=None,
+    def __call__(self, cells=None, gene_ids=None, max_length=None, padding=False, return_tensors=None,
                  add_special_tokens=True, layer=None, **kwargs):  # fmt: skip
         """
         Tokenize cells: an AnnData (in memory, a view or backed), a scipy sparse matrix or a dense array of raw
@@ -684,8 +684,12 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
             gene_ids (`Sequence[str]` or `str`, *optional*): identifier of each column, or the name of an AnnData
                 `var` column that holds them. Required for matrices.
             max_length (`int`, *optional*): defaults to `model_max_length`.
-            padding (`str`, *optional*, defaults to `"longest"`): `"longest"` or `"max_length"`.
-            return_tensors (`str`, *optional*): `"pt"` or `"np"`; lists otherwise.
+            padding (`bool` or `str`, *optional*, defaults to `False`): as transformers' tokenizers: `False` (or
+                `"do_not_pad"`) returns each cell's tokens unpadded; `True` (or `"longest"`) pads to the longest cell,
+                `"max_length"` to `max_length`. (Before 0.2 this tokenizer padded to the longest cell by default:
+                pass `padding=True` for that.)
+            return_tensors (`str`, *optional*): `"pt"` or `"np"`; lists otherwise. Tensors need equal lengths:
+                with cells of different lengths, pass `padding=True`.
 
         Returns:
             `BatchEncoding` with `input_ids` and `attention_mask`.
@@ -703,9 +707,19 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
         if counts.shape[0] == 0:
             raise ValueError("No cells to tokenize (the input has 0 rows).")
         ranked = self.rank_cells(counts, gene_ids, max_length, add_special_tokens=add_special_tokens)
-        width = (
-            (max_length or self.model_max_length) if padding == "max_length" else int(ranked.lengths().max(initial=0))
-        )
+        if padding not in (False, True, "do_not_pad", "longest", "max_length"):
+            raise ValueError(f"padding must be False, True, 'do_not_pad', 'longest' or 'max_length'; got {padding!r}.")
+        lengths = ranked.lengths()
+        if padding in (False, "do_not_pad"):
+            if return_tensors is not None and len(set(lengths.tolist())) > 1:
+                raise ValueError(
+                    f"The {len(ranked)} cells have {lengths.min()} to {lengths.max()} tokens: return_tensors="
+                    f"{return_tensors!r} needs equal lengths, so pass padding=True (or 'max_length')."
+                )
+            if return_tensors is None:
+                ids = [ranked.cell(i).tolist() for i in range(len(ranked))]
+                return BatchEncoding({"input_ids": ids, "attention_mask": [[1] * len(c) for c in ids]})
+        width = (max_length or self.model_max_length) if padding == "max_length" else int(lengths.max(initial=0))
         input_ids, attention_mask = pad_ranked(ranked, width, self.pad_token_id)
         return BatchEncoding(
             {"input_ids": input_ids, "attention_mask": attention_mask}, tensor_type=return_tensors or "np"
