@@ -296,3 +296,17 @@ def test_transport_pairing_follows_descendants():
     assert (types[grouped[:, 0]] == types[grouped[:, 2]]).all()
     with pytest.raises(ValueError, match="counts"):
         pair_cells(adata.obs, "time", times, "transport")
+
+
+def test_time_labels_with_mixed_units_are_ordered_in_hours():
+    from perturbgen_hf.data.tokenize_dataset import resolve_time_points
+
+    obs = pd.DataFrame({"time": ["6h", "90min", "10h", "0h", "90min"]})
+    assert resolve_time_points(obs, "time") == (["0h", "90min", "6h", "10h"], [0.0, 1.5, 6.0, 10.0])
+    days = pd.DataFrame({"time": ["day3", "day10", "day1"]})
+    assert resolve_time_points(days, "time") == (["day1", "day3", "day10"], [1.0, 3.0, 10.0])
+    # Given values order the time points; an explicit order that contradicts them is refused.
+    obs["hours"] = obs["time"].map({"0h": 0.0, "90min": 1.5, "6h": 6.0, "10h": 10.0})
+    assert resolve_time_points(obs, "time", time_value_key="hours")[0] == ["0h", "90min", "6h", "10h"]
+    with pytest.raises(ValueError, match="not increasing"):
+        resolve_time_points(obs, "time", time_order=["0h", "6h", "90min", "10h"], time_value_key="hours")

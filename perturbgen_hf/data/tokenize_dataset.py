@@ -40,7 +40,14 @@ logger = logging.getLogger(__name__)
 
 DESCRIPTION_FILE = "perturbgen_data.json"
 NORMALIZED_TOTAL = 10_000.0
-_NUMBER = re.compile(r"[-+]?\d*\.?\d+")
+_NUMBER = re.compile(r"(?P<number>[-+]?\d*\.?\d+)\s*(?P<unit>[a-z]*)", re.IGNORECASE)
+# Labels in one data set often mix units ("90min", "6h"): a recognised unit converts the number to hours.
+_HOURS_PER_UNIT = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1 / 3600),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 1 / 60),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 1.0),
+    **dict.fromkeys(("d", "day", "days"), 24.0),
+}
 
 FEATURES = Features(
     {
@@ -69,8 +76,9 @@ def resolve_time_points(obs, time_key, time_order=None, time_value_key=None):
     """
     Ordered time point names and their numeric values.
 
-    Values come from `time_value_key` (one value per time point), else from the number in each name ("6h" -> 6),
-    else from the position (1, 2, ...).
+    Values come from `time_value_key` (one value per time point), else from the number in each name, in hours where
+    it carries a unit ("6h" -> 6, "90min" -> 1.5, "2d" -> 48; "day3", with the unit first, -> 3), else from the
+    position (1, 2, ...). Without `time_order` or an ordered categorical, the order is that of the values.
     """
     if time_key not in obs.columns:
         raise KeyError(f"Time key {time_key!r} is not an obs column; available: {list(obs.columns)}.")
@@ -90,7 +98,7 @@ def resolve_time_points(obs, time_key, time_order=None, time_value_key=None):
                 f"Time point(s) {unknown} have no cells in obs[{time_key!r}]; present: {sorted(observed)}."
             )
         order = [str(t) for t in time_order]
-    elif isinstance(obs[time_key].dtype, pd.CategoricalDtype) and obs[time_key].cat.ordered:
+    elif _is_ordered_categorical(obs[time_key]):
         order = [str(c) for c in obs[time_key].cat.categories if str(c) in observed]
     else:
         order = sorted(observed, key=lambda t: (_parse_number(t) is None, _parse_number(t) or 0.0, t))
@@ -103,6 +111,8 @@ def resolve_time_points(obs, time_key, time_order=None, time_value_key=None):
             if len(distinct) != 1:
                 raise ValueError(f"Time point {t!r} has {len(distinct)} different values in {time_value_key!r}.")
             values.append(float(distinct[0]))
+        if not time_order and not _is_ordered_categorical(obs[time_key]):
+            order, values = map(list, zip(*sorted(zip(order, values), key=lambda pair: pair[1]), strict=True))
     else:
         parsed = [_parse_number(t) for t in order]
         values = parsed if all(v is not None for v in parsed) and len(set(parsed)) == len(parsed) else None
@@ -112,9 +122,15 @@ def resolve_time_points(obs, time_key, time_order=None, time_value_key=None):
     return order, values
 
 
+def _is_ordered_categorical(column) -> bool:
+    return isinstance(column.dtype, pd.CategoricalDtype) and bool(column.cat.ordered)
+
+
 def _parse_number(text):
     match = _NUMBER.search(str(text))
-    return float(match.group()) if match else None
+    if match is None:
+        return None
+    return float(match.group("number")) * _HOURS_PER_UNIT.get(match.group("unit").lower(), 1.0)
 
 
 def select_target_genes(counts, rows, tokenizer, gene_ids, n_genes, include_genes=(), chunk_size=4096):
