@@ -250,6 +250,14 @@ def test_a_gene_no_cell_expresses_is_an_error(pipe, source_cells):
     assert result.summary["cells_unaffected"][absent] == 0
 
 
+def test_a_gene_expressed_but_ranked_beyond_what_the_model_reads_says_so(pipe, source_cells):
+    # IL1B: counts in 75 of the 82 1h cells, at rank 445 or beyond: never among the 256 genes this model reads.
+    column = list(source_cells.var_names).index("IL1B")
+    assert (np.asarray(source_cells.X[:, column].todense()).ravel() > 0).mean() > 0.8
+    with pytest.raises(ValueError, match=r"(?s)IL1B.* cells have counts for it, but it ranks below the top 256 genes"):
+        pipe(source_cells, genes=["IL1B"], mode="delete")
+
+
 def test_perturb_command_with_an_original_style_config(lps_model, source_cells, tmp_path, capsys):
     from perturbgen_hf.cli import main
 

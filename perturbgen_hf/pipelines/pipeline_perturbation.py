@@ -170,6 +170,9 @@ class PerturbationPipeline(Pipeline):
             if variant["changed"] is not None and not variant["changed"].any():
                 where = "source cell" if site == "src" else f"target cell at {perturb_time_points}"
                 message = f"no {where} expresses it among the genes the model reads (mode {mode!r})"
+                if site == "src":
+                    message += _expressed_but_unread(counts, self.tokenizer.resolve_genes(identifiers), gene_tokens,
+                                                     max_length)  # fmt: skip
                 if screen is None:
                     raise ValueError(
                         f"{variant['label']}: {message}, so a knockout would change nothing. Check the gene, or use "
@@ -773,3 +776,19 @@ def _significant_counts(de):
     table = de[de["group"] == "all"]
     return {label: {t: int(v) for t, v in part.groupby("time_point", sort=False)["significant"].sum().items()}
             for label, part in table.groupby("perturbation", sort=False)}  # fmt: skip
+
+
+def _expressed_but_unread(counts, column_tokens, gene_tokens, max_length) -> str:
+    """
+    Why a gene that the source cells may well express is not read: the model reads a cell's `max_length`
+    top-ranked genes, and a gene expressed highly in every cell ranks low (the rank divides by the gene's median).
+    """
+    columns = np.flatnonzero(np.isin(column_tokens, gene_tokens))
+    if columns.size == 0:
+        return "; the data has no column for it"
+    expressed = np.asarray((counts[:, columns] > 0).sum(axis=1)).ravel() > 0
+    if not expressed.any():
+        return f"; none of the {counts.shape[0]} cells has a count for it"
+    return (f"; {int(expressed.sum())} of {counts.shape[0]} cells have counts for it, but it ranks below the top "
+            f"{max_length} genes the model reads (max_source_length): a model trained with a larger "
+            "--max_source_length reads it")  # fmt: skip
