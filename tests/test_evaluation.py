@@ -60,7 +60,8 @@ def test_distribution_metrics_by_hand():
     assert metrics.wasserstein_per_gene([[0, 0], [1, 0]], [[1, 0], [2, 2]]) == pytest.approx(1.0)
 
 
-def test_differential_expression_matches_scipy():
+def test_differential_expression_is_scanpys_wilcoxon_and_matches_scipy():
+    # scanpy computes it; scipy's Mann-Whitney U (asymptotic, no continuity correction) is the independent check.
     rng = np.random.default_rng(0)
     cells = np.log1p(rng.poisson(3.0, size=(30, 6)).astype(float))
     reference = np.log1p(rng.poisson(3.0, size=(25, 6)).astype(float))
@@ -75,6 +76,10 @@ def test_differential_expression_matches_scipy():
     assert metrics.top_de_genes(de, 1).tolist() == [0]
     constant = metrics.differential_expression(np.ones((3, 2)), np.ones((4, 2)))
     assert (constant["p_value"] == 1).all() and (constant["score"] == 0).all()
+    with pytest.raises(ValueError, match="at least 2 cells"):
+        metrics.differential_expression(cells[:1], reference)
+    repeated = metrics.differential_expression(cells, reference, list("aabbcc"))  # names need not be unique
+    np.testing.assert_allclose(repeated["p_value"], expected, rtol=1e-10)
 
 
 def _de(lfc, p_adjusted):

@@ -227,41 +227,49 @@ def wasserstein_per_gene(x, y) -> float:
 
 def differential_expression(cells, reference_cells, genes=None) -> pd.DataFrame:
     """
-    Each gene of `cells` against `reference_cells`: Wilcoxon rank-sum test (normal approximation, tie-corrected, no
-    continuity correction, as scanpy's `rank_genes_groups`), Benjamini-Hochberg adjusted.
+    Each gene of `cells` against `reference_cells` by scanpy's `rank_genes_groups(method="wilcoxon",
+    tie_correct=True)`: a Wilcoxon rank-sum test (normal approximation, tie-corrected, no continuity correction),
+    Benjamini-Hochberg adjusted.
 
     Args:
-        cells, reference_cells (`np.ndarray` of shape `(cells, genes)`): log1p CP10k profiles.
+        cells, reference_cells (`np.ndarray` of shape `(cells, genes)`): log1p CP10k profiles, at least 2 cells each
+            (scanpy cannot rank a group of one).
         genes (`Sequence[str]`, *optional*): gene names (default: column numbers).
 
     Returns:
-        `pd.DataFrame` with one row per gene: `gene`, `score` (the z statistic; positive = higher in `cells`),
-        `log2_fold_change` (`log2((mean CP10k of cells + 1) / (mean CP10k of reference + 1))`), `p_value`,
-        `p_adjusted`.
+        `pd.DataFrame` with one row per gene, in the input's order: `gene`, `score` (the z statistic; positive =
+        higher in `cells`), `log2_fold_change` (`log2((mean CP10k of cells + 1) / (mean CP10k of reference + 1))`,
+        not scanpy's `logfoldchanges`, which adds 1e-9 instead of 1 and so explodes for genes near zero in one
+        group), `p_value`, `p_adjusted`.
     """
-    x, y = _cells(cells, "cells"), _cells(reference_cells, "reference_cells")
+    x, y = _cells(cells, "cells", 2), _cells(reference_cells, "reference_cells", 2)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"cells and reference_cells have different numbers of genes: {x.shape[1]}, {y.shape[1]}.")
-    n1, n2 = len(x), len(y)
-    n = n1 + n2
-    ranks = stats.rankdata(np.vstack([x, y]), axis=0)
-    u = ranks[:n1].sum(axis=0) - n1 * (n1 + 1) / 2.0
-    ties = np.array([_tie_term(column) for column in np.vstack([x, y]).T])
-    variance = n1 * n2 / 12.0 * ((n + 1) - ties / (n * (n - 1))) if n > 1 else np.zeros(x.shape[1])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(variance > 0, (u - n1 * n2 / 2.0) / np.sqrt(variance), 0.0)
-    p = 2.0 * stats.norm.sf(np.abs(z))
-    lfc = np.log2((np.expm1(x).mean(0) + 1.0) / (np.expm1(y).mean(0) + 1.0))
     names = list(genes) if genes is not None else [str(i) for i in range(x.shape[1])]
     if len(names) != x.shape[1]:
         raise ValueError(f"{len(names)} gene names for {x.shape[1]} genes.")
-    return pd.DataFrame({"gene": names, "score": z, "log2_fold_change": lfc, "p_value": p,
-                         "p_adjusted": stats.false_discovery_control(p)})  # fmt: skip
+    table = _rank_genes_groups(x, y)
+    lfc = np.log2((np.expm1(x).mean(0) + 1.0) / (np.expm1(y).mean(0) + 1.0))
+    return pd.DataFrame({"gene": names, "score": table["scores"].to_numpy(np.float64), "log2_fold_change": lfc,
+                         "p_value": table["pvals"].to_numpy(np.float64),
+                         "p_adjusted": table["pvals_adj"].to_numpy(np.float64)})  # fmt: skip
 
 
-def _tie_term(column) -> float:
-    _, counts = np.unique(column, return_counts=True)
-    return float((counts**3 - counts).sum())
+def _rank_genes_groups(x, y) -> pd.DataFrame:
+    """scanpy's Wilcoxon table of group `x` against reference `y`, one row per column of `x` in column order."""
+    import anndata as ad
+    import scanpy as sc
+
+    # Column numbers as gene names: the caller's names may repeat, and scanpy needs unique ones.
+    adata = ad.AnnData(np.vstack([x, y]), var=pd.DataFrame(index=[str(i) for i in range(x.shape[1])]))
+    adata.obs["group"] = pd.Categorical(["cells"] * len(x) + ["reference"] * len(y))
+    adata.uns["log1p"] = {"base": None}  # the profiles are log1p CP10k: stops scanpy's "raw count data" warning
+    # A gene constant in both groups has zero variance: scanpy divides by it, then sets the score to 0 and p to 1.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc.tl.rank_genes_groups(adata, "group", groups=["cells"], reference="reference", method="wilcoxon",
+                                tie_correct=True, corr_method="benjamini-hochberg", n_genes=x.shape[1])  # fmt: skip
+    table = sc.get.rank_genes_groups_df(adata, group="cells")
+    return table.set_index("names").loc[adata.var_names]
 
 
 def top_de_genes(de: pd.DataFrame, k: int) -> np.ndarray:

@@ -440,11 +440,15 @@ def _score(cells, context, symbols, token_pairs) -> dict:
         values["e_distance"] = metrics.e_distance(projected, observed, squared=False)
         values["mmd_rbf"] = metrics.mmd_rbf(projected, observed, context.gammas)
     values["wasserstein_per_gene"] = metrics.wasserstein_per_gene(cells, context.observed)
-    predicted_de = metrics.differential_expression(cells, context.reference, symbols)
-    values["overlap_at_N"] = metrics.overlap_at_k(context.observed_de, predicted_de, None, s.fdr)
-    values[f"overlap_at_{s.overlap_k}"] = metrics.overlap_at_k(context.observed_de, predicted_de, s.overlap_k, s.fdr)
-    values["de_direction_match"] = metrics.direction_match(context.observed_de, predicted_de, s.fdr)
-    values["de_spearman_lfc_sig"] = metrics.spearman_lfc_sig(context.observed_de, predicted_de, s.fdr)
+    de_names = ("overlap_at_N", f"overlap_at_{s.overlap_k}", "de_direction_match", "de_spearman_lfc_sig")
+    if len(cells) < 2:  # a single predicted profile has no spread to test: no DE scores
+        values.update(dict.fromkeys(de_names, float("nan")))
+    else:
+        predicted_de = metrics.differential_expression(cells, context.reference, symbols)
+        values[de_names[0]] = metrics.overlap_at_k(context.observed_de, predicted_de, None, s.fdr)
+        values[de_names[1]] = metrics.overlap_at_k(context.observed_de, predicted_de, s.overlap_k, s.fdr)
+        values[de_names[2]] = metrics.direction_match(context.observed_de, predicted_de, s.fdr)
+        values[de_names[3]] = metrics.spearman_lfc_sig(context.observed_de, predicted_de, s.fdr)
     if token_pairs is not None:
         values[f"token_top{s.token_k}_overlap"] = metrics.token_topk_overlap(*token_pairs, s.token_k)
     return values
