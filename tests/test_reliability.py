@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -303,6 +304,23 @@ def test_help_and_version_do_not_import_torch(argv):
     done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
     assert done.stderr.strip().endswith("torch not imported"), done.stderr[-2000:]
     assert "usage:" in done.stdout or "perturbgen-hf 0" in done.stdout or "perturbgen-hf " in done.stdout
+
+
+@pytest.mark.parametrize("command", ["tokenize", "train", "perturb", "evaluate", "demo", "convert-original"])
+def test_help_shows_each_default_once_and_none_for_flags(command, capsys):
+    code = 0
+    try:
+        main([command, "--help"])
+    except SystemExit as exit_:  # argparse exits after help; `train` (HfArgumentParser) returns
+        code = exit_.code
+    assert code in (0, None)
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped, so that a phrase split over lines is found
+    assert f"usage: perturbgen-hf {command}" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert not re.search(r"\(default: [^)]*\) \(default:", text), "an option shows two defaults"
+    if command == "demo":
+        assert "training steps (default: 1600; with --fast: 8)" in text
+        assert "random seed (default: 0)" in text  # 0 is a default to show, though 0 == False
 
 
 def test_importing_the_package_still_registers_the_auto_classes():

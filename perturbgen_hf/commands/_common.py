@@ -39,7 +39,9 @@ class HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and not isinstance(
+        # Identity, not equality: a default of 0 (a seed) is shown, though 0 == False.
+        hidden = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        shown = not hidden and not isinstance(
             action, (argparse._StoreTrueAction, argparse._HelpAction, argparse._VersionAction)
         )
         if shown and "default" not in text and "%(default)" not in text and action.option_strings:
