@@ -157,6 +157,19 @@ def test_fast_demo_on_user_data(tmp_path):
         run_demo(tmp_path / "other", FAST, adata=str(path), progress=False)
 
 
+def test_demo_refuses_a_gene_the_model_would_not_read_before_training(tmp_path, shared_data, monkeypatch):
+    # IL1B has counts in 75 of the 82 Shalek 1h cells but ranks far below the --fast source length.
+    def train_on_cpu(*args, **kwargs):
+        raise AssertionError("the demo trained before checking the gene")
+
+    monkeypatch.setattr("perturbgen_hf.demo.train_on_cpu", train_on_cpu)
+    path = shared_data / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad"
+    with pytest.raises(ValueError, match=r"IL1B is not among the top \d+ genes of any of the 82 source cells") as error:
+        run_demo(tmp_path / "out", FAST, adata=str(path), time_key="time", source="1h", gene="IL1B", progress=False)
+    assert "run without --fast" in str(error.value)
+    assert not (tmp_path / "out").exists()  # nothing is left behind
+
+
 def test_demo_steps_write_one_line_a_step_when_stderr_is_not_a_terminal(capsys):
     from perturbgen_hf.demo import _Steps
 
