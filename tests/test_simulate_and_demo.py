@@ -164,7 +164,9 @@ def test_demo_refuses_a_gene_the_model_would_not_read_before_training(tmp_path, 
 
     monkeypatch.setattr("perturbgen_hf.demo.train_on_cpu", train_on_cpu)
     path = shared_data / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad"
-    with pytest.raises(ValueError, match=r"IL1B is not among the top \d+ genes of any of the 82 source cells") as error:
+    with pytest.raises(
+        ValueError, match=r"IL1B is not among the top \d+ genes of any of the 82 source cells"
+    ) as error:
         run_demo(tmp_path / "out", FAST, adata=str(path), time_key="time", source="1h", gene="IL1B", progress=False)
     assert "run without --fast" in str(error.value)
     assert not (tmp_path / "out").exists()  # nothing is left behind
