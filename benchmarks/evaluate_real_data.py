@@ -49,7 +49,8 @@ def table(metrics: pd.DataFrame) -> str:
     wide = metrics[metrics["metric"].isin(SHOWN)].pivot_table(index="method", columns="metric", values="value",
                                                                 dropna=False)  # fmt: skip
     wide = wide[[m for m in SHOWN if m in wide.columns]]
-    order = ["PerturbGen (this model)", "no change", "training mean", "nearest time point", "linear (PCA + ridge)"]
+    order = ["PerturbGen (this model)", "no change", "training mean", "nearest time point", "neighbour interpolation",
+             "OT interpolation", "linear (PCA + ridge)"]  # fmt: skip
     wide = wide.reindex([m for m in order if m in wide.index])
     header = "| method | " + " | ".join(wide.columns) + " |"
     lines = [header, "|" + "---|" * (len(wide.columns) + 1)]

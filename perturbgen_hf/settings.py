@@ -162,6 +162,10 @@ class EvaluationSettings(CpuTrainingSettings):
     n_pcs: int = 50
     linear_components: int = 10
     linear_ridge: float = 0.1
+    # The OT interpolation baseline: the exact plan up to this many cell pairs (a 2,000 x 2,000 plan solves in
+    # seconds), entropic beyond, with this epsilon relative to the median squared distance.
+    ot_exact_max_pairs: int = 4_000_000
+    ot_epsilon: float = 0.05
     fdr: float = 0.05
     # How the model's cells become counts (`MODEL_COUNTS`). "poisson": measured on Kang (every cell type's stimulated
     # cells predicted from its control cells, validation model without CD8 T cells), draws from the fitted (ZI)NB
@@ -178,7 +182,9 @@ class EvaluationSettings(CpuTrainingSettings):
     def check(self) -> None:
         super().check()
         _check_positive(self, "n_hvg", "iterations", "generation_batch_size", "top_de", "top_r2", "overlap_k",
-                        "token_k", "n_pcs", "linear_components")  # fmt: skip
+                        "token_k", "n_pcs", "linear_components", "ot_exact_max_pairs")  # fmt: skip
+        if not self.ot_epsilon > 0:
+            raise ValueError(f"ot_epsilon must be > 0, got {self.ot_epsilon}.")
         if self.model_counts not in MODEL_COUNTS:
             raise ValueError(f"Unknown model_counts {self.model_counts!r}; choose one of {list(MODEL_COUNTS)}.")
         if self.pairing not in ("stratified", "transport"):

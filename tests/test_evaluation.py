@@ -201,6 +201,46 @@ def test_linear_baseline_recovers_a_linear_trend():
         baselines.linear_model(cells, features[:2], cells[0], features[0], features[1])
 
 
+def test_neighbour_interpolation_by_hand():
+    before, after = np.zeros((10, 3)), np.ones((30, 3))
+    assert baselines.neighbour_time_values([1.0, 2.0, 6.0], 4.0) == (2.0, 6.0)
+    assert baselines.neighbour_time_values([1.0, 2.0, 6.0], 10.0) == (2.0, 6.0)  # beyond the last: the last two
+    assert baselines.neighbour_time_values([2.0, 4.0, 6.0], 1.0) == (2.0, 4.0)
+    with pytest.raises(ValueError, match="at least two"):
+        baselines.neighbour_time_values([2.0], 4.0)
+    # a quarter of the way from 2h to 6h: 25 cells (between 10 and 30), a quarter of them (6) from 6h
+    mixed = baselines.neighbour_interpolation(before, after, 2.0, 6.0, 3.0, seed=0)
+    assert mixed.shape == (15, 3) and (mixed[:, 0] == 1).sum() == 4  # round(0.25 * 15)
+    np.testing.assert_allclose(mixed.mean(0), 4 / 15)
+    exact = baselines.neighbour_interpolation(before, after, 2.0, 6.0, 4.0, num_cells=100, seed=0)
+    np.testing.assert_allclose(exact.mean(0), 0.5)  # the pseudobulk is the linear interpolation of the means
+    # beyond 6h: the 6h cells moved along the trend, clipped at 0
+    later = baselines.neighbour_interpolation(before, after, 2.0, 6.0, 10.0)
+    np.testing.assert_allclose(later, 2.0)
+    falling = baselines.neighbour_interpolation(after, before, 2.0, 6.0, 14.0)
+    np.testing.assert_allclose(falling, 0.0)  # 0 - 2, clipped
+
+
+def test_transport_interpolation_moves_each_cell_to_its_partner():
+    # Two clusters at 0h move apart by 6h, each to its own place: OT couples a cell with its own cluster's future,
+    # so the midpoint keeps two clusters, where mixing the time points would give four.
+    rng = np.random.default_rng(0)
+    before = np.vstack([rng.normal([1, 1, 1, 1], 0.05, (20, 4)), rng.normal([8, 8, 1, 1], 0.05, (20, 4))])
+    after = np.vstack([rng.normal([3, 1, 1, 1], 0.05, (20, 4)), rng.normal([8, 10, 1, 1], 0.05, (20, 4))])
+    for exact_max_pairs in (4_000_000, 0):  # exact EMD, then Sinkhorn
+        middle = baselines.transport_interpolation(before, after, 0.0, 6.0, 3.0, num_components=2,
+                                                   exact_max_pairs=exact_max_pairs, epsilon=0.01, seed=0)  # fmt: skip
+        assert middle.shape == (40, 4)
+        distance = np.minimum(np.abs(middle - [2, 1, 1, 1]).max(1), np.abs(middle - [8, 9, 1, 1]).max(1))
+        assert (distance < 0.5).all(), exact_max_pairs
+        np.testing.assert_allclose(middle.mean(0), (before.mean(0) + after.mean(0)) / 2, atol=0.5)
+    same = baselines.transport_interpolation(before, after, 0.0, 6.0, 3.0, num_components=2, seed=0)
+    np.testing.assert_array_equal(same, baselines.transport_interpolation(before, after, 0.0, 6.0, 3.0,
+                                                                          num_components=2, seed=0))  # fmt: skip
+    start = baselines.transport_interpolation(before, after, 0.0, 6.0, 0.0, num_components=2)
+    assert {tuple(np.round(row, 6)) for row in start} <= {tuple(np.round(row, 6)) for row in before}
+
+
 # -- the evaluate command, end to end on real data ------------------------------------------------------------------------
 
 
@@ -222,7 +262,7 @@ def test_evaluate_heldout_time_on_shalek(heldout_time_run):
     table = pd.read_csv(out / "metrics.csv")
     assert list(table.columns) == ["metric", "time_point", "group", "method", "value"]
     assert set(table["method"]) == {"PerturbGen (this model)", "no change", "training mean", "nearest time point",
-                                    "linear (PCA + ridge)"}  # fmt: skip
+                                    "neighbour interpolation", "OT interpolation", "linear (PCA + ridge)"}  # fmt: skip
     assert set(table["time_point"]) == {"4h"}
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["cells"]["observed"] == {"4h / all": 162} and summary["cells"]["source"] == {"all": 82}

@@ -20,7 +20,9 @@ def add_parser(subparsers):
             "on the others, predict it from its ctrl cells), heldout-cells leaves a random fraction of the cells of "
             "every time point out. Without --model a model is trained on the rest (OUT/model). Predictions are "
             "generated from the source cells and scored on the model's target genes (log1p CP10k) beside baselines "
-            "computed the same way (no change, training mean, nearest time point, linear PCA + ridge). Writes "
+            "computed the same way (no change, training mean, linear PCA + ridge; for a held-out time point also the "
+            "nearest time point, the linear interpolation of its neighbours and their optimal-transport "
+            "interpolation). Writes "
             "OUT/metrics.json, a tidy OUT/metrics.csv (metric, time_point, group, method, value) and OUT/plots/."
         ),
         formatter_class=HelpFormatter,

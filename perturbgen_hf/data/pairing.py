@@ -129,9 +129,10 @@ def _log_cp10k_rows(counts, rows):
     return block.log1p().toarray()
 
 
-def transport_plan(source_profiles, target_profiles, epsilon, num_components):
+def transport_plan(source_profiles, target_profiles, epsilon, num_components, exact=False):
     """
-    Entropic OT plan between two sets of cells (rows: log1p CP10k), in a PCA space shared by both.
+    OT plan between two sets of cells (rows: log1p CP10k), in a PCA space shared by both: entropic (Sinkhorn, with
+    `epsilon` relative to the median squared distance) or, with `exact`, the exact earth mover's plan.
 
     Returns:
         `np.ndarray` of shape `(num_sources, num_targets)`, rows summing to 1 (each source's descendant distribution).
@@ -146,9 +147,12 @@ def transport_plan(source_profiles, target_profiles, epsilon, num_components):
     source, target = embedded[: len(source_profiles)], embedded[len(source_profiles) :]
     cost = ot.dist(source, target)  # squared Euclidean
     cost = cost / max(float(np.median(cost)), 1e-12)
-    plan = ot.sinkhorn(
-        ot.unif(len(source)), ot.unif(len(target)), cost, epsilon, method="sinkhorn_log", numItermax=20_000
-    )
+    if exact:
+        plan = ot.emd(ot.unif(len(source)), ot.unif(len(target)), cost, numItermax=10_000_000)
+    else:
+        plan = ot.sinkhorn(
+            ot.unif(len(source)), ot.unif(len(target)), cost, epsilon, method="sinkhorn_log", numItermax=20_000
+        )
     plan = np.nan_to_num(np.asarray(plan), nan=0.0)
     totals = plan.sum(axis=1, keepdims=True)
     return np.where(totals > 0, plan / np.where(totals > 0, totals, 1.0), 1.0 / len(target))

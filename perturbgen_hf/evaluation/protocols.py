@@ -320,6 +320,8 @@ def _baselines(split, expression, times, groups, order, value_of, source, protoc
     }
     if "nearest time point" in rows:
         result["nearest time point"] = x[rows["nearest time point"]]
+        result.update(_time_interpolations(split, x, times, groups, value_of, source, trained, time_point, group,
+                                           rows, settings))  # fmt: skip
     conditions, features, source_features, target_features = _linear_design(
         protocol, split.train, times, groups, value_of, source, time_point, trained
     )  # fmt: skip
@@ -328,6 +330,28 @@ def _baselines(split, expression, times, groups, order, value_of, source, protoc
         settings.linear_components, settings.linear_ridge,
     )  # fmt: skip
     return result, rows
+
+
+def _time_interpolations(split, x, times, groups, value_of, source, trained, time_point, group, rows, settings):
+    """The neighbour and optimal-transport interpolations of a held-out time point, within its group."""
+    known = {value_of[t]: t for t in [source, *trained]}
+    t0, t1 = baselines.neighbour_time_values(list(known), value_of[time_point])
+
+    def cells_at(t):
+        if known[t] == source:
+            return x[rows["no change"]]
+        return x[split.train & (times == known[t]) & (groups == group)]
+
+    before, after = cells_at(t0), cells_at(t1)
+    target = value_of[time_point]
+    return {
+        "neighbour interpolation": baselines.neighbour_interpolation(before, after, t0, t1, target,
+                                                                     seed=settings.seed),
+        "OT interpolation": baselines.transport_interpolation(before, after, t0, t1, target,
+                                                              num_components=settings.n_pcs,
+                                                              exact_max_pairs=settings.ot_exact_max_pairs,
+                                                              epsilon=settings.ot_epsilon, seed=settings.seed),
+    }  # fmt: skip
 
 
 def _linear_design(protocol, train, times, groups, value_of, source, time_point, trained_targets):
