@@ -150,9 +150,13 @@ def transport_plan(source_profiles, target_profiles, epsilon, num_components, ex
     if exact:
         plan = ot.emd(ot.unif(len(source)), ot.unif(len(target)), cost, numItermax=10_000_000)
     else:
+        # POT's default tolerance (1e-9 on the marginals) is below what float64 log-domain iterations reach: on 800 x
+        # 800 simulated cells it ran all 20,000 iterations (357 s) where 1e-6 stops after 20 (0.4 s), with rows of
+        # the plan within 3e-4 (L1) of the unconverged run's.
         plan = ot.sinkhorn(
-            ot.unif(len(source)), ot.unif(len(target)), cost, epsilon, method="sinkhorn_log", numItermax=20_000
-        )
+            ot.unif(len(source)), ot.unif(len(target)), cost, epsilon, method="sinkhorn_log", numItermax=20_000,
+            stopThr=1e-6,
+        )  # fmt: skip
     plan = np.nan_to_num(np.asarray(plan), nan=0.0)
     totals = plan.sum(axis=1, keepdims=True)
     return np.where(totals > 0, plan / np.where(totals > 0, totals, 1.0), 1.0 / len(target))
