@@ -76,6 +76,13 @@ class ModelArguments:
         default="per_gene", metadata={"help": "per_gene (each gene's own decoder state) or pooled (the original's)"}
     )
     mask_schedule: str = field(default="cosine", metadata={"help": "cosine, pow or linear"})
+    time_scale: str = field(
+        default="gap",
+        metadata={
+            "help": "the time values' scale before the time embedding's sinusoids: gap (the smallest gap between "
+            "time points is 1) or span (source to last time point is 1: slow, smooth sinusoids)"
+        },
+    )
 
 
 @dataclass
@@ -133,6 +140,7 @@ class CpuTrainingSettings:
     source_path_map: str = "linear"
     count_head_reads_source: bool = True
     count_readout: str = "per_gene"
+    time_scale: str = "gap"
     seed: int = 0
 
     def check(self) -> None:
@@ -140,6 +148,8 @@ class CpuTrainingSettings:
         if self.preset not in PRESETS:
             raise ValueError(f"Unknown preset {self.preset!r}; choose one of {list(PRESETS)}.")
         _check_positive(self, "max_steps", "batch_size", "max_source_length", "max_target_length")
+        if self.time_scale not in ("gap", "span"):
+            raise ValueError(f"Unknown time_scale {self.time_scale!r}; choose gap or span.")
         if not 0.0 < self.learning_rate < float("inf"):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}.")
 

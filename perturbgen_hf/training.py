@@ -101,6 +101,8 @@ def _validate(model_args, data_args):
         raise ValueError(f"Unknown --preset {model_args.preset!r}; choose one of {list(PRESETS)}.")
     if data_args.objective not in OBJECTIVES:
         raise ValueError(f"Unknown --objective {data_args.objective!r}; choose one of {list(OBJECTIVES)}.")
+    if model_args.time_scale not in TIME_SCALES:
+        raise ValueError(f"Unknown --time_scale {model_args.time_scale!r}; choose one of {list(TIME_SCALES)}.")
     if data_args.target_time_points not in ("random", "all"):
         raise ValueError(f"--target_time_points must be random or all, got {data_args.target_time_points!r}.")
     if not 0.0 <= data_args.eval_fraction < 1.0:
@@ -179,7 +181,9 @@ def build_model(model_args, data_args, tokenizer, description, train_dataset, tr
             "time_points": time_points,
             "time_values": time_values,
             "source_time_point": description["source"],
-            "time_embedding_scale": _time_scale(description["time_values"]),
+            "time_embedding_scale": time_embedding_scale(
+                description["time_values"], description.get("source_time_value"), model_args.time_scale
+            ),
             "decoder_max_position_embeddings": (data_args.max_target_length or tokenizer.num_target_genes)
             + len(description.get("condition_keys", [])),
             "freeze_encoder": model_args.freeze_encoder,
@@ -211,10 +215,25 @@ def build_model(model_args, data_args, tokenizer, description, train_dataset, tr
     return model
 
 
-def _time_scale(values):
-    # Trained time points a few sinusoid units apart: scale so the smallest gap is 1.
-    gaps = np.diff(sorted(values))
-    return float(1.0 / gaps.min()) if len(gaps) and gaps.min() > 0 else 1.0
+TIME_SCALES = ("gap", "span")
+
+
+def time_embedding_scale(target_values, source_value=None, mode: str = "gap") -> float:
+    """
+    The factor time values are multiplied by before the time embedding's sinusoids (`time_embedding_scale`):
+    `"gap"` makes the smallest gap between the trained target time points 1 (they sit a few sinusoid units apart),
+    `"span"` makes the whole course, source to last target, 1 (every sinusoid turns by at most a radian across it,
+    so the embedding changes smoothly and almost linearly in time). 1 where there is no gap or span.
+    """
+    if mode not in TIME_SCALES:
+        raise ValueError(f"Unknown time_scale {mode!r}; choose one of {list(TIME_SCALES)}.")
+    targets = np.unique(np.asarray(target_values, dtype=np.float64))
+    if mode == "gap":
+        width = np.diff(targets).min() if len(targets) > 1 else 0.0
+    else:
+        course = np.unique(np.append(targets, [] if source_value is None else [float(source_value)]))
+        width = course[-1] - course[0] if len(course) > 1 else 0.0
+    return float(1.0 / width) if width > 0 else 1.0
 
 
 def apply_objective(model, data_args):
@@ -569,7 +588,8 @@ def train_on_cpu(data, out, settings: CpuTrainingSettings, log_every: int, progr
         "--context_mode", settings.context_mode, "--source_path", settings.source_path,
         "--source_path_injection", settings.source_path_injection, "--source_path_map", settings.source_path_map,
         "--count_head_reads_source",
-        str(settings.count_head_reads_source).lower(), "--count_readout", settings.count_readout, "--seed",
+        str(settings.count_head_reads_source).lower(), "--count_readout", settings.count_readout,
+        "--time_scale", settings.time_scale, "--seed",
         str(settings.seed), "--logging_steps", str(log_every), "--save_strategy", "no", "--disable_tqdm",
         str(not progress).lower(),
     ]  # fmt: skip

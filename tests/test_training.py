@@ -268,3 +268,16 @@ def test_push_to_a_hub_then_load_by_id_and_offline_from_the_cache(trained, tmp_p
     script = "import perturbgen_hf; from transformers import AutoModel; print(type(AutoModel.from_pretrained('org/perturbgen-lps')).__name__)"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=offline, timeout=300)
     assert "PerturbGenForConditionalGeneration" in result.stdout, result.stderr[-3000:]
+
+
+def test_time_embedding_scale_by_gap_and_by_span():
+    from perturbgen_hf.training import time_embedding_scale
+
+    # Shalek without 4h: targets 2h and 6h after a 1h source
+    assert time_embedding_scale([2.0, 6.0], 1.0, "gap") == pytest.approx(1 / 4)
+    assert time_embedding_scale([2.0, 6.0], 1.0, "span") == pytest.approx(1 / 5)
+    assert time_embedding_scale([6.0, 2.0, 4.0], 1.0) == pytest.approx(1 / 2)  # unordered; gap is the default
+    assert time_embedding_scale([2.0], 1.0, "gap") == 1.0  # one target time point has no gap
+    assert time_embedding_scale([2.0], None, "span") == 1.0
+    with pytest.raises(ValueError, match="Unknown time_scale 'log'"):
+        time_embedding_scale([2.0, 4.0], 1.0, "log")

@@ -52,6 +52,8 @@ def add_parser(subparsers):
                         help="top-ranked source genes read")  # fmt: skip
     parser.add_argument("--max-target-length", type=int, default=defaults.max_target_length,
                         help="top-ranked target genes trained on")  # fmt: skip
+    parser.add_argument("--time-scale", choices=("gap", "span"), default=defaults.time_scale,
+                        help="time values' scale in the trained model's time embedding (see train --time_scale)")  # fmt: skip
     parser.add_argument("--iterations", type=int, default=defaults.iterations, help="MaskGIT steps per time point")
     parser.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction,
                         help="share of each time point's cells held out (heldout-cells)")  # fmt: skip
@@ -80,7 +82,7 @@ def run(args):
         preset=args.preset, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
         n_hvg=args.n_hvg, max_source_length=args.max_source_length, max_target_length=args.max_target_length,
         iterations=args.iterations, heldout_fraction=args.heldout_fraction, top_de=args.top_de, seed=args.seed,
-        model_counts=args.model_counts, pairing=args.pairing,
+        model_counts=args.model_counts, pairing=args.pairing, time_scale=args.time_scale,
     )  # fmt: skip
     result = run_evaluation(
         options.pop("adata"), args.out, args.protocol, heldout=args.heldout, group_key=args.group_key,
