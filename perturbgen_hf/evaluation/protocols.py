@@ -586,25 +586,40 @@ def _plot(folder, table, details) -> list:
 
 
 def _plot_means(folder, time_point, group, detail, plt):
-    """Predicted against observed mean expression of the top DE genes, one panel per method."""
+    """
+    Predicted against observed mean expression of the top DE genes, one panel per method on shared axes, each
+    titled with its error on those genes; the 3 genes that change most from the source are named.
+    """
     top = metrics.top_de_genes(detail["observed_de"], min(20, len(detail["observed_de"])))
     observed = detail["observed"].mean(0)[top]
     methods = detail["methods"]
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.6), squeeze=False)
-    for ax, (method, cells) in zip(axes[0], methods.items()):
-        predicted = cells.mean(0)[top]
-        ax.scatter(observed, predicted, s=14, color="tab:red" if method == MODEL else "tab:grey")
-        for i in np.argsort(-np.abs(observed - detail["reference"].mean(0)[top]))[:5]:
-            ax.annotate(detail["symbols"][top[i]], (observed[i], predicted[i]), fontsize=6)
-        low, high = 0.0, float(max(observed.max(), predicted.max(), 1e-6)) * 1.05
-        ax.plot([low, high], [low, high], color="grey", lw=0.6)
-        ax.set_title(method, fontsize=8)
-        ax.set_xlabel("observed mean log1p CP10k", fontsize=7)
-        ax.set_ylabel("predicted", fontsize=7)
-    fig.suptitle(f"{time_point} / {group}: top {len(top)} DE genes (observed vs source)")
+    predictions = {method: cells.mean(0)[top] for method, cells in methods.items()}
+    high = float(max(observed.max(), *(p.max() for p in predictions.values()), 1e-6)) * 1.08
+    named = np.argsort(-np.abs(observed - detail["reference"].mean(0)[top]))[:3]
+    columns = min(4, len(methods))
+    rows = -(-len(methods) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.2 * rows), squeeze=False, sharex=True,
+                             sharey=True)  # fmt: skip
+    for ax, (method, predicted) in zip(axes.flat, predictions.items()):
+        ax.plot([0.0, high], [0.0, high], color="grey", lw=0.8, ls="--", label="predicted = observed")
+        ax.scatter(observed, predicted, s=16, color="tab:red" if method == MODEL else "tab:grey", zorder=3)
+        for i in named:
+            ax.annotate(str(detail["symbols"][top[i]])[-12:], (observed[i], predicted[i]), fontsize=7,
+                        xytext=(3, -9), textcoords="offset points")  # fmt: skip
+        error = float(np.mean((predicted - observed) ** 2))
+        ax.set_title(f"{method.replace(' (this model)', '')}\nmse on these genes {error:.3f}", fontsize=9)
+        ax.set_xlim(0.0, high)
+        ax.set_ylim(0.0, high)
+    for ax in axes[-1]:
+        ax.set_xlabel("observed mean log1p CP10k", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("predicted mean log1p CP10k", fontsize=8)
+    for ax in list(axes.flat)[len(methods) :]:
+        ax.axis("off")
+    fig.suptitle(f"{time_point} / {group}: the {len(top)} genes that change most from the source (model in red)")
     fig.tight_layout()
     path = folder / f"means_{_safe(time_point)}_{_safe(group)}.png"
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
