@@ -162,6 +162,13 @@ def transport_plan(source_profiles, target_profiles, epsilon, num_components, ex
     return np.where(totals > 0, plan / np.where(totals > 0, totals, 1.0), 1.0 / len(target))
 
 
+def draw_descendants(plan, rows, rng) -> np.ndarray:
+    """One column per entry of `rows`, drawn from that row of `plan` (a row's weights need not sum to 1)."""
+    cumulative = plan[rows].cumsum(axis=1)
+    draws = rng.random(len(rows))[:, None] * cumulative[:, -1:]
+    return np.minimum((cumulative < draws).sum(axis=1), plan.shape[1] - 1)
+
+
 def _pair_by_transport(counts, times, groups, time_points, rng, epsilon, num_components, group_key):
     blocks = []
     for members in _group_members(times, groups, time_points, group_key):
@@ -173,9 +180,7 @@ def _pair_by_transport(counts, times, groups, time_points, rng, epsilon, num_com
         path = [members[0][current]]
         for step in range(1, len(time_points)):
             plan = transport_plan(profiles[step - 1], profiles[step], epsilon, num_components)
-            cumulative = plan[current].cumsum(axis=1)
-            draws = rng.random(len(current))[:, None] * cumulative[:, -1:]
-            current = np.minimum((cumulative < draws).sum(axis=1), plan.shape[1] - 1)
+            current = draw_descendants(plan, current, rng)
             path.append(members[step][current])
         blocks.append(np.stack(path, axis=1))
     return np.concatenate(blocks, axis=0)

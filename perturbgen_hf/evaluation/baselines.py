@@ -130,7 +130,7 @@ def transport_interpolation(cells_before, cells_after, time_before, time_after, 
         exact_max_pairs (`int`), epsilon (`float`): exact or entropic plan (epsilon relative to the median cost).
         seed (`int`): which pairs are drawn.
     """
-    from ..data.pairing import transport_plan
+    from ..data.pairing import draw_descendants, transport_plan
 
     before, after = _cells(cells_before, "cells_before"), _cells(cells_after, "cells_after")
     f = _fraction(time_before, time_after, time_value)
@@ -142,9 +142,7 @@ def transport_interpolation(cells_before, cells_after, time_before, time_after, 
     # Every earlier cell in turn (in a random order, repeated as needed), then a partner drawn from its row of the
     # plan: the earlier time point's cells keep their proportions, which independent draws of pairs would not.
     order = np.concatenate([rng.permutation(len(before)) for _ in range(-(-total // len(before)))])[:total]
-    cumulative = plan[order].cumsum(axis=1)
-    partners = (cumulative < rng.random(total)[:, None] * cumulative[:, -1:]).sum(axis=1)
-    a, b = before[order], after[np.minimum(partners, len(after) - 1)]
+    a, b = before[order], after[draw_descendants(plan, order, rng)]
     return np.clip((1.0 - f) * a + f * b, 0.0, None)
 
 
