@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from perturbgen_hf.settings import TIME_SCALES
+
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "expression"
 RESULTS = Path(__file__).resolve().parent / "results" / "evaluate_real_data.json"
@@ -93,7 +95,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=1500, help="training steps per model")
     parser.add_argument("--only", nargs="+", choices=list(RUNS), help="run only these")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--time-scale", default="gap", choices=("gap", "span"), help="see `evaluate --time-scale`")
+    parser.add_argument("--time-scale", default="gap", choices=TIME_SCALES, help="see `evaluate --time-scale`")
     parser.add_argument(
         "--models", help="re-score the models an earlier run saved under DIR/<run>/model (no training)"
     )

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 
 PAIRING_MODES = ("random", "stratified", "mapping", "transport")
+# How time values are scaled before the time embedding (see `perturbgen_hf.training.time_embedding_scale`).
+TIME_SCALES = ("gap", "span")
 
 # Encoder and decoder sizes of models built from scratch. "tiny" trains 20 steps in about 11 s on 2 CPU cores
 # (README: Training); "base" has the Geneformer V2 encoder shape.
@@ -148,8 +150,8 @@ class CpuTrainingSettings:
         if self.preset not in PRESETS:
             raise ValueError(f"Unknown preset {self.preset!r}; choose one of {list(PRESETS)}.")
         _check_positive(self, "max_steps", "batch_size", "max_source_length", "max_target_length")
-        if self.time_scale not in ("gap", "span"):
-            raise ValueError(f"Unknown time_scale {self.time_scale!r}; choose gap or span.")
+        if self.time_scale not in TIME_SCALES:
+            raise ValueError(f"Unknown time_scale {self.time_scale!r}; choose one of {list(TIME_SCALES)}.")
         if not 0.0 < self.learning_rate < float("inf"):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate}.")
 

@@ -32,7 +32,7 @@ from .io_utils import check_model_location, model_load_errors, read_yaml_options
 from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
 from .output_folder import check_output_folder, write_marker
 from .pipelines.perturbation_result import log_normalize
-from .settings import OBJECTIVES, PRESETS, CpuTrainingSettings, DataArguments, ModelArguments
+from .settings import OBJECTIVES, PRESETS, TIME_SCALES, CpuTrainingSettings, DataArguments, ModelArguments
 from .tokenization import PerturbGenTokenizer
 
 
@@ -213,9 +213,6 @@ def build_model(model_args, data_args, tokenizer, description, train_dataset, tr
     )
     apply_objective(model, data_args)
     return model
-
-
-TIME_SCALES = ("gap", "span")
 
 
 def time_embedding_scale(target_values, source_value=None, mode: str = "gap") -> float:

@@ -2,7 +2,7 @@
 
 import sys
 
-from ..settings import MODEL_COUNTS, PRESETS, PROTOCOLS, EvaluationSettings
+from ..settings import MODEL_COUNTS, PRESETS, PROTOCOLS, TIME_SCALES, EvaluationSettings
 from ._common import HelpFormatter, add_output_arguments
 
 
@@ -52,7 +52,7 @@ def add_parser(subparsers):
                         help="top-ranked source genes read")  # fmt: skip
     parser.add_argument("--max-target-length", type=int, default=defaults.max_target_length,
                         help="top-ranked target genes trained on")  # fmt: skip
-    parser.add_argument("--time-scale", choices=("gap", "span"), default=defaults.time_scale,
+    parser.add_argument("--time-scale", choices=TIME_SCALES, default=defaults.time_scale,
                         help="time values' scale in the trained model's time embedding (see train --time_scale)")  # fmt: skip
     parser.add_argument("--iterations", type=int, default=defaults.iterations, help="MaskGIT steps per time point")
     parser.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction,
