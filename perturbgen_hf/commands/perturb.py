@@ -40,6 +40,10 @@ def add_parser(subparsers):
     genes = parser.add_mutually_exclusive_group()
     genes.add_argument("--genes", nargs="+", help="genes perturbed together (symbols or Ensembl IDs)")
     genes.add_argument("--screen", nargs="+", help="genes perturbed one at a time")
+    genes.add_argument(
+        "--screen-file",
+        help="text file of genes perturbed one at a time: one per line, # starts a comment (what `embed` writes)",
+    )
     parser.add_argument(
         "--mode", choices=["mask", "pad", "delete", "overexpress"], help="perturbation (default: mask)"
     )
@@ -116,6 +120,9 @@ def _perturb_options(args) -> dict:
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
+    if getattr(args, "screen_file", None):
+        options.pop("genes", None)
+        options["screen"] = read_screen_file(args.screen_file)
     site = options.get("site")
     if isinstance(site, (list, tuple)):  # the original writes perturbation_sequence: [src]
         if len(site) != 1:
@@ -129,6 +136,26 @@ def _perturb_options(args) -> dict:
         # A command-line choice replaces the config's.
         options.pop("screen" if args.genes else "genes")
     return options
+
+
+def read_screen_file(path) -> list[str]:
+    """Genes of a screen file: one per line; blank lines and text after `#` are ignored; a repeat is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Screen file not found: {str(path)!r}")
+    genes = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        gene = line.split("#", 1)[0].strip()
+        if not gene:
+            continue
+        if len(gene.split()) > 1:
+            raise ValueError(f"{path}:{number}: one gene per line, got {gene!r}.")
+        if gene in genes:
+            raise ValueError(f"{path}:{number}: {gene!r} is listed twice.")
+        genes.append(gene)
+    if not genes:
+        raise ValueError(f"Screen file {path} lists no gene.")
+    return genes
 
 
 def _parse_targets(items) -> dict:

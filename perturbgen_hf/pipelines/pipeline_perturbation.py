@@ -148,7 +148,7 @@ class PerturbationPipeline(Pipeline):
         cells = [ranked.cell(i) for i in range(len(ranked))]
         observed = None
         if method == "teacher_forced":
-            observed = self._observed_targets(targets, adata.n_obs, gene_ids, layer)
+            observed = rank_observed_targets(config, self.tokenizer, targets, adata.n_obs, gene_ids, layer)
             missing = [t for t in perturb_time_points if t not in observed["time_points"]]
             if missing:
                 raise ValueError(f"perturb_time_points {missing} are not among the targets {observed['time_points']}.")
@@ -237,32 +237,6 @@ class PerturbationPipeline(Pipeline):
                     null["changed"] = None
                 nulls.append(null)
         return nulls
-
-    def _observed_targets(self, targets, num_cells, gene_ids, layer):
-        """Rank observed target cells (one AnnData per time point, paired row by row with the source)."""
-        if not isinstance(targets, dict) or not targets:
-            raise ValueError(
-                "method='teacher_forced' needs `targets`: a dict {time point: AnnData or h5ad path} of observed "
-                "target cells, one row per source cell in the source's order."
-            )
-        config = self.model.config
-        capacity = min(config.num_target_genes, config.decoder_max_position_embeddings - len(config.condition_tokens))
-        if config.condition_tokens:
-            raise ValueError("method='teacher_forced' does not handle condition tokens yet; this model has some.")
-        names, tokens, library = [], [], []
-        for name, data in targets.items():
-            config.time_value(name)  # names an unknown time point
-            adata = _read_anndata(data, f"targets[{name!r}]")
-            if adata.n_obs != num_cells:
-                raise ValueError(
-                    f"targets[{name!r}] has {adata.n_obs} cells for {num_cells} source cells; pair them row by row."
-                )
-            counts, identifiers = _counts_and_genes(adata, gene_ids, layer)
-            ranked = self.tokenizer.rank_targets(counts, identifiers, capacity)
-            names.append(str(name))
-            tokens.append([ranked.cell(i) for i in range(num_cells)])
-            library.append(np.asarray(self.tokenizer.target_counts(counts, identifiers).sum(axis=1)).ravel())
-        return {"time_points": names, "tokens": tokens, "library_size": np.stack(library, axis=1)}
 
     # -- forward: a grid of units (cell batch x chunk of perturbations), shared over processes -------------------
 
@@ -649,6 +623,39 @@ def _edit_observed(observed, perturb_time_points, gene_tokens, mode):
         targets.append([e[0][: len(c) if mode != "delete" else len(c) - int(e[1])] for e, c in zip(edited, cells)])
         changed |= np.array([e[1] for e in edited], dtype=bool)
     return targets, changed
+
+
+def rank_observed_targets(config, tokenizer, targets, num_cells, gene_ids=None, layer=None) -> dict:
+    """
+    Rank observed target cells for a teacher-forced readout: one AnnData (or h5ad path) per time point, paired row
+    by row with the `num_cells` source cells.
+
+    Returns:
+        `dict` with `time_points` (the names, in the given order), `tokens` (per time point, one decoder-token array
+        per cell) and `library_size` (`np.ndarray` of shape `(num_cells, num_time_points)`).
+    """
+    if not isinstance(targets, dict) or not targets:
+        raise ValueError(
+            "method='teacher_forced' needs `targets`: a dict {time point: AnnData or h5ad path} of observed "
+            "target cells, one row per source cell in the source's order."
+        )
+    capacity = min(config.num_target_genes, config.decoder_max_position_embeddings - len(config.condition_tokens))
+    if config.condition_tokens:
+        raise ValueError("method='teacher_forced' does not handle condition tokens yet; this model has some.")
+    names, tokens, library = [], [], []
+    for name, data in targets.items():
+        config.time_value(name)  # names an unknown time point
+        adata = _read_anndata(data, f"targets[{name!r}]")
+        if adata.n_obs != num_cells:
+            raise ValueError(
+                f"targets[{name!r}] has {adata.n_obs} cells for {num_cells} source cells; pair them row by row."
+            )
+        counts, identifiers = _counts_and_genes(adata, gene_ids, layer)
+        ranked = tokenizer.rank_targets(counts, identifiers, capacity)
+        names.append(str(name))
+        tokens.append([ranked.cell(i) for i in range(num_cells)])
+        library.append(np.asarray(tokenizer.target_counts(counts, identifiers).sum(axis=1)).ravel())
+    return {"time_points": names, "tokens": tokens, "library_size": np.stack(library, axis=1)}
 
 
 def _pad_rows(tokens, device):
