@@ -30,6 +30,9 @@ _PUBLIC = {
     "PerturbGenTokenizer": ".tokenization",
     "PerturbationPipeline": ".pipelines",
     "PerturbationResult": ".pipelines",
+    "embed_genes": ".pipelines",
+    "GenePrograms": ".analysis",
+    "find_gene_programs": ".analysis",
 }
 _registered = False
 

@@ -26,6 +26,7 @@ from perturbgen_hf.io_utils import load_model_folder
 from perturbgen_hf.pipelines.gene_embeddings import UNS_KEY, embed_genes
 from perturbgen_hf.pipelines.perturbation_result import log_normalize
 from perturbgen_hf.pipelines.pipeline_perturbation import cell_batch_seed
+from perturbgen_hf.tokenization import PerturbGenTokenizer
 from perturbgen_hf.training import main as train_main
 
 
@@ -159,7 +160,7 @@ def test_programs_recover_separated_groups_with_hubs_and_activity():
     members = programs.membership.set_index("gene_id").loc[embeddings.obs_names]
     assert adjusted_rand_score(labels, members["program"]) == 1.0
     # Hubs: the num_hubs genes of each program with the largest within-program connectivity.
-    for program, part in programs.membership.groupby("program"):
+    for _, part in programs.membership.groupby("program"):
         expected = part.nlargest(3, "within_connectivity")["gene_id"]
         assert set(part[part["hub"]]["gene_id"]) == set(expected)
     # Activity: the mean predicted expression of the program's genes; the rising and falling ones change by 1.
@@ -177,11 +178,20 @@ def test_programs_recover_separated_groups_with_hubs_and_activity():
         "program"].iloc[20], "nope": None}  # fmt: skip
 
 
-def test_programs_leave_out_rarely_predicted_genes_and_refuse_too_few():
-    embeddings, _ = _blobs()
-    embeddings.obsm["n_cells"].iloc[:5, 1] = 2
-    programs = find_gene_programs(embeddings, n_neighbors=8, min_cells=5)
+def test_programs_fill_in_late_genes_leave_out_absent_ones_and_refuse_too_few():
+    from perturbgen_hf.analysis.gene_programs import _features
+
+    embeddings, labels = _blobs()
+    embeddings.obsm["n_cells"].iloc[:5] = 2  # genes 0-4: too few cells at both time points
+    embeddings.obsm["n_cells"].iloc[5:10, 0] = 0  # genes 5-9: not generated at 2h (a gene that switches on late)
+    programs = find_gene_programs(embeddings, resolution=0.5, n_neighbors=8, min_cells=5)
     assert programs.excluded == list(embeddings.obs_names[:5]) and len(programs.membership) == 55
+    # A late gene stands in at 2h with its 6h embedding, and lands with its group.
+    features, _ = _features(embeddings, ["2h", "6h"], 5)
+    np.testing.assert_allclose(features[0, :16], embeddings.layers["6h"][5])
+    np.testing.assert_allclose(features[0, 16:], embeddings.layers["6h"][5])
+    members = programs.membership.set_index("gene_id")["program"]
+    assert adjusted_rand_score(labels[5:], members.loc[embeddings.obs_names[5:]]) == 1.0
     with pytest.raises(ValueError, match="too few for a 60-neighbour graph"):
         find_gene_programs(embeddings, n_neighbors=60)
     with pytest.raises(ValueError, match="resolution must be > 0"):
@@ -191,7 +201,7 @@ def test_programs_leave_out_rarely_predicted_genes_and_refuse_too_few():
 
 
 def test_gene_set_overlap_is_a_hypergeometric_test(tmp_path):
-    embeddings, labels = _blobs()
+    embeddings, _ = _blobs()
     programs = find_gene_programs(embeddings, resolution=0.5, n_neighbors=8)
     gmt = tmp_path / "sets.gmt"
     first = [f"GENE{i}" for i in range(0, 10)]  # 10 of the first program's 20
@@ -206,18 +216,15 @@ def test_gene_set_overlap_is_a_hypergeometric_test(tmp_path):
     np.testing.assert_allclose(table["fdr"], stats.false_discovery_control(table["p_value"], method="bh"))
     assert table[table["gene_set"] == "mixed"]["set_size"].iloc[0] == 4
     (tmp_path / "bad.gmt").write_text("only_a_name\n")
-    with pytest.raises(ValueError, match="bad.gmt:1"):
+    with pytest.raises(ValueError, match=r"bad\.gmt:1"):
         read_gmt(tmp_path / "bad.gmt")
     with pytest.raises(FileNotFoundError, match="not found"):
         read_gmt(tmp_path / "missing.gmt")
 
 
-def test_observed_activity_on_the_simulator(lps):
-    _, tokenizer, _, _ = lps
+def test_observed_activity_on_the_simulator():
     adata = simulate_trajectory(num_clones=20, num_unaffected=30, seed=0)
     adata.var_names = adata.var["gene_symbol"].to_numpy()
-    from perturbgen_hf.tokenization import PerturbGenTokenizer
-
     tok = PerturbGenTokenizer.fit(adata.X, list(adata.var_names))
     tok.set_target_genes(list(adata.var_names[:20]))
     table = observed_expression(adata, "time", tok)

@@ -9,8 +9,9 @@ and Leiden clustering, with their hub genes and their activity over time.
 
 A gene's features are its mean decoder hidden states at every embedded time point, side by side (and, with
 `use_groups=True`, at every time point and group), so two genes fall together when the model treats them alike at
-every time point. Genes predicted in fewer than `min_cells` cells at some time point have no reliable mean and are
-left out (listed in `excluded`).
+every time point. Where a gene was predicted in fewer than `min_cells` cells at a time point (a gene that switches on
+late), its mean over the time points where it was stands in; genes predicted in too few cells everywhere are left
+out (listed in `excluded`).
 """
 
 import logging
@@ -40,7 +41,7 @@ class GenePrograms:
             predicted log1p CP10k of its genes) and `observed` (the same from observed cells, where given).
         summary (`pd.DataFrame`): per program: `size`, `hubs`, `change` (largest minus smallest predicted activity
             over time points), `trend` (`"rises"` or `"falls"` from the first to the last predicted time point).
-        excluded (`list[str]`): genes left out (too few cells at some time point).
+        excluded (`list[str]`): genes left out (too few cells at every time point).
         settings (`dict`): how the programs were found.
     """
 
@@ -92,8 +93,9 @@ def find_gene_programs(
         resolution (`float`, defaults to 1.0): Leiden resolution (higher: more, smaller programs).
         n_neighbors (`int`, defaults to 15): neighbours per gene in the kNN graph.
         n_pcs (`int`, defaults to 30): principal components the graph is built on (at most genes - 1).
-        min_cells (`int`, defaults to 5): a gene is clustered only if it was predicted in at least this many cells
-            at every time point used.
+        min_cells (`int`, defaults to 5): a gene's mean at a time point counts if it was predicted in at least this
+            many cells there; elsewhere its mean over the time points where it was is used, and a gene with none is
+            left out.
         num_hubs (`int`, defaults to 3): hub genes per program (highest within-program connectivity).
         use_groups (`bool`, defaults to `False`): use the per-group layers (time point x group) as features.
         observed (`pd.DataFrame`, *optional*): observed mean log1p CP10k, indexed by gene id (as `embeddings`),
@@ -115,15 +117,13 @@ def find_gene_programs(
     if int(min_cells) < 1:
         raise ValueError(f"min_cells must be >= 1, got {min_cells}.")
     layers = embedding_layers(embeddings, groups=use_groups)
-    n_cells = embeddings.obsm["n_cells"][layers].to_numpy()
-    keep = (n_cells >= int(min_cells)).all(axis=1)
+    features, keep = _features(embeddings, layers, int(min_cells))
     excluded = list(embeddings.obs_names[~keep])
     if keep.sum() <= int(n_neighbors):
         raise ValueError(
-            f"Only {int(keep.sum())} genes were predicted in at least {min_cells} cells at every time point: too few "
+            f"Only {int(keep.sum())} genes were predicted in at least {min_cells} cells at some time point: too few "
             f"for a {n_neighbors}-neighbour graph. Embed more cells (or samples), or lower min_cells / n_neighbors."
         )
-    features = np.concatenate([np.asarray(embeddings.layers[name])[keep] for name in layers], axis=1)
     genes = ad.AnnData(X=features.astype(np.float32), obs=embeddings.obs.loc[keep, ["gene_symbol"]].copy())
     n_comps = min(int(n_pcs), genes.n_obs - 1, genes.n_vars - 1)
     sc.pp.pca(genes, n_comps=n_comps, random_state=seed)
@@ -146,6 +146,27 @@ def find_gene_programs(
                 "layers": layers, "seed": int(seed), "genes_clustered": int(keep.sum()),
                 "genes_excluded": len(excluded)}  # fmt: skip
     return GenePrograms(membership, activity, summary, excluded, settings)
+
+
+def _features(embeddings, layers, min_cells):
+    """
+    Each gene's embeddings at every layer, side by side. Where a gene was predicted in fewer than `min_cells` cells
+    at a layer, that layer's mean is unreliable (or absent), so it is replaced by the gene's cell-weighted mean over
+    the layers where it has enough: a gene that switches on late (an interferon response gene, not generated at 2h)
+    is kept and compared with the others by what the model does with it once it is there. Genes without any such
+    layer are left out.
+
+    Returns:
+        `(features, keep)`: `np.ndarray` of shape `(genes kept, layers x hidden)` and the boolean mask of kept genes.
+    """
+    n_cells = embeddings.obsm["n_cells"][layers].to_numpy().astype(np.float64)
+    stacked = np.stack([np.asarray(embeddings.layers[name], dtype=np.float64) for name in layers], axis=1)
+    enough = n_cells >= min_cells
+    keep = enough.any(axis=1)
+    weights = np.where(enough, n_cells, 0.0)
+    fallback = (stacked * weights[..., None]).sum(axis=1) / np.maximum(weights.sum(axis=1), 1.0)[:, None]
+    filled = np.where(enough[..., None], stacked, fallback[:, None, :])
+    return filled[keep].reshape(int(keep.sum()), -1), keep
 
 
 def _programs_by_size(labels: np.ndarray) -> np.ndarray:

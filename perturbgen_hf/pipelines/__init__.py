@@ -1,5 +1,6 @@
-"""The "perturbation" pipeline (duck-types the model and tokenizer, so it also runs as remote code)."""
+"""The "perturbation" pipeline and gene embeddings (duck-type the model and tokenizer, so they also run as remote code)."""
 
+from .gene_embeddings import embed_genes
 from .perturbation_edits import MODES, edit_genes, perturb_target_tokens, perturb_tokens
 from .perturbation_result import PerturbationResult, paired_differential_expression
 from .pipeline_perturbation import PerturbationPipeline
@@ -10,6 +11,7 @@ __all__ = [
     "PerturbationPipeline",
     "PerturbationResult",
     "edit_genes",
+    "embed_genes",
     "paired_differential_expression",
     "perturb_target_tokens",
     "perturb_tokens",
