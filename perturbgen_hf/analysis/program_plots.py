@@ -48,14 +48,15 @@ def _heatmap(programs, path, plt):
     centred = table.to_numpy() - table.to_numpy().mean(axis=1, keepdims=True)
     limit = max(float(np.abs(centred).max()), 1e-6)
     height = 1.2 + 0.32 * len(table)
-    figure, axis = plt.subplots(figsize=(1.6 + 1.1 * table.shape[1], height))
+    figure, axis = plt.subplots(figsize=(3.6 + 1.1 * table.shape[1], height))
     image = axis.imshow(centred, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     for i in range(table.shape[0]):
         for j in range(table.shape[1]):
             colour = "white" if abs(centred[i, j]) > 0.6 * limit else "black"  # readable on the darkest cells
             axis.text(j, i, f"{table.iat[i, j]:.2f}", ha="center", va="center", fontsize=7, color=colour)
-    sizes = programs.summary.set_index("program")["size"]
-    axis.set_yticks(range(len(table)), [f"{p} ({sizes[p]} genes)" for p in table.index], fontsize=8)
+    rows = programs.summary.set_index("program")
+    labels = [f"{p} ({rows.loc[p, 'size']} genes; {rows.loc[p, 'hubs']})" for p in table.index]
+    axis.set_yticks(range(len(table)), labels, fontsize=7)
     axis.set_xticks(range(table.shape[1]), table.columns)
     axis.set_xlabel("predicted time point")
     axis.set_title("Program activity: mean predicted log1p CP10k\n(colour: change from the program's mean)",
@@ -77,10 +78,7 @@ def _umap(programs, path, plt, label_genes):
         axis.scatter(part["umap_1"], part["umap_2"], s=10, color=colour, label=f"{program} ({len(part)})")
     wanted = {g.upper() for g in label_genes}
     labelled = membership[membership["hub"] | membership["gene_symbol"].str.upper().isin(wanted)]
-    for row in labelled.itertuples():
-        weight = "bold" if row.hub else "normal"
-        axis.annotate(row.gene_symbol, (row.umap_1, row.umap_2), fontsize=7, fontweight=weight,
-                      xytext=(2, 2), textcoords="offset points")  # fmt: skip
+    _place_labels(figure, axis, labelled)
     axis.set_xlabel("UMAP 1")
     axis.set_ylabel("UMAP 2")
     axis.set_title("Genes by their decoder embeddings, coloured by program (hub genes in bold)", fontsize=9)
@@ -89,6 +87,31 @@ def _umap(programs, path, plt, label_genes):
     figure.savefig(path, dpi=130)
     plt.close(figure)
     return path
+
+
+def _place_labels(figure, axis, rows, step=9):
+    """
+    Label points (hub genes in bold) without overlapping texts: each label tries offsets above and below its point
+    in turn and takes the first whose box overlaps no label placed before it (a leader line joins a moved label).
+    """
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    placed = []
+    offsets = [(3, 3)] + [(3, 3 + sign * step * k) for k in range(1, 8) for sign in (1, -1)]
+    for row in rows.sort_values("hub", ascending=False).itertuples():
+        for dx, dy in offsets:
+            text = axis.annotate(row.gene_symbol, (row.umap_1, row.umap_2), xytext=(dx, dy), textcoords="offset points",
+                                 fontsize=7, fontweight="bold" if row.hub else "normal",
+                                 arrowprops=None if dy == 3 else {"arrowstyle": "-", "lw": 0.3, "color": "0.5"})  # fmt: skip
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                placed.append(box)
+                break
+            text.remove()
+        else:  # nowhere free: keep the first position rather than drop the label
+            text = axis.annotate(row.gene_symbol, (row.umap_1, row.umap_2), xytext=(3, 3), textcoords="offset points",
+                                 fontsize=7, fontweight="bold" if row.hub else "normal")  # fmt: skip
+            placed.append(text.get_window_extent(renderer))
 
 
 def _curves(programs, path, plt, num_changing):
