@@ -124,8 +124,41 @@ def simulator_run(workdir: Path, seed: int) -> dict:
             "top_changing": programs.summary.sort_values("change", ascending=False).head(3)[
                 ["program", "size", "hubs", "change", "trend"]].to_dict("records"),
         }  # fmt: skip
-    return {"seed": seed, "seconds": time.perf_counter() - started, "resolutions": runs,
+    knockouts = regulator_knockouts(folder, settings, simulation)
+    return {"seed": seed, "seconds": time.perf_counter() - started, "resolutions": runs, "knockout_auroc": knockouts,
             "demo_knockout_auroc": demo["auroc"], "demo_knockout_pearson": demo["pearson"]}  # fmt: skip
+
+
+def regulator_knockouts(folder: Path, settings, simulation: ad.AnnData) -> dict:
+    """AUROC of each regulator's predicted knockout effects against the simulator's truth, per time point, on the
+    demo's held-out source cells with the demo's settings: whether the model reads every regulator."""
+    from transformers import pipeline
+
+    from perturbgen_hf.data import simulate_trajectory
+    from perturbgen_hf.data.simulate import true_effects
+    from perturbgen_hf.demo import _split_clones, _with_symbols, effect_scores
+
+    heldout = _split_clones(simulation, settings.heldout_fraction, settings.seed)
+    source = _with_symbols(simulation[heldout & (simulation.obs["time"].astype(str) == "0h").to_numpy()])
+    pipe = pipeline("perturbation", model=str(folder / "model"), gene_ids="gene_id")
+    regulators = list(simulation.uns["network"]["regulators"])
+    result = pipe(source, screen=regulators, mode="delete", iterations=settings.iterations,
+                  num_samples=settings.num_samples, temperature=settings.temperature, seed=settings.seed,
+                  null_perturbations=0, progress=False)  # fmt: skip
+    scores = {}
+    for regulator in regulators:
+        knocked = simulate_trajectory(num_clones=settings.num_clones, cells_per_clone=settings.cells_per_clone,
+                                      seed=settings.seed, knockout=[regulator])  # fmt: skip
+        truth = true_effects(simulation[heldout], knocked[heldout])
+        scores[regulator] = {}
+        for time_point in ["2h", "6h", "12h"]:
+            true_t = truth[(truth["time_point"] == time_point) & (truth["gene_symbol"] != regulator)]
+            true_t = true_t.set_index("gene_symbol")["log2_fold_change"]
+            de = result.de[(result.de["time_point"] == time_point) & (result.de["group"] == "all")
+                           & (result.de["perturbation"] == regulator)]  # fmt: skip
+            predicted = de.set_index("gene")["log2_fold_change"].reindex(true_t.index).fillna(0.0)
+            scores[regulator][time_point] = effect_scores(predicted.to_numpy(), true_t.to_numpy())["auroc"]
+    return scores
 
 
 def shalek_run(workdir: Path, max_steps: int, seed: int) -> dict:
