@@ -71,7 +71,7 @@ def coexpression_programs(adata: ad.AnnData, genes, resolution: float, seed: int
     """Programs of the genes' observed expression across cells, with the clustering `find_gene_programs` uses."""
     import scanpy as sc
 
-    from perturbgen_hf.pipelines.perturbation_result import log_normalize
+    from perturbgen_hf.tokenization import log_normalize
 
     columns = [list(adata.var_names).index(g) for g in genes]
     blocks = []

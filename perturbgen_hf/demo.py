@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .data.simulate import simulate_trajectory, true_effects
 from .io_utils import read_anndata
 from .output_folder import check_output_folder, staged_output_folder
-from .pipelines.perturbation_result import log_normalize
+from .tokenization import log_normalize
 from .training import CpuTrainingSettings, train_on_cpu
 
 

@@ -31,9 +31,8 @@ from .data.tokenize_dataset import load_description
 from .io_utils import check_model_location, model_load_errors, read_yaml_options
 from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
 from .output_folder import check_output_folder, write_marker
-from .pipelines.perturbation_result import log_normalize
 from .settings import OBJECTIVES, PRESETS, TIME_SCALES, CpuTrainingSettings, DataArguments, ModelArguments
-from .tokenization import PerturbGenTokenizer
+from .tokenization import PerturbGenTokenizer, log_normalize
 
 
 logger = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ import torch
 from conftest import SHARED_DATA
 from scipy import stats
 from sklearn.metrics import adjusted_rand_score
+from transformers import pipeline
 
 import perturbgen_hf  # noqa: F401  (registers the Auto classes)
 from perturbgen_hf.analysis import (
@@ -24,9 +25,8 @@ from perturbgen_hf.commands.perturb import read_screen_file
 from perturbgen_hf.data import simulate_trajectory, tokenize_anndata
 from perturbgen_hf.io_utils import load_model_folder
 from perturbgen_hf.pipelines.gene_embeddings import UNS_KEY, embed_genes
-from perturbgen_hf.pipelines.perturbation_result import log_normalize
-from perturbgen_hf.pipelines.pipeline_perturbation import cell_batch_seed
-from perturbgen_hf.tokenization import PerturbGenTokenizer
+from perturbgen_hf.pipelines.prediction import cell_batch_seed, generation_lengths
+from perturbgen_hf.tokenization import PerturbGenTokenizer, log_normalize
 from perturbgen_hf.training import main as train_main
 
 
@@ -81,7 +81,8 @@ def test_a_gene_embedding_is_its_mean_hidden_state_where_it_is_generated(lps):
         generator = torch.Generator().manual_seed(cell_batch_seed(0, start, 0))
         with torch.no_grad():
             out = model.generate(input_ids, (input_ids != 0).long(), time_points=["2h", "6h"], num_iterations=2,
-                                 generator=generator, output_hidden_states=True)  # fmt: skip
+                                 generator=generator, output_hidden_states=True, noise_index=torch.arange(len(cells)),
+                                 num_noise_rows=50, sequence_length=generation_lengths(cells, model.config))  # fmt: skip
         hidden.append(out.decoder_hidden_states[:, 1].reshape(-1, model.config.decoder_hidden_size))
         genes.append(model.gene_index(out.sequences[:, 1]).reshape(-1))
     hidden, genes = torch.cat(hidden).numpy(), torch.cat(genes).numpy()
@@ -89,8 +90,14 @@ def test_a_gene_embedding_is_its_mean_hidden_state_where_it_is_generated(lps):
     np.testing.assert_array_equal(embeddings.obsm["n_cells"]["6h"].to_numpy(), counts)
     gene = int(np.argmax(counts))
     np.testing.assert_allclose(embeddings.layers["6h"][gene], hidden[genes == gene].mean(0), rtol=1e-5, atol=1e-6)
-    # Predicted expression: the count head's log1p CP10k, averaged over every cell.
-    assert embeddings.obsm["predicted_expression"]["6h"].between(0, 12).all()
+    # The generated cells are the perturbation pipeline's control cells (one prediction path): the mean predicted
+    # log1p CP10k equals that of the pipeline's control for the same seed and batch size.
+    pipe = pipeline("perturbation", model=model, tokenizer=tokenizer)
+    result = pipe(source, genes=[tokenizer.id_to_gene(int(ranked.cell(0)[1]))], seed=0,
+                  iterations=2, batch_size=50, time_points=["2h", "6h"], null_perturbations=0, progress=False)  # fmt: skip
+    at_6h = (result.adata.obs["time_point"] == "6h").to_numpy()
+    control = log_normalize(np.asarray(result.adata.layers["control"][at_6h], dtype=np.float64)).mean(0)
+    np.testing.assert_allclose(embeddings.obsm["predicted_expression"]["6h"].to_numpy(), control, rtol=1e-4, atol=1e-5)
 
 
 def test_embeddings_are_seeded_and_groups_add_up_to_the_pooled_mean(lps):

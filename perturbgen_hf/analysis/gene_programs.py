@@ -247,8 +247,8 @@ def observed_expression(adata: ad.AnnData, time_key: str, tokenizer, gene_ids=No
     Returns:
         `pd.DataFrame` indexed by target gene id, one column per time point label (in the data's order).
     """
-    from ..pipelines.perturbation_result import log_normalize
     from ..pipelines.pipeline_perturbation import _counts_and_genes
+    from ..tokenization import log_normalize
 
     if time_key not in adata.obs.columns:
         raise KeyError(f"time key {time_key!r} is not an obs column; available: {list(adata.obs.columns)}.")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..io_utils import check_tokenizer_folder, read_anndata
 from ..output_folder import check_output_folder, staged_output_folder
-from ..tokenization import PerturbGenTokenizer, check_raw_counts, warn_duplicate_gene_ids
+from ..tokenization import NORMALIZED_TOTAL, PerturbGenTokenizer, check_raw_counts, warn_duplicate_gene_ids
 from ..tokenization.chunking import map_row_chunks, read_rows
 from ..tokenization.tokenization_perturbgen import write_arrow_stream
 from .pairing import pair_cells
@@ -39,7 +39,6 @@ from .pairing import pair_cells
 logger = logging.getLogger(__name__)
 
 DESCRIPTION_FILE = "perturbgen_data.json"
-NORMALIZED_TOTAL = 10_000.0
 _NUMBER = re.compile(r"(?P<number>[-+]?\d*\.?\d+)\s*(?P<unit>[a-z]*)", re.IGNORECASE)
 # Labels in one data set often mix units ("90min", "6h"): a recognised unit converts the number to hours.
 _HOURS_PER_UNIT = {

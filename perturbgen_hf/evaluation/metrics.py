@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from ..pipelines.perturbation_result import log_normalize  # noqa: F401  (the expression scale of every metric)
+from ..tokenization import log_normalize  # noqa: F401  (the expression scale of every metric)
 
 
 # Kernel widths of the original PerturbGen's RBF MMD (and CFGen's): exp(-gamma * squared distance).

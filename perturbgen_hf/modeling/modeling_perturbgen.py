@@ -48,6 +48,7 @@ logger = logging.get_logger(__name__)
 # Count-head outputs that `forward` returns (all None when it cannot run the head).
 _COUNT_KEYS = ("mu", "theta", "zi_logits", "library_size")
 # Counts are normalised to this many per cell for the "mse" likelihood (log1p of counts per 10,000).
+# The tokenizer's normalisation total, repeated here because this folder exports as remote code on its own.
 NORMALIZED_TOTAL = 1e4
 
 

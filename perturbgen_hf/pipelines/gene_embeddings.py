@@ -7,9 +7,9 @@ it, per predicted time point (and per group of cells).
     embeddings.layers["6h"]            # genes x hidden: the mean hidden state at 6h
     embeddings.obsm["n_cells"]         # how many cells each mean is over
 
-By default the future cells are generated from the source cells (MaskGIT, as the perturbation pipeline does, with
-its seeding: cell `i` of a batch starting at `b` draws from `(seed, b, sample)`), so a gene's embedding is read where
-the model itself puts the gene. With `targets` (observed target cells, one row per source cell) the observed cells
+By default the future cells are generated from the source cells by [`generate_cells`], the perturbation pipeline's
+own way (so the generated cells are the pipeline's control cells for the same seed and batch size), and a gene's
+embedding is read where the model itself puts the gene. With `targets` (observed target cells, one row per source cell) the observed cells
 are read out teacher-forced instead, as the original PerturbGen extracted its gene embeddings.
 
 The result is an AnnData of genes (rows) x hidden units, so that scanpy works on it directly (`sc.pp.neighbors`,
@@ -24,17 +24,16 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .perturbation_result import log_normalize
+from ..tokenization import log_normalize
 from .pipeline_perturbation import (
     _as_list,
     _as_time_point,
     _counts_and_genes,
-    _pad_rows,
     _read_anndata,
     _time_name,
-    cell_batch_seed,
     rank_observed_targets,
 )
+from .prediction import generate_cells, pad_cells
 
 
 logger = logging.getLogger(__name__)
@@ -49,7 +48,6 @@ def layer_name(time_point: str, group: str | None = None) -> str:
     return str(time_point) if group is None else f"{time_point} | {group}"
 
 
-@torch.no_grad()
 def embed_genes(
     model,
     tokenizer,
@@ -130,25 +128,17 @@ def embed_genes(
         time_values = [time_values[i] for i in order]
         time_names = [_time_name(config, v) for v in time_values]
     sums = _Sums(len(time_names), len(groups["names"]), config.num_target_genes, config.decoder_hidden_size)
-    device = model.device
-    starts = range(0, len(cells), int(batch_size))
-    for start in tqdm(starts, desc="gene embeddings", unit="batch", disable=not progress):
-        rows = np.arange(start, min(start + int(batch_size), len(cells)))
-        input_ids, attention_mask = _pad_rows([cells[r] for r in rows], device)
-        for sample in range(int(num_samples) if observed is None else 1):
-            if observed is None:
-                generator = torch.Generator(device=device).manual_seed(cell_batch_seed(int(seed), start, sample))
-                extra = {}
-                if config.library_size == "observed":
-                    library = np.asarray(counts[rows].sum(axis=1), dtype=np.float32).ravel()
-                    extra["library_size"] = torch.as_tensor(library, device=device)
-                out = model.generate(input_ids, attention_mask, time_points=time_values, num_iterations=int(iterations),
-                                     temperature=float(temperature), generator=generator, output_hidden_states=True,
-                                     **extra)  # fmt: skip
-            else:
-                out = _readout(model, observed, rows, input_ids, attention_mask)
-            sums.add(model.gene_index(out.sequences).cpu().numpy(), out.decoder_hidden_states.float().cpu().numpy(),
-                     out.counts.float().cpu().numpy(), groups["index"][rows])  # fmt: skip
+    if observed is None:
+        library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+        batches = generate_cells(model, cells, time_values, int(batch_size), int(num_samples), int(iterations),
+                                 float(temperature), int(seed), library, output_hidden_states=True, progress=progress,
+                                 desc="gene embeddings")  # fmt: skip
+        outputs = ((rows, out) for rows, _, _, out in batches)
+    else:
+        outputs = _readouts(model, observed, cells, int(batch_size), progress)
+    for rows, out in outputs:
+        sums.add(model.gene_index(out.sequences).cpu().numpy(), out.decoder_hidden_states.float().cpu().numpy(),
+                 out.counts.float().cpu().numpy(), groups["index"][rows])  # fmt: skip
     return _as_anndata(sums, config, tokenizer, time_names, time_values, groups, {
         "method": "teacher_forced" if observed is not None else "generate", "group_key": group_key,
         "num_source_cells": len(cells), "num_samples": int(num_samples) if observed is None else 1,
@@ -167,16 +157,22 @@ def _groups(adata, group_key):
     return {"names": names, "index": np.array([names.index(x) for x in labels])}
 
 
-def _readout(model, observed, rows, input_ids, attention_mask):
+@torch.inference_mode()
+def _readouts(model, observed, cells, batch_size, progress):
+    """Teacher-forced readouts of the observed target cells, `batch_size` source cells at a time."""
     targets = observed["tokens"]
-    width = max(1, *(len(cells[r]) for cells in targets for r in rows))
-    decoder_input_ids = torch.zeros(len(rows), len(targets), width, dtype=torch.long)
-    for t, cells in enumerate(targets):
-        for i, r in enumerate(rows):
-            decoder_input_ids[i, t, : len(cells[r])] = torch.as_tensor(cells[r], dtype=torch.long)
-    library = torch.as_tensor(observed["library_size"][rows], dtype=torch.float32, device=model.device)
-    return model.readout(input_ids, decoder_input_ids.to(model.device), observed["time_points"], attention_mask,
-                         library_size=library, output_hidden_states=True)  # fmt: skip
+    for start in tqdm(range(0, len(cells), batch_size), desc="gene embeddings", unit="batch", disable=not progress):
+        rows = np.arange(start, min(start + batch_size, len(cells)))
+        input_ids, attention_mask = pad_cells([cells[r] for r in rows], model.device)
+        width = max(1, *(len(per_cell[r]) for per_cell in targets for r in rows))
+        decoder_input_ids = torch.zeros(len(rows), len(targets), width, dtype=torch.long)
+        for t, per_cell in enumerate(targets):
+            for i, r in enumerate(rows):
+                decoder_input_ids[i, t, : len(per_cell[r])] = torch.as_tensor(per_cell[r], dtype=torch.long)
+        library = torch.as_tensor(observed["library_size"][rows], dtype=torch.float32, device=model.device)
+        out = model.readout(input_ids, decoder_input_ids.to(model.device), observed["time_points"], attention_mask,
+                            library_size=library, output_hidden_states=True)  # fmt: skip
+        yield rows, out
 
 
 class _Sums:

@@ -10,14 +10,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
-
-NORMALIZED_TOTAL = 1e4
-
-
-def log_normalize(counts: np.ndarray) -> np.ndarray:
-    """log1p of counts per 10,000 of each row."""
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.log1p(counts / np.where(totals > 0, totals, 1.0) * NORMALIZED_TOTAL)
+from ..tokenization import log_normalize
 
 
 # Thresholds of a "significant" effect: BH-adjusted p against the null below `DEFAULT_FDR` and |log2 fold change| at

@@ -51,6 +51,7 @@ from .perturbation_result import (
     check_significance_settings,
     differential_expression_against_null,
 )
+from .prediction import cell_batch_seed, generation_lengths, pad_cells, target_capacity
 
 
 logger = logging.getLogger(__name__)
@@ -324,12 +325,11 @@ class PerturbationPipeline(Pipeline):
 
     def _generate(self, inputs, rows, variants, positions, run):
         config, device = self.model.config, self.model.device
-        input_ids, attention_mask = _pad_rows(
+        input_ids, attention_mask = pad_cells(
             [(inputs["cells"] if variants is None else variants[i]["sources"])[r] for i, r in enumerate(rows)], device
         )  # fmt: skip
         # The unperturbed cell's length (as many genes as it expresses), so control and perturbed runs match.
-        capacity = min(config.num_target_genes, config.decoder_max_position_embeddings - len(config.condition_tokens))
-        lengths = torch.tensor([min(max(len(inputs["cells"][r]) - 2, 1), capacity) for r in rows], device=device)
+        lengths = generation_lengths([inputs["cells"][r] for r in rows], config, device)
         edits = {"changed": np.ones(len(rows), dtype=bool)}
         extra = {}
         if variants is not None and inputs["perturb_time_points"]:
@@ -355,7 +355,7 @@ class PerturbationPipeline(Pipeline):
         device = self.model.device
         sources = inputs["cells"] if variant is None else variant["sources"]
         targets = observed["tokens"] if variant is None or variant["targets"] is None else variant["targets"]
-        input_ids, attention_mask = _pad_rows([sources[r] for r in rows], device)
+        input_ids, attention_mask = pad_cells([sources[r] for r in rows], device)
         width = max(1, *(len(targets[t][r]) for t in range(len(targets)) for r in rows))
         decoder_input_ids = torch.zeros(len(rows), len(targets), width, dtype=torch.long)
         for t, cells in enumerate(targets):
@@ -464,11 +464,6 @@ def _model_calls(variants, num_rows, batch_size, one_variant):
     for first, last in itertools.pairwise(bounds):
         for begin in range(first, last, batch_size):
             yield slice(begin, min(begin + batch_size, last))
-
-
-def cell_batch_seed(seed: int, batch_start: int, sample: int) -> int:
-    """Seed of the random draws of the cell batch starting at `batch_start` (one row per cell), for one sample."""
-    return int(seed) * 1_000_003 + int(batch_start) * 131 + int(sample)
 
 
 def process_state():
@@ -639,7 +634,7 @@ def rank_observed_targets(config, tokenizer, targets, num_cells, gene_ids=None, 
             "method='teacher_forced' needs `targets`: a dict {time point: AnnData or h5ad path} of observed "
             "target cells, one row per source cell in the source's order."
         )
-    capacity = min(config.num_target_genes, config.decoder_max_position_embeddings - len(config.condition_tokens))
+    capacity = target_capacity(config)
     if config.condition_tokens:
         raise ValueError("method='teacher_forced' does not handle condition tokens yet; this model has some.")
     names, tokens, library = [], [], []
@@ -656,14 +651,6 @@ def rank_observed_targets(config, tokenizer, targets, num_cells, gene_ids=None, 
         tokens.append([ranked.cell(i) for i in range(num_cells)])
         library.append(np.asarray(tokenizer.target_counts(counts, identifiers).sum(axis=1)).ravel())
     return {"time_points": names, "tokens": tokens, "library_size": np.stack(library, axis=1)}
-
-
-def _pad_rows(tokens, device):
-    width = max(len(t) for t in tokens)
-    input_ids = torch.zeros(len(tokens), width, dtype=torch.long)
-    for row, t in enumerate(tokens):
-        input_ids[row, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-    return input_ids.to(device), (input_ids != 0).long().to(device)
 
 
 def _read_anndata(data, what):

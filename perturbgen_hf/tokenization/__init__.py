@@ -2,19 +2,23 @@
 
 from .safe_pickle import load_dictionary_pickle
 from .tokenization_perturbgen import (
+    NORMALIZED_TOTAL,
     PerturbGenTokenizer,
     RankedCells,
     check_raw_counts,
     counts_and_genes,
+    log_normalize,
     warn_duplicate_gene_ids,
 )
 
 
 __all__ = [
+    "NORMALIZED_TOTAL",
     "PerturbGenTokenizer",
     "RankedCells",
     "check_raw_counts",
     "counts_and_genes",
     "load_dictionary_pickle",
+    "log_normalize",
     "warn_duplicate_gene_ids",
 ]

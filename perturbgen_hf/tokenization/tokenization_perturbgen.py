@@ -870,6 +870,12 @@ def warn_duplicate_gene_ids(gene_ids, where: str = "the input") -> list[str]:
     return duplicated
 
 
+def log_normalize(counts: np.ndarray) -> np.ndarray:
+    """log1p of counts per `NORMALIZED_TOTAL` (10,000) of each row: the expression scale of every comparison."""
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.log1p(counts / np.where(totals > 0, totals, 1.0) * NORMALIZED_TOTAL)
+
+
 def counts_and_genes(cells, gene_ids=None, layer=None):
     """The count matrix and gene identifiers of an AnnData (or a matrix with explicit `gene_ids`)."""
     if hasattr(cells, "X") and hasattr(cells, "var_names"):
