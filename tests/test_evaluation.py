@@ -119,7 +119,10 @@ def test_discrimination_and_token_overlap_by_hand():
 def test_every_metric_is_ranked_in_the_right_direction():
     # A prediction close to the observed cells must rank above "no change" (the source cells) on every metric the
     # evaluation reports, by the direction table; a wrong direction or a metric without an entry fails here.
-    from perturbgen_hf.evaluation.protocols import EvaluationSettings, _Context, _discrimination, _score
+    from perturbgen_hf.evaluation.scoring import ScoringContext as _Context
+    from perturbgen_hf.evaluation.scoring import discrimination_rows as _discrimination
+    from perturbgen_hf.evaluation.scoring import score_cells as _score
+    from perturbgen_hf.settings import EvaluationSettings
 
     rng = np.random.default_rng(0)
     genes, cells = 60, 40
@@ -310,7 +313,8 @@ def test_evaluate_reuses_a_model_and_a_tokenized_folder(heldout_time_run, tmp_pa
 
 
 def test_model_counts_change_only_the_model_rows(heldout_time_run, tmp_path):
-    from perturbgen_hf.evaluation.protocols import EvaluationSettings, run_evaluation
+    from perturbgen_hf.commands.evaluate_workflow import run_evaluation
+    from perturbgen_hf.settings import EvaluationSettings
 
     assert EvaluationSettings().model_counts == "poisson"
     tables = {}

@@ -68,7 +68,7 @@ def add_parser(subparsers):
 
 
 def run(args):
-    from ..evaluation.protocols import options_from_tokenized, run_evaluation
+    from .evaluate_workflow import options_from_tokenized, run_evaluation
 
     options = {"adata": args.adata, "time_key": args.time_key, "source": args.source,
                "gene_id_key": args.gene_id_key, "pairing_key": args.pairing_key}  # fmt: skip

@@ -229,7 +229,7 @@ def tokenize_anndata(
     for key in [*condition_keys, *([pairing_key] if pairing_key else [])]:
         if key not in obs.columns:
             raise KeyError(f"{key!r} is not an obs column; available: {list(obs.columns)}.")
-    gene_ids = _gene_ids(adata, gene_id_key)
+    gene_ids = gene_identifiers(adata, gene_id_key)
     if isinstance(tokenizer, (str, Path)):
         check_tokenizer_folder(tokenizer)
         tokenizer = PerturbGenTokenizer.from_pretrained(tokenizer)
@@ -281,7 +281,9 @@ def _select_time_points(order, source, targets):
     return [source, *targets]
 
 
-def _gene_ids(adata, gene_id_key):
+def gene_identifiers(adata, gene_id_key=None) -> list[str]:
+    """The gene identifier of every var of `adata`: `var[gene_id_key]` ("" where missing) or the var names; repeated
+    identifiers are reported (their counts are summed into one token)."""
     if gene_id_key is None:
         ids = [str(g) for g in adata.var_names]
     elif gene_id_key not in adata.var.columns:

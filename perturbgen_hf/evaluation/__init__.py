@@ -1,7 +1,10 @@
-"""Evaluation of predicted cells against observed ones, beside baselines: metrics, baselines and protocols."""
+"""
+Evaluation of predicted cells against observed ones, beside baselines: arrays in, tidy tables out. Never trains or
+predicts (the workflow of `perturbgen-hf evaluate` lives in `perturbgen_hf.commands.evaluate_workflow`).
+"""
 
-from . import baselines, metrics
-from .protocols import PROTOCOLS, EvaluationSettings, run_evaluation
+from ..settings import PROTOCOLS, EvaluationSettings
+from . import baselines, metrics, scoring, splits
 
 
-__all__ = ["PROTOCOLS", "EvaluationSettings", "baselines", "metrics", "run_evaluation"]
+__all__ = ["PROTOCOLS", "EvaluationSettings", "baselines", "metrics", "scoring", "splits"]
