@@ -114,8 +114,9 @@ def measure(args):
         if args.measure == "reference":
             tokens = reference_tokenize(backed.X, gene_ids, tokenizer, args.max_length)
         else:
-            tokenizer.rank_to_arrow(backed.X, gene_ids, output, args.max_length, chunk_size=CHUNK,
-                                    num_proc=args.num_proc)  # fmt: skip
+            tokenizer.rank_to_arrow(
+                backed.X, gene_ids, output, args.max_length, chunk_size=CHUNK, num_proc=args.num_proc
+            )
         seconds = time.perf_counter() - start
     if args.measure == "reference":
         offsets = np.zeros(len(tokens) + 1, dtype=np.int64)
@@ -123,19 +124,38 @@ def measure(args):
         write_arrow_stream(
             output / "tokens-00000.arrow", ranked_to_arrow(RankedCells(offsets, np.concatenate(tokens)))
         )
-    print(json.dumps({
-        "seconds": seconds,
-        "cells_per_s": backed.n_obs / seconds,
-        "rss_at_start_mib": memory.start_mib,
-        "peak_rss_mib": memory.self_mib,
-        "peak_workers_rss_mib": memory.children_mib,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cells_per_s": backed.n_obs / seconds,
+                "rss_at_start_mib": memory.start_mib,
+                "peak_rss_mib": memory.self_mib,
+                "peak_workers_rss_mib": memory.children_mib,
+            }
+        )
+    )
 
 
 def run_measurement(args, kind, num_proc, path, out):
-    command = [sys.executable, __file__, "--measure", kind, "--num-proc", str(num_proc), "--input", str(path),
-               "--tokens-out", str(out), "--genes", str(args.genes), "--max-length", str(args.max_length),
-               "--workdir", args.workdir]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        "--measure",
+        kind,
+        "--num-proc",
+        str(num_proc),
+        "--input",
+        str(path),
+        "--tokens-out",
+        str(out),
+        "--genes",
+        str(args.genes),
+        "--max-length",
+        str(args.max_length),
+        "--workdir",
+        args.workdir,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -181,8 +201,23 @@ def main():
     for cells in (args.cells // 4, args.cells):
         path = workdir / f"synthetic_{cells}x{args.genes}x{args.nnz}.h5ad"
         if not path.exists():
-            subprocess.run([sys.executable, __file__, "--generate", str(path), "--cells", str(cells), "--genes",
-                            str(args.genes), "--nnz", str(args.nnz), "--workdir", args.workdir], check=True)  # fmt: skip
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--generate",
+                    str(path),
+                    "--cells",
+                    str(cells),
+                    "--genes",
+                    str(args.genes),
+                    "--nnz",
+                    str(args.nnz),
+                    "--workdir",
+                    args.workdir,
+                ],
+                check=True,
+            )
         run = {"cells": cells, "reference": run_measurement(args, "reference", 1, path, workdir / "reference")}
         for num_proc in (1, 2):
             out = workdir / f"package_{num_proc}"

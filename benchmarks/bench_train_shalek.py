@@ -73,27 +73,73 @@ def main():
     vocab = DATA / "vocab"
     tokens = workdir / "tokens"
     tokenize_anndata(
-        DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad", tokens, time_key="time", time_value_key="time_h",
-        source="1h", gene_id_key="human_ensembl_id", n_hvg=1000, seed=0, overwrite=True, progress=False,
-        dictionaries=[vocab / "perturbgen_token_dict_gftokens_gc95M.pkl",
-                      vocab / "perturbgen_gene_median_dict_gftokens_gc95M.pkl",
-                      vocab / "perturbgen_ensembl_mapping_dict_gc95M.pkl"],
-    )  # fmt: skip
+        DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad",
+        tokens,
+        time_key="time",
+        time_value_key="time_h",
+        source="1h",
+        gene_id_key="human_ensembl_id",
+        n_hvg=1000,
+        seed=0,
+        overwrite=True,
+        progress=False,
+        dictionaries=[
+            vocab / "perturbgen_token_dict_gftokens_gc95M.pkl",
+            vocab / "perturbgen_gene_median_dict_gftokens_gc95M.pkl",
+            vocab / "perturbgen_ensembl_mapping_dict_gc95M.pkl",
+        ],
+    )
     tokenize_seconds = time.perf_counter() - start
     max_target_length = 256
-    argv = ["--data", str(tokens), "--out", str(workdir / "model"), "--preset", "small", "--max_steps",
-            str(args.max_steps), "--per_device_train_batch_size", "16", "--per_device_eval_batch_size", "32",
-            "--learning_rate", "1e-3", "--warmup_steps", "20", "--eval_strategy", "steps", "--eval_steps",
-            str(max(args.max_steps // 5, 1)), "--save_strategy", "no", "--logging_steps", "20", "--eval_fraction",
-            "0.2", "--max_source_length", "512", "--max_target_length", str(max_target_length), "--seed", "0",
-            "--use_cpu", "--report_to", "none", "--overwrite"]  # fmt: skip
+    argv = [
+        "--data",
+        str(tokens),
+        "--out",
+        str(workdir / "model"),
+        "--preset",
+        "small",
+        "--max_steps",
+        str(args.max_steps),
+        "--per_device_train_batch_size",
+        "16",
+        "--per_device_eval_batch_size",
+        "32",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "20",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        str(max(args.max_steps // 5, 1)),
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "20",
+        "--eval_fraction",
+        "0.2",
+        "--max_source_length",
+        "512",
+        "--max_target_length",
+        str(max_target_length),
+        "--seed",
+        "0",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--overwrite",
+    ]
     trainer = train(*parse_arguments(argv))
     train_metrics = next(h for h in reversed(trainer.state.log_history) if "train_runtime" in h)
     evaluations = [h for h in trainer.state.log_history if "eval_token_loss" in h]
     description = json.loads((tokens / "perturbgen_data.json").read_text())
-    tables = reference_tables(trainer.train_dataset, description["time_values"],
-                              trainer.model.config.decoder_vocab_size, trainer.model.config.num_target_genes,
-                              max_target_length)  # fmt: skip
+    tables = reference_tables(
+        trainer.train_dataset,
+        description["time_values"],
+        trainer.model.config.decoder_vocab_size,
+        trainer.model.config.num_target_genes,
+        max_target_length,
+    )
     references = reference_scores(trainer.get_eval_dataloader(), description["time_values"], tables)
     final = evaluations[-1]
     result = {

@@ -33,8 +33,25 @@ def train_model(folder: Path, steps: int) -> Path:
     from perturbgen_hf.training import main as train_main
 
     out = folder / f"model_{steps}"
-    code = train_main(["--data", str(folder / "tokens"), "--out", str(out), "--preset", "tiny", "--max_steps",
-                       str(steps), "--use_cpu", "--report_to", "none", "--eval_fraction", "0", "--seed", "0"])  # fmt: skip
+    code = train_main(
+        [
+            "--data",
+            str(folder / "tokens"),
+            "--out",
+            str(out),
+            "--preset",
+            "tiny",
+            "--max_steps",
+            str(steps),
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--eval_fraction",
+            "0",
+            "--seed",
+            "0",
+        ]
+    )
     if code != 0:
         raise SystemExit(f"training {steps} steps failed ({code})")
     return out
@@ -45,8 +62,12 @@ def rates(tables) -> dict:
     p = np.concatenate([t["p_value"].to_numpy() for t in tables])
     q = np.concatenate([t["p_adjusted"].to_numpy() for t in tables])
     significant = np.concatenate([t["significant"].to_numpy() for t in tables])
-    return {"tests": int(p.size), "p_below_0.05": float((p < 0.05).mean()), "bh_below_0.05": float((q < 0.05).mean()),
-            "significant": int(significant.sum())}  # fmt: skip
+    return {
+        "tests": int(p.size),
+        "p_below_0.05": float((p < 0.05).mean()),
+        "bh_below_0.05": float((q < 0.05).mean()),
+        "significant": int(significant.sum()),
+    }
 
 
 def calibrate(model: Path, cells, num_shams: int, num_seeds: int) -> dict:
@@ -62,9 +83,10 @@ def calibrate(model: Path, cells, num_shams: int, num_seeds: int) -> dict:
         "median_abs_log2fc": float(de["log2_fold_change"].abs().median()),
         "max_abs_log2fc": float(de["log2_fold_change"].abs().max()),
         "paired_wilcoxon_bh_below_0.05": int((de["wilcoxon_p_adjusted"] < 0.05).sum()),
-        "significant_against_null": int(de["significant"].sum()), "tests": len(de),
+        "significant_against_null": int(de["significant"].sum()),
+        "tests": len(de),
         "p_below_0.05": float((de["p_value"] < 0.05).mean()),
-    }  # fmt: skip
+    }
 
     # Each sham, as if it were the perturbation, against the others (the same predictions the null used: same seed).
     shams = list(result.summary["null_genes"]["TNF"])
@@ -87,8 +109,12 @@ def calibrate(model: Path, cells, num_shams: int, num_seeds: int) -> dict:
     for name in result.summary["time_points"]:
         at = [c[c.obs["time_point"] == name].layers["control"] for c in controls]
         seed_tables.append(differential_expression_against_null(at[0], at[1], at[2:], genes, bootstrap=0))
-    return {"knockout_tnf": knockout, "sham_against_shams": rates(tables), "seed_against_seeds": rates(seed_tables),
-            "sham_genes": [g[0] for g in shams]}  # fmt: skip
+    return {
+        "knockout_tnf": knockout,
+        "sham_against_shams": rates(tables),
+        "seed_against_seeds": rates(seed_tables),
+        "sham_genes": [g[0] for g in shams],
+    }
 
 
 def main(argv=None) -> None:
@@ -109,18 +135,30 @@ def main(argv=None) -> None:
     folder = args.workdir or Path(tempfile.mkdtemp(prefix="calibrate_null_"))
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "tokens").exists():
-        tokenize_anndata(SHALEK, folder / "tokens", time_key="time", time_value_key="time_h", source="1h",
-                         gene_id_key="human_ensembl_id", n_hvg=500, include_genes=["TNF"], progress=False)  # fmt: skip
+        tokenize_anndata(
+            SHALEK,
+            folder / "tokens",
+            time_key="time",
+            time_value_key="time_h",
+            source="1h",
+            gene_id_key="human_ensembl_id",
+            n_hvg=500,
+            include_genes=["TNF"],
+            progress=False,
+        )
     adata = ad.read_h5ad(SHALEK)
     cells = adata[adata.obs["time"] == "1h"][: args.cells].copy()
     runs = {}
     for steps in args.steps:
         start = time.perf_counter()
-        runs[f"{steps}_steps"] = {**calibrate(train_model(folder, steps), cells, args.shams, args.seeds),
-                                  "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+        runs[f"{steps}_steps"] = {
+            **calibrate(train_model(folder, steps), cells, args.shams, args.seeds),
+            "seconds": round(time.perf_counter() - start, 1),
+        }
         print(f"{steps} steps:", json.dumps(runs[f"{steps}_steps"], indent=1))
-    RESULTS.write_text(json.dumps({"settings": vars(args) | {"workdir": str(folder)}, "runs": runs}, indent=2,
-                                  default=str))  # fmt: skip
+    RESULTS.write_text(
+        json.dumps({"settings": vars(args) | {"workdir": str(folder)}, "runs": runs}, indent=2, default=str)
+    )
     print(f"wrote {RESULTS}")
 
 

@@ -17,8 +17,13 @@ from perturbgen_hf.demo import DemoSettings, run_demo
 def main():
     changes = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     summary = run_demo(sys.argv[1], replace(DemoSettings(), **changes), overwrite=True, progress=False)
-    record = {"settings": changes, "auroc": summary["auroc"], "pearson": summary["pearson"],
-              "median_abs_predicted_change": summary["median_abs_predicted_change"], "seconds": summary["seconds"]}  # fmt: skip
+    record = {
+        "settings": changes,
+        "auroc": summary["auroc"],
+        "pearson": summary["pearson"],
+        "median_abs_predicted_change": summary["median_abs_predicted_change"],
+        "seconds": summary["seconds"],
+    }
     sys.stdout.write(json.dumps(record) + "\n")
 
 

@@ -34,31 +34,61 @@ RESULTS = Path(__file__).resolve().parent / "results" / "evaluate_real_data.json
 SHALEK = ["--time-key", "time", "--source", "1h"]
 KANG = ["--time-key", "condition", "--time-order", "ctrl", "stim", "--source", "ctrl", "--group-key", "cell_type"]
 RUNS = {
-    "shalek_4h": (DATA / "shalek2014_bmdc_lps_timecourse.h5ad", ["--protocol", "heldout-time", "--heldout", "4h",
-                                                                 *SHALEK]),
-    "shalek_6h": (DATA / "shalek2014_bmdc_lps_timecourse.h5ad", ["--protocol", "heldout-time", "--heldout", "6h",
-                                                                 *SHALEK]),
-    "kang_cd4t": (DATA / "kang2018_pbmc_ifnb_muscat_subset.h5ad", ["--protocol", "heldout-group", "--heldout",
-                                                                   "CD4 T cells", *KANG]),
-    "kang_cd14mono": (DATA / "kang2018_pbmc_ifnb_muscat_subset.h5ad", ["--protocol", "heldout-group", "--heldout",
-                                                                       "CD14+ Monocytes", *KANG]),
+    "shalek_4h": (
+        DATA / "shalek2014_bmdc_lps_timecourse.h5ad",
+        ["--protocol", "heldout-time", "--heldout", "4h", *SHALEK],
+    ),
+    "shalek_6h": (
+        DATA / "shalek2014_bmdc_lps_timecourse.h5ad",
+        ["--protocol", "heldout-time", "--heldout", "6h", *SHALEK],
+    ),
+    "kang_cd4t": (
+        DATA / "kang2018_pbmc_ifnb_muscat_subset.h5ad",
+        ["--protocol", "heldout-group", "--heldout", "CD4 T cells", *KANG],
+    ),
+    "kang_cd14mono": (
+        DATA / "kang2018_pbmc_ifnb_muscat_subset.h5ad",
+        ["--protocol", "heldout-group", "--heldout", "CD14+ Monocytes", *KANG],
+    ),
     # The package's simulator (seed 0: 400 clones x 2 cells at 0h, 2h, 6h, 12h), written into the workdir.
     "simulated_6h": (None, ["--protocol", "heldout-time", "--heldout", "6h", "--time-key", "time", "--source", "0h"]),
-    "simulated_12h": (None, ["--protocol", "heldout-time", "--heldout", "12h", "--time-key", "time", "--source",
-                             "0h"]),
-}  # fmt: skip
+    "simulated_12h": (
+        None,
+        ["--protocol", "heldout-time", "--heldout", "12h", "--time-key", "time", "--source", "0h"],
+    ),
+}
 # The metrics shown in the tables (metrics.csv has them all).
-SHOWN = ["pearson_delta", "pearson_delta_top20_de", "mse", "mae", "r2_means", "r2_means_top100_de",
-         "e_distance_squared", "mmd_rbf", "wasserstein_per_gene", "overlap_at_N", "de_direction_match",
-         "de_spearman_lfc_sig", "token_top25_overlap"]  # fmt: skip
+SHOWN = [
+    "pearson_delta",
+    "pearson_delta_top20_de",
+    "mse",
+    "mae",
+    "r2_means",
+    "r2_means_top100_de",
+    "e_distance_squared",
+    "mmd_rbf",
+    "wasserstein_per_gene",
+    "overlap_at_N",
+    "de_direction_match",
+    "de_spearman_lfc_sig",
+    "token_top25_overlap",
+]
 
 
 def table(metrics: pd.DataFrame) -> str:
-    wide = metrics[metrics["metric"].isin(SHOWN)].pivot_table(index="method", columns="metric", values="value",
-                                                                dropna=False)  # fmt: skip
+    wide = metrics[metrics["metric"].isin(SHOWN)].pivot_table(
+        index="method", columns="metric", values="value", dropna=False
+    )
     wide = wide[[m for m in SHOWN if m in wide.columns]]
-    order = ["PerturbGen (this model)", "no change", "training mean", "nearest time point", "neighbour interpolation",
-             "OT interpolation", "linear (PCA + ridge)"]  # fmt: skip
+    order = [
+        "PerturbGen (this model)",
+        "no change",
+        "training mean",
+        "nearest time point",
+        "neighbour interpolation",
+        "OT interpolation",
+        "linear (PCA + ridge)",
+    ]
     wide = wide.reindex([m for m in order if m in wide.index])
     header = "| method | " + " | ".join(wide.columns) + " |"
     lines = [header, "|" + "---|" * (len(wide.columns) + 1)]
@@ -114,9 +144,26 @@ def main() -> None:
         out = workdir / name
         started = time.perf_counter()
         reuse = ["--model", str(Path(args.models) / name / "model")] if args.models else []
-        code = cli(["evaluate", str(path), "--out", str(out), *options, *reuse, "--preset", "compact", "--max-steps",
-                    str(args.max_steps), "--seed", str(args.seed), "--time-scale", args.time_scale, "--overwrite",
-                    "--no-progress"])  # fmt: skip
+        code = cli(
+            [
+                "evaluate",
+                str(path),
+                "--out",
+                str(out),
+                *options,
+                *reuse,
+                "--preset",
+                "compact",
+                "--max-steps",
+                str(args.max_steps),
+                "--seed",
+                str(args.seed),
+                "--time-scale",
+                args.time_scale,
+                "--overwrite",
+                "--no-progress",
+            ]
+        )
         if code != 0:
             raise SystemExit(f"{name} failed with exit code {code}")
         seconds = time.perf_counter() - started
@@ -135,8 +182,10 @@ def main() -> None:
             "metrics": metrics.to_dict(orient="records"),
         }
         RESULTS.write_text(json.dumps(results, indent=1, default=float))
-        print(f"\n### {name} ({seconds:.0f} s)\n\n{table(metrics)}\n\nmodel better than: {head_to_head(metrics)}\n",
-              flush=True)  # fmt: skip
+        print(
+            f"\n### {name} ({seconds:.0f} s)\n\n{table(metrics)}\n\nmodel better than: {head_to_head(metrics)}\n",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -55,15 +55,20 @@ def module_scores(programs: pd.Series, modules: np.ndarray) -> dict:
 
     labels = programs.to_numpy()
     network = modules > 0
-    scores = {"ari_network_genes": float(adjusted_rand_score(modules[network], labels[network])),
-              "ari_all_genes": float(adjusted_rand_score(modules, labels)), "modules": {}}  # fmt: skip
+    scores = {
+        "ari_network_genes": float(adjusted_rand_score(modules[network], labels[network])),
+        "ari_all_genes": float(adjusted_rand_score(modules, labels)),
+        "modules": {},
+    }
     for module in sorted(set(modules[network])):
         members = labels[modules == module]
         top = pd.Series(members).value_counts().index[0]
         scores["modules"][f"REG{module}"] = {
-            "genes": len(members), "program": str(top), "recall": float(np.mean(members == top)),
+            "genes": len(members),
+            "program": str(top),
+            "recall": float(np.mean(members == top)),
             "purity": float(np.mean(modules[labels == top] == module)),
-        }  # fmt: skip
+        }
     return scores
 
 
@@ -82,8 +87,7 @@ def coexpression_programs(adata: ad.AnnData, genes, resolution: float, seed: int
     features = ad.AnnData(np.concatenate(blocks, axis=1).astype(np.float32))
     sc.pp.pca(features, n_comps=30, random_state=seed)
     sc.pp.neighbors(features, n_neighbors=15, use_rep="X_pca", random_state=seed)
-    sc.tl.leiden(features, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2,
-                 directed=False)  # fmt: skip
+    sc.tl.leiden(features, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
     return pd.Series(features.obs["leiden"].astype(str).to_numpy(), index=list(genes))
 
 
@@ -103,11 +107,21 @@ def simulator_run(workdir: Path, seed: int) -> dict:
     demo = json.loads((folder / "summary.json").read_text())
     model = AutoModel.from_pretrained(folder / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
-    simulation = simulate_trajectory(num_clones=settings.num_clones, cells_per_clone=settings.cells_per_clone,
-                                     seed=seed)  # fmt: skip
+    simulation = simulate_trajectory(
+        num_clones=settings.num_clones, cells_per_clone=settings.cells_per_clone, seed=seed
+    )
     source = simulation[(simulation.obs["time"].astype(str) == "0h").to_numpy()]
-    embeddings = embed_genes(model, tokenizer, source, iterations=settings.iterations, num_samples=settings.num_samples,
-                             temperature=settings.temperature, seed=seed, batch_size=64, progress=False)  # fmt: skip
+    embeddings = embed_genes(
+        model,
+        tokenizer,
+        source,
+        iterations=settings.iterations,
+        num_samples=settings.num_samples,
+        temperature=settings.temperature,
+        seed=seed,
+        batch_size=64,
+        progress=False,
+    )
     symbols = dict(zip(simulation.var_names, simulation.var["gene_symbol"]))
     embeddings.obs["gene_symbol"] = [symbols[g] for g in embeddings.obs_names]
     runs = {}
@@ -117,16 +131,25 @@ def simulator_run(workdir: Path, seed: int) -> dict:
         modules = true_modules(members["gene_symbol"])
         coexpressed = coexpression_programs(simulation, members["gene_id"], resolution, seed)
         runs[str(resolution)] = {
-            "programs": len(programs.summary), "genes_clustered": len(members),
+            "programs": len(programs.summary),
+            "genes_clustered": len(members),
             "model": module_scores(members["program"], modules),
-            "observed_coexpression": module_scores(coexpressed.reindex(members["gene_id"]).reset_index(drop=True),
-                                                   modules),
-            "top_changing": programs.summary.sort_values("change", ascending=False).head(3)[
-                ["program", "size", "hubs", "change", "trend"]].to_dict("records"),
-        }  # fmt: skip
+            "observed_coexpression": module_scores(
+                coexpressed.reindex(members["gene_id"]).reset_index(drop=True), modules
+            ),
+            "top_changing": programs.summary.sort_values("change", ascending=False)
+            .head(3)[["program", "size", "hubs", "change", "trend"]]
+            .to_dict("records"),
+        }
     knockouts = regulator_knockouts(folder, settings, simulation)
-    return {"seed": seed, "seconds": time.perf_counter() - started, "resolutions": runs, "knockout_auroc": knockouts,
-            "demo_knockout_auroc": demo["auroc"], "demo_knockout_pearson": demo["pearson"]}  # fmt: skip
+    return {
+        "seed": seed,
+        "seconds": time.perf_counter() - started,
+        "resolutions": runs,
+        "knockout_auroc": knockouts,
+        "demo_knockout_auroc": demo["auroc"],
+        "demo_knockout_pearson": demo["pearson"],
+    }
 
 
 def regulator_knockouts(folder: Path, settings, simulation: ad.AnnData) -> dict:
@@ -136,26 +159,42 @@ def regulator_knockouts(folder: Path, settings, simulation: ad.AnnData) -> dict:
 
     from perturbgen_hf.data import simulate_trajectory
     from perturbgen_hf.data.simulate import true_effects
-    from perturbgen_hf.demo import _split_clones, _with_symbols, effect_scores
+    from perturbgen_hf.demo import _split_clones, _with_symbols
+    from perturbgen_hf.evaluation.effects import effect_scores
 
     heldout = _split_clones(simulation, settings.heldout_fraction, settings.seed)
     source = _with_symbols(simulation[heldout & (simulation.obs["time"].astype(str) == "0h").to_numpy()])
     pipe = pipeline("perturbation", model=str(folder / "model"), gene_ids="gene_id")
     regulators = list(simulation.uns["network"]["regulators"])
-    result = pipe(source, screen=regulators, mode="delete", iterations=settings.iterations,
-                  num_samples=settings.num_samples, temperature=settings.temperature, seed=settings.seed,
-                  null_perturbations=0, progress=False)  # fmt: skip
+    result = pipe(
+        source,
+        screen=regulators,
+        mode="delete",
+        iterations=settings.iterations,
+        num_samples=settings.num_samples,
+        temperature=settings.temperature,
+        seed=settings.seed,
+        null_perturbations=0,
+        progress=False,
+    )
     scores = {}
     for regulator in regulators:
-        knocked = simulate_trajectory(num_clones=settings.num_clones, cells_per_clone=settings.cells_per_clone,
-                                      seed=settings.seed, knockout=[regulator])  # fmt: skip
+        knocked = simulate_trajectory(
+            num_clones=settings.num_clones,
+            cells_per_clone=settings.cells_per_clone,
+            seed=settings.seed,
+            knockout=[regulator],
+        )
         truth = true_effects(simulation[heldout], knocked[heldout])
         scores[regulator] = {}
         for time_point in ["2h", "6h", "12h"]:
             true_t = truth[(truth["time_point"] == time_point) & (truth["gene_symbol"] != regulator)]
             true_t = true_t.set_index("gene_symbol")["log2_fold_change"]
-            de = result.de[(result.de["time_point"] == time_point) & (result.de["group"] == "all")
-                           & (result.de["perturbation"] == regulator)]  # fmt: skip
+            de = result.de[
+                (result.de["time_point"] == time_point)
+                & (result.de["group"] == "all")
+                & (result.de["perturbation"] == regulator)
+            ]
             predicted = de.set_index("gene")["log2_fold_change"].reindex(true_t.index).fillna(0.0)
             scores[regulator][time_point] = effect_scores(predicted.to_numpy(), true_t.to_numpy())["auroc"]
     return scores
@@ -172,14 +211,41 @@ def shalek_run(workdir: Path, max_steps: int, seed: int) -> dict:
     started = time.perf_counter()
     settings = EvaluationSettings(max_steps=max_steps, seed=seed)
     if not (folder / "model" / "model.safetensors").is_file():
-        tokenize_anndata(data, folder / "tokens", time_key="time", time_value_key="time_h", source="1h",
-                         n_hvg=settings.n_hvg, include_genes=INTERFERON + PRIMARY, pairing="transport", seed=seed,
-                         max_length=settings.max_source_length, progress=False)  # fmt: skip
+        tokenize_anndata(
+            data,
+            folder / "tokens",
+            time_key="time",
+            time_value_key="time_h",
+            source="1h",
+            n_hvg=settings.n_hvg,
+            include_genes=INTERFERON + PRIMARY,
+            pairing="transport",
+            seed=seed,
+            max_length=settings.max_source_length,
+            progress=False,
+        )
         train_on_cpu(folder / "tokens", folder / "model", settings, log_every=max(1, max_steps // 10))
     trained = time.perf_counter() - started
     out = folder / "embed"
-    code = cli(["embed", "--model", str(folder / "model"), "--adata", str(data), "--out", str(out), "--time-key",
-                "time", "--seed", str(seed), "--label-genes", *INTERFERON, *PRIMARY, "--overwrite"])  # fmt: skip
+    code = cli(
+        [
+            "embed",
+            "--model",
+            str(folder / "model"),
+            "--adata",
+            str(data),
+            "--out",
+            str(out),
+            "--time-key",
+            "time",
+            "--seed",
+            str(seed),
+            "--label-genes",
+            *INTERFERON,
+            *PRIMARY,
+            "--overwrite",
+        ]
+    )
     if code != 0:
         raise SystemExit(f"perturbgen-hf embed failed with exit code {code}")
     members = pd.read_csv(out / "gene_programs.csv")
@@ -196,11 +262,17 @@ def shalek_run(workdir: Path, max_steps: int, seed: int) -> dict:
             "hubs": summary.set_index("program").loc[program, "hubs"],
             "predicted": dict(zip(part["time_point"], part["predicted"].round(3))),
             "observed": dict(zip(part["time_point"], part["observed"].round(3))),
-        }  # fmt: skip
-    return {"train_seconds": trained, "seconds": time.perf_counter() - started, "max_steps": max_steps,
-            "programs": len(summary), "genes_clustered": len(members), "known_genes": known,
-            "program_activity": curves,
-            "screen_genes": (out / "screen_genes.txt").read_text().splitlines()[1:]}  # fmt: skip
+        }
+    return {
+        "train_seconds": trained,
+        "seconds": time.perf_counter() - started,
+        "max_steps": max_steps,
+        "programs": len(summary),
+        "genes_clustered": len(members),
+        "known_genes": known,
+        "program_activity": curves,
+        "screen_genes": (out / "screen_genes.txt").read_text().splitlines()[1:],
+    }
 
 
 def main():
@@ -221,11 +293,15 @@ def main():
         )
         test = simulator_run(workdir, seed=0)
         results["simulator"] = {
-            "validation_seed_1": validation, "chosen_resolution": chosen,
-            "chosen_resolution_coexpression": chosen_coexpression, "test_seed_0": test,
-            "scored": {"model": test["resolutions"][str(chosen)]["model"],
-                       "observed_coexpression": test["resolutions"][str(chosen_coexpression)]["observed_coexpression"]},
-        }  # fmt: skip
+            "validation_seed_1": validation,
+            "chosen_resolution": chosen,
+            "chosen_resolution_coexpression": chosen_coexpression,
+            "test_seed_0": test,
+            "scored": {
+                "model": test["resolutions"][str(chosen)]["model"],
+                "observed_coexpression": test["resolutions"][str(chosen_coexpression)]["observed_coexpression"],
+            },
+        }
         print(json.dumps(results["simulator"]["scored"], indent=1))
     if args.only in (None, "shalek"):
         results["shalek"] = shalek_run(workdir, args.max_steps, args.seed)

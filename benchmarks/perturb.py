@@ -60,12 +60,24 @@ def build_model(folder: Path, cells: ad.AnnData, num_target_genes: int, seed: in
             break
     tokenizer.set_target_genes(chosen)
     config = PerturbGenConfig(
-        encoder=BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=512, max_position_embeddings=1024).to_dict(),
-        decoder_hidden_size=128, decoder_num_layers=2, decoder_num_heads=4, decoder_intermediate_size=512,
-        decoder_max_position_embeddings=64, time_points=["6h", "10h"], time_values=[6.0, 10.0],
-        target_genes=chosen, num_target_genes=len(chosen),
-    )  # fmt: skip
+        encoder=BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=512,
+            max_position_embeddings=1024,
+        ).to_dict(),
+        decoder_hidden_size=128,
+        decoder_num_layers=2,
+        decoder_num_heads=4,
+        decoder_intermediate_size=512,
+        decoder_max_position_embeddings=64,
+        time_points=["6h", "10h"],
+        time_values=[6.0, 10.0],
+        target_genes=chosen,
+        num_target_genes=len(chosen),
+    )
     torch.manual_seed(seed)
     PerturbGenForConditionalGeneration(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -109,8 +121,9 @@ def run_package(folder, cells_path, genes, batch_size, iterations, seed):
     cells = ad.read_h5ad(cells_path)
     pipe = pipeline("perturbation", model=str(folder), gene_ids="human_ensembl_id")
     start = time.perf_counter()
-    result = pipe(cells, screen=genes, mode="mask", iterations=iterations, seed=seed, batch_size=batch_size,
-                  progress=False)  # fmt: skip
+    result = pipe(
+        cells, screen=genes, mode="mask", iterations=iterations, seed=seed, batch_size=batch_size, progress=False
+    )
     seconds = time.perf_counter() - start
     obs = result.adata.obs
     per_gene = {}
@@ -122,8 +135,7 @@ def run_package(folder, cells_path, genes, batch_size, iterations, seed):
             "control": result.adata.layers["control"][rows],
             "perturbed": result.adata.layers["perturbed"][rows],
         }
-    return {"seconds": seconds, "per_gene": per_gene, "peak_rss_mib": _peak_rss_mib(),
-            "summary": result.summary}  # fmt: skip
+    return {"seconds": seconds, "per_gene": per_gene, "peak_rss_mib": _peak_rss_mib(), "summary": result.summary}
 
 
 def run_naive(folder, cells_path, genes, batch_size, iterations, seed, keep_only_expressing=True):
@@ -136,8 +148,9 @@ def run_naive(folder, cells_path, genes, batch_size, iterations, seed, keep_only
     cells = ad.read_h5ad(cells_path)
     model = PerturbGenForConditionalGeneration.from_pretrained(folder).eval()
     tokenizer = PerturbGenTokenizer.from_pretrained(folder)
-    model.decoder.project_memory = types.MethodType(lambda self, memory: _UncachedMemory(self.layers, memory),
-                                                    model.decoder)  # fmt: skip
+    model.decoder.project_memory = types.MethodType(
+        lambda self, memory: _UncachedMemory(self.layers, memory), model.decoder
+    )
     config = model.config
     max_length = config.encoder.max_position_embeddings
     start = time.perf_counter()
@@ -161,9 +174,15 @@ def run_naive(folder, cells_path, genes, batch_size, iterations, seed, keep_only
             for source, out in (([tokens[r] for r in rows], control), ([edited[r][0] for r in rows], perturbed)):
                 input_ids, attention_mask = _pad(source)
                 generator = torch.Generator().manual_seed(cell_batch_seed(seed, batch_start, 0))
-                prediction = model.generate(input_ids, attention_mask, sequence_length=lengths, generator=generator,
-                                            num_iterations=iterations, noise_index=torch.as_tensor(rows - batch_start),
-                                            num_noise_rows=batch_size)  # fmt: skip
+                prediction = model.generate(
+                    input_ids,
+                    attention_mask,
+                    sequence_length=lengths,
+                    generator=generator,
+                    num_iterations=iterations,
+                    noise_index=torch.as_tensor(rows - batch_start),
+                    num_noise_rows=batch_size,
+                )
                 out[rows] = prediction.counts.numpy()
         if not keep_only_expressing:  # unchanged cells were predicted twice with the same draws
             perturbed[~changed] = control[~changed]
@@ -238,20 +257,33 @@ def main(argv=None):
     agreement = compare(package, naive, genes)
     changed = sum(int(naive["per_gene"][g]["changed"].sum()) for g in genes)
     results = {
-        "cells": args.cells, "genes": genes, "changed_cells_total": changed, "batch_size": args.batch_size,
-        "iterations": args.iterations, "threads": torch.get_num_threads(),
-        "package": {"seconds": package["seconds"], "cells_x_genes_per_s": work / package["seconds"],
-                    "peak_rss_mib": package["peak_rss_mib"]},
-        "naive": {"seconds": naive["seconds"], "cells_x_genes_per_s": work / naive["seconds"],
-                  "peak_rss_mib": naive["peak_rss_mib"]},
-        "speedup": naive["seconds"] / package["seconds"], **agreement,
-    }  # fmt: skip
+        "cells": args.cells,
+        "genes": genes,
+        "changed_cells_total": changed,
+        "batch_size": args.batch_size,
+        "iterations": args.iterations,
+        "threads": torch.get_num_threads(),
+        "package": {
+            "seconds": package["seconds"],
+            "cells_x_genes_per_s": work / package["seconds"],
+            "peak_rss_mib": package["peak_rss_mib"],
+        },
+        "naive": {
+            "seconds": naive["seconds"],
+            "cells_x_genes_per_s": work / naive["seconds"],
+            "peak_rss_mib": naive["peak_rss_mib"],
+        },
+        "speedup": naive["seconds"] / package["seconds"],
+        **agreement,
+    }
     if naive_all is not None:
         results["naive_all_cells"] = {
-            "seconds": naive_all["seconds"], "cells_x_genes_per_s": work / naive_all["seconds"],
-            "peak_rss_mib": naive_all["peak_rss_mib"], "speedup": naive_all["seconds"] / package["seconds"],
+            "seconds": naive_all["seconds"],
+            "cells_x_genes_per_s": work / naive_all["seconds"],
+            "peak_rss_mib": naive_all["peak_rss_mib"],
+            "speedup": naive_all["seconds"] / package["seconds"],
             **compare(package, naive_all, genes),
-        }  # fmt: skip
+        }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

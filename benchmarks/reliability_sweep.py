@@ -112,17 +112,41 @@ def make_model(folder: Path) -> tuple[Path, Path, Path]:
     from perturbgen_hf.tokenization import PerturbGenTokenizer
 
     tokens = folder / "lps_tokens"
-    main(["tokenize", str(SHALEK), "--out", str(tokens), "--time-key", "time", "--source", "1h", "--n-hvg", "30",
-          "--no-progress"])  # fmt: skip
+    main(
+        [
+            "tokenize",
+            str(SHALEK),
+            "--out",
+            str(tokens),
+            "--time-key",
+            "time",
+            "--source",
+            "1h",
+            "--n-hvg",
+            "30",
+            "--no-progress",
+        ]
+    )
     tokenizer = PerturbGenTokenizer.from_pretrained(tokens / "tokenizer")
     description = json.loads((tokens / "perturbgen_data.json").read_text())
     config = PerturbGenConfig(
-        encoder={"vocab_size": len(tokenizer.vocab), "hidden_size": 32, "num_hidden_layers": 1,
-                 "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 4096},
-        decoder_hidden_size=32, decoder_num_layers=1, decoder_num_heads=2, decoder_intermediate_size=64,
-        num_target_genes=len(tokenizer.target_genes), target_genes=tokenizer.target_genes,
-        time_points=description["time_points"], time_values=description["time_values"],
-    )  # fmt: skip
+        encoder={
+            "vocab_size": len(tokenizer.vocab),
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 4096,
+        },
+        decoder_hidden_size=32,
+        decoder_num_layers=1,
+        decoder_num_heads=2,
+        decoder_intermediate_size=64,
+        num_target_genes=len(tokenizer.target_genes),
+        target_genes=tokenizer.target_genes,
+        time_points=description["time_points"],
+        time_values=description["time_values"],
+    )
     model = folder / "model"
     PerturbGenForConditionalGeneration(config).save_pretrained(model)
     tokenizer.save_pretrained(model)
@@ -137,8 +161,12 @@ def bad_models(folder: Path, model: Path, tokens: Path) -> dict:
     models = {"model-missing": folder / "no_such_model", "model-tokens-folder": tokens}
     (folder / "empty_model").mkdir()
     models["model-empty-folder"] = folder / "empty_model"
-    for name, damage in (("model-bad-config", "config"), ("model-truncated-weights", "weights"),
-                         ("model-no-weights", "no-weights"), ("model-no-tokenizer", "no-tokenizer")):  # fmt: skip
+    for name, damage in (
+        ("model-bad-config", "config"),
+        ("model-truncated-weights", "weights"),
+        ("model-no-weights", "no-weights"),
+        ("model-no-tokenizer", "no-tokenizer"),
+    ):
         copy = folder / name
         shutil.copytree(model, copy)
         if damage == "config":
@@ -159,21 +187,109 @@ def bad_models(folder: Path, model: Path, tokens: Path) -> dict:
 
 def cases(inputs, tokens, model, source, models, folder):
     """(name, argv builder taking the output folder, expected: "error" or "warning", options)."""
-    tok = lambda path, *extra: lambda out: ["tokenize", str(path), "--out", str(out), "--time-key", "time",  # noqa: E731
-                                            "--source", "0h", "--no-progress", *extra]  # fmt: skip
-    ev = lambda path, *extra: lambda out: ["evaluate", str(path), "--out", str(out), "--protocol", "heldout-time",  # noqa: E731
-                                           "--heldout", "2h", "--time-key", "time", "--source", "0h", "--max-steps",
-                                           "2", "--preset", "tiny", "--no-progress", *extra]  # fmt: skip
-    demo = lambda path, *extra: lambda out: ["demo", "--adata", str(path), "--time-key", "time", "--source", "0h",  # noqa: E731
-                                             "--gene", "G1", "--out", str(out), *extra]  # fmt: skip
-    pert = lambda *extra, adata=source, model_=model, genes=None: lambda out: [  # noqa: E731
-        "perturb", "--model", str(model_), "--adata", str(adata), "--genes", *(genes or GENE), "--iterations", "1",
-        "--null-perturbations", "0", "--bootstrap", "0", "--no-plots", "--out", str(out), *extra]  # fmt: skip
-    train = lambda *extra: lambda out: ["train", "--data", str(tokens), "--out", str(out), "--use_cpu",  # noqa: E731
-                                        "--report_to", "none", *extra]  # fmt: skip
-    bad_files = ["missing", "folder", "empty-file", "csv", "binary", "truncated", "npy", "corrupt-indices",
-                 "corrupt-indptr", "corrupt-data", "nan-time", "float-counts", "negative-counts", "no-cells",
-                 "no-genes"]  # fmt: skip
+    tok = lambda path, *extra: (  # noqa: E731
+        lambda out: [
+            "tokenize",
+            str(path),
+            "--out",
+            str(out),
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--no-progress",
+            *extra,
+        ]
+    )
+    ev = lambda path, *extra: (  # noqa: E731
+        lambda out: [
+            "evaluate",
+            str(path),
+            "--out",
+            str(out),
+            "--protocol",
+            "heldout-time",
+            "--heldout",
+            "2h",
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--max-steps",
+            "2",
+            "--preset",
+            "tiny",
+            "--no-progress",
+            *extra,
+        ]
+    )
+    demo = lambda path, *extra: (  # noqa: E731
+        lambda out: [
+            "demo",
+            "--adata",
+            str(path),
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--gene",
+            "G1",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+    pert = lambda *extra, adata=source, model_=model, genes=None: (  # noqa: E731
+        lambda out: [
+            "perturb",
+            "--model",
+            str(model_),
+            "--adata",
+            str(adata),
+            "--genes",
+            *(genes or GENE),
+            "--iterations",
+            "1",
+            "--null-perturbations",
+            "0",
+            "--bootstrap",
+            "0",
+            "--no-plots",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+    train = lambda *extra: (  # noqa: E731
+        lambda out: [
+            "train",
+            "--data",
+            str(tokens),
+            "--out",
+            str(out),
+            "--use_cpu",
+            "--report_to",
+            "none",
+            *extra,
+        ]
+    )
+    bad_files = [
+        "missing",
+        "folder",
+        "empty-file",
+        "csv",
+        "binary",
+        "truncated",
+        "npy",
+        "corrupt-indices",
+        "corrupt-indptr",
+        "corrupt-data",
+        "nan-time",
+        "float-counts",
+        "negative-counts",
+        "no-cells",
+        "no-genes",
+    ]
     found = []
     for kind in bad_files:
         isolate = kind.startswith("corrupt")
@@ -192,75 +308,170 @@ def cases(inputs, tokens, model, source, models, folder):
     yaml_list = folder / "list.yaml"
     yaml_list.write_text("- a\n- b\n")
     tokenize_options = {
-        "bad --time-key": ["--time-key", "hour"], "bad --source": ["--source", "9h"], "source is last": ["--source", "6h"],
-        "bad --targets": ["--targets", "12h"], "--n-hvg 0": ["--n-hvg", "0"], "--num-proc 0": ["--num-proc", "0"],
-        "--chunk-size 0": ["--chunk-size", "0"], "--pairing mapping no file": ["--pairing", "mapping"],
+        "bad --time-key": ["--time-key", "hour"],
+        "bad --source": ["--source", "9h"],
+        "source is last": ["--source", "6h"],
+        "bad --targets": ["--targets", "12h"],
+        "--n-hvg 0": ["--n-hvg", "0"],
+        "--num-proc 0": ["--num-proc", "0"],
+        "--chunk-size 0": ["--chunk-size", "0"],
+        "--pairing mapping no file": ["--pairing", "mapping"],
         "--pairing-key missing": ["--pairing", "stratified", "--pairing-key", "celltype"],
-        "--gene-id-key missing": ["--gene-id-key", "ensembl"], "--condition-keys missing": ["--condition-keys", "donor"],
+        "--gene-id-key missing": ["--gene-id-key", "ensembl"],
+        "--condition-keys missing": ["--condition-keys", "donor"],
         "--tokenizer missing": ["--tokenizer", str(folder / "nope")],
         "--dictionaries missing": ["--dictionaries", str(folder / "a.pkl"), str(folder / "b.pkl")],
-        "--time-order unknown": ["--time-order", "0h", "2h", "99h"], "--max-length 0": ["--max-length", "0"],
+        "--time-order unknown": ["--time-order", "0h", "2h", "99h"],
+        "--max-length 0": ["--max-length", "0"],
         "--pairing-file missing": ["--pairing", "mapping", "--pairing-file", str(folder / "none.csv")],
-    }  # fmt: skip
+    }
     for name, extra in tokenize_options.items():
         found.append((f"tokenize {name}", tok(good, *extra), "error", False))
     global GENE
     GENE = [_expressed_gene(source, model)]
     perturb_options = {
         "--time-points -5": ["--time-points", "-5"],
-        "--time-points inf": ["--time-points", "inf"], "--time-points tomorrow": ["--time-points", "tomorrow"],
-        "--fdr 5": ["--fdr", "5"], "--fdr 0": ["--fdr", "0"], "--min-abs-log2fc -1": ["--min-abs-log2fc", "-1"],
-        "--num-samples 0": ["--num-samples", "0"], "--iterations 0": ["--iterations", "0"],
-        "--batch-size 0": ["--batch-size", "0"], "--null-perturbations -2": ["--null-perturbations", "-2"],
-        "--bootstrap -1": ["--bootstrap", "-1"], "--config missing": ["--config", str(folder / "none.yaml")],
-        "--config malformed": ["--config", str(yaml_bad)], "--config unknown key": ["--config", str(yaml_unknown)],
-        "--config a list": ["--config", str(yaml_list)], "--site tgt alone": ["--site", "tgt"],
+        "--time-points inf": ["--time-points", "inf"],
+        "--time-points tomorrow": ["--time-points", "tomorrow"],
+        "--fdr 5": ["--fdr", "5"],
+        "--fdr 0": ["--fdr", "0"],
+        "--min-abs-log2fc -1": ["--min-abs-log2fc", "-1"],
+        "--num-samples 0": ["--num-samples", "0"],
+        "--iterations 0": ["--iterations", "0"],
+        "--batch-size 0": ["--batch-size", "0"],
+        "--null-perturbations -2": ["--null-perturbations", "-2"],
+        "--bootstrap -1": ["--bootstrap", "-1"],
+        "--config missing": ["--config", str(folder / "none.yaml")],
+        "--config malformed": ["--config", str(yaml_bad)],
+        "--config unknown key": ["--config", str(yaml_unknown)],
+        "--config a list": ["--config", str(yaml_list)],
+        "--site tgt alone": ["--site", "tgt"],
         "--targets bad pair": ["--method", "teacher_forced", "--targets", "6h"],
         "--targets missing file": ["--method", "teacher_forced", "--targets", f"2h={folder / 'none.h5ad'}"],
-        "--group-key missing": ["--group-key", "celltype"], "--layer missing": ["--layer", "raw"],
-        "--perturb-time-points with src": ["--perturb-time-points", "2h"], "--temperature -1": ["--temperature", "-1"],
-    }  # fmt: skip
+        "--group-key missing": ["--group-key", "celltype"],
+        "--layer missing": ["--layer", "raw"],
+        "--perturb-time-points with src": ["--perturb-time-points", "2h"],
+        "--temperature -1": ["--temperature", "-1"],
+    }
     for name, extra in perturb_options.items():
         found.append((f"perturb {name}", pert(*extra), "error", False))
     found.append(("perturb unknown gene", pert(genes=["NOTAGENE"]), "error", False))
-    found.append(("perturb gene no source cell expresses", pert(genes=[_expressed_gene(source, model, last=True)]),
-                  "error", False))  # fmt: skip
+    found.append(
+        (
+            "perturb gene no source cell expresses",
+            pert(genes=[_expressed_gene(source, model, last=True)]),
+            "error",
+            False,
+        )
+    )
     for name, path in models.items():
         found.append((f"perturb --model {name}", pert(model_=path), "error", False))
     evaluate_options = {
-        "--preset huge": ["--preset", "huge"], "--max-steps 0": ["--max-steps", "0"],
-        "--batch-size 0": ["--batch-size", "0"], "--learning-rate -1": ["--learning-rate", "-1"],
-        "--heldout 99h": ["--heldout", "99h"], "--n-hvg 0": ["--n-hvg", "0"], "--iterations 0": ["--iterations", "0"],
-        "--model missing": ["--model", str(folder / "nope")], "--time-key missing": ["--time-key", "hour"],
-        "--source missing": ["--source", "5h"], "--top-de 0": ["--top-de", "0"],
-    }  # fmt: skip
+        "--preset huge": ["--preset", "huge"],
+        "--max-steps 0": ["--max-steps", "0"],
+        "--batch-size 0": ["--batch-size", "0"],
+        "--learning-rate -1": ["--learning-rate", "-1"],
+        "--heldout 99h": ["--heldout", "99h"],
+        "--n-hvg 0": ["--n-hvg", "0"],
+        "--iterations 0": ["--iterations", "0"],
+        "--model missing": ["--model", str(folder / "nope")],
+        "--time-key missing": ["--time-key", "hour"],
+        "--source missing": ["--source", "5h"],
+        "--top-de 0": ["--top-de", "0"],
+    }
     for name, extra in evaluate_options.items():
         found.append((f"evaluate {name}", ev(good, *extra), "error", False))
-    found.append(("evaluate heldout-group without --group-key",
-                  lambda out: ["evaluate", str(good), "--out", str(out), "--protocol", "heldout-group", "--heldout",
-                               "a", "--time-key", "time", "--source", "0h", "--no-progress"], "error", False))  # fmt: skip
-    found.append(("evaluate heldout-cells --heldout-fraction 1.5",
-                  lambda out: ["evaluate", str(good), "--out", str(out), "--protocol", "heldout-cells",
-                               "--heldout-fraction", "1.5", "--time-key", "time", "--source", "0h", "--no-progress"],
-                  "error", False))  # fmt: skip
-    found.append(("evaluate --data missing", lambda out: ["evaluate", "--data", str(folder / "nope"), "--out",
-                                                          str(out), "--protocol", "heldout-cells"], "error", False))  # fmt: skip
+    found.append(
+        (
+            "evaluate heldout-group without --group-key",
+            lambda out: [
+                "evaluate",
+                str(good),
+                "--out",
+                str(out),
+                "--protocol",
+                "heldout-group",
+                "--heldout",
+                "a",
+                "--time-key",
+                "time",
+                "--source",
+                "0h",
+                "--no-progress",
+            ],
+            "error",
+            False,
+        )
+    )
+    found.append(
+        (
+            "evaluate heldout-cells --heldout-fraction 1.5",
+            lambda out: [
+                "evaluate",
+                str(good),
+                "--out",
+                str(out),
+                "--protocol",
+                "heldout-cells",
+                "--heldout-fraction",
+                "1.5",
+                "--time-key",
+                "time",
+                "--source",
+                "0h",
+                "--no-progress",
+            ],
+            "error",
+            False,
+        )
+    )
+    found.append(
+        (
+            "evaluate --data missing",
+            lambda out: ["evaluate", "--data", str(folder / "nope"), "--out", str(out), "--protocol", "heldout-cells"],
+            "error",
+            False,
+        )
+    )
     train_options = {
-        "--max_steps 0": ["--max_steps", "0"], "--learning_rate -1": ["--max_steps", "2", "--learning_rate", "-1"],
-        "--preset huge": ["--preset", "huge"], "--objective bad": ["--objective", "everything"],
-        "--eval_fraction 1.5": ["--eval_fraction", "1.5"], "--batch size 0": ["--per_device_train_batch_size", "0"],
-        "--config malformed": ["--config", str(yaml_bad)], "--heldout_time_point unknown": ["--heldout_time_point", "x"],
-    }  # fmt: skip
+        "--max_steps 0": ["--max_steps", "0"],
+        "--learning_rate -1": ["--max_steps", "2", "--learning_rate", "-1"],
+        "--preset huge": ["--preset", "huge"],
+        "--objective bad": ["--objective", "everything"],
+        "--eval_fraction 1.5": ["--eval_fraction", "1.5"],
+        "--batch size 0": ["--per_device_train_batch_size", "0"],
+        "--config malformed": ["--config", str(yaml_bad)],
+        "--heldout_time_point unknown": ["--heldout_time_point", "x"],
+    }
     for name, extra in train_options.items():
         found.append((f"train {name}", train(*extra), "error", False))
-    found.append(("train --data missing", lambda out: ["train", "--data", str(folder / "nope"), "--out", str(out),
-                                                       "--use_cpu"], "error", False))  # fmt: skip
-    found.append(("demo --max-steps 0", lambda out: ["demo", "--fast", "--max-steps", "0", "--out", str(out)], "error",
-                  False))  # fmt: skip
-    found.append(("demo --null-perturbations -1", lambda out: ["demo", "--fast", "--null-perturbations", "-1",
-                                                               "--out", str(out)], "error", False))  # fmt: skip
-    found.append(("demo --adata without --gene", lambda out: ["demo", "--adata", str(good), "--time-key", "time",
-                                                              "--source", "0h", "--out", str(out)], "error", False))  # fmt: skip
+    found.append(
+        (
+            "train --data missing",
+            lambda out: ["train", "--data", str(folder / "nope"), "--out", str(out), "--use_cpu"],
+            "error",
+            False,
+        )
+    )
+    found.append(
+        ("demo --max-steps 0", lambda out: ["demo", "--fast", "--max-steps", "0", "--out", str(out)], "error", False)
+    )
+    found.append(
+        (
+            "demo --null-perturbations -1",
+            lambda out: ["demo", "--fast", "--null-perturbations", "-1", "--out", str(out)],
+            "error",
+            False,
+        )
+    )
+    found.append(
+        (
+            "demo --adata without --gene",
+            lambda out: ["demo", "--adata", str(good), "--time-key", "time", "--source", "0h", "--out", str(out)],
+            "error",
+            False,
+        )
+    )
     return found
 
 
@@ -289,23 +500,85 @@ def _expressed_gene(source, model, last=False):
 def overwrite_cases(inputs, source, model, folder):
     good = inputs["good"]
     commands = {
-        "tokenize": lambda out, *x: ["tokenize", str(good), "--out", str(out), "--time-key", "time", "--source", "0h",
-                                     "--no-progress", *x],
-        "evaluate": lambda out, *x: ["evaluate", str(good), "--out", str(out), "--protocol", "heldout-time",
-                                     "--heldout", "2h", "--time-key", "time", "--source", "0h", "--no-progress", *x],
-        "perturb": lambda out, *x: ["perturb", "--model", str(model), "--adata", str(source), "--genes", GENE[0],
-                                    "--iterations", "1", "--null-perturbations", "0", "--bootstrap", "0",
-                                    "--no-plots", "--out", str(out), *x],
-        "demo": lambda out, *x: ["demo", "--adata", str(good), "--time-key", "time", "--source", "0h", "--gene", "G1",
-                                 "--out", str(out), *x],
-    }  # fmt: skip
-    failing = {"tokenize": ["--source", "9h"], "evaluate": ["--preset", "huge"], "perturb": ["--fdr", "5"],
-               "demo": ["--max-steps", "0"]}  # fmt: skip
+        "tokenize": lambda out, *x: [
+            "tokenize",
+            str(good),
+            "--out",
+            str(out),
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--no-progress",
+            *x,
+        ],
+        "evaluate": lambda out, *x: [
+            "evaluate",
+            str(good),
+            "--out",
+            str(out),
+            "--protocol",
+            "heldout-time",
+            "--heldout",
+            "2h",
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--no-progress",
+            *x,
+        ],
+        "perturb": lambda out, *x: [
+            "perturb",
+            "--model",
+            str(model),
+            "--adata",
+            str(source),
+            "--genes",
+            GENE[0],
+            "--iterations",
+            "1",
+            "--null-perturbations",
+            "0",
+            "--bootstrap",
+            "0",
+            "--no-plots",
+            "--out",
+            str(out),
+            *x,
+        ],
+        "demo": lambda out, *x: [
+            "demo",
+            "--adata",
+            str(good),
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--gene",
+            "G1",
+            "--out",
+            str(out),
+            *x,
+        ],
+    }
+    failing = {
+        "tokenize": ["--source", "9h"],
+        "evaluate": ["--preset", "huge"],
+        "perturb": ["--fdr", "5"],
+        "demo": ["--max-steps", "0"],
+    }
     found = []
     for name, command in commands.items():
         found.append((f"{name} --overwrite on a user's folder", "foreign", command, ["--overwrite"]))
-        found.append((f"{name} --overwrite with a bad option keeps the earlier result", "earlier", command,
-                      ["--overwrite", *failing[name]]))  # fmt: skip
+        found.append(
+            (
+                f"{name} --overwrite with a bad option keeps the earlier result",
+                "earlier",
+                command,
+                ["--overwrite", *failing[name]],
+            )
+        )
         found.append((f"{name} --out is a file", "file", command, ["--overwrite"]))
     return found
 
@@ -343,14 +616,20 @@ def run_in_process(argv):
 
 
 def run_in_child(argv):
-    done = subprocess.run([sys.executable, "-m", "perturbgen_hf.cli", *argv], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "perturbgen_hf.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     return done.returncode, done.stderr, []
 
 
 def _leftovers(folder):
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and ("staging" in p.name
-                                                                                    or "replaced" in p.name))  # fmt: skip
+    return sorted(
+        p.name for p in folder.iterdir() if p.name.startswith(".") and ("staging" in p.name or "replaced" in p.name)
+    )
 
 
 def classify(code, stderr, messages, expected, out, leftovers):
@@ -384,17 +663,20 @@ def main():
     tokens, model, source = make_model(work / "inputs")
     models = bad_models(work / "inputs", model, tokens)
     rows = []
-    for index, (name, builder, expected, isolate) in enumerate(cases(inputs, tokens, model, source, models,
-                                                                      work / "inputs")):  # fmt: skip
+    for index, (name, builder, expected, isolate) in enumerate(
+        cases(inputs, tokens, model, source, models, work / "inputs")
+    ):
         parent = work / "runs" / f"{index:03d}"
         parent.mkdir()
         out = parent / "out"
         argv = builder(out)
         code, stderr, messages = (run_in_child if isolate else run_in_process)(argv)
-        outcome, detail = classify(code, stderr, messages, expected, out if expected == "error" else parent / "none",
-                                   _leftovers(parent))  # fmt: skip
-        rows.append({"case": name, "expected": expected, "outcome": outcome, "exit": code, "detail": detail,
-                     "argv": argv})  # fmt: skip
+        outcome, detail = classify(
+            code, stderr, messages, expected, out if expected == "error" else parent / "none", _leftovers(parent)
+        )
+        rows.append(
+            {"case": name, "expected": expected, "outcome": outcome, "exit": code, "detail": detail, "argv": argv}
+        )
     for index, (name, kind, command, extra) in enumerate(overwrite_cases(inputs, source, model, work / "inputs")):
         parent = work / "runs" / f"ow{index:03d}"
         parent.mkdir()
@@ -409,12 +691,18 @@ def main():
             run_in_process(earlier)
         else:
             out.write_text("a file")
-        before = {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} if out.is_dir() else \
-            out.read_bytes()  # fmt: skip
+        before = (
+            {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+            if out.is_dir()
+            else out.read_bytes()
+        )
         argv = command(out, *extra)
         code, stderr, messages = run_in_process(argv)
-        after = {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} if out.is_dir() else \
-            out.read_bytes()  # fmt: skip
+        after = (
+            {str(p): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+            if out.is_dir()
+            else out.read_bytes()
+        )
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
         if code is None or "Traceback (most recent call last)" in stderr:
             outcome = "traceback"
@@ -424,8 +712,16 @@ def main():
             outcome = "silent"
         else:
             outcome = "clean"
-        rows.append({"case": name, "expected": "error", "outcome": outcome, "exit": code,
-                     "detail": lines[-1] if lines else "", "argv": argv})  # fmt: skip
+        rows.append(
+            {
+                "case": name,
+                "expected": "error",
+                "outcome": outcome,
+                "exit": code,
+                "detail": lines[-1] if lines else "",
+                "argv": argv,
+            }
+        )
     counts = {k: sum(r["outcome"] == k for r in rows) for k in ("clean", "traceback", "crash", "silent", "data loss")}
     result = {"cases": len(rows), "counts": counts, "seconds": round(time.perf_counter() - started, 1), "rows": rows}
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)

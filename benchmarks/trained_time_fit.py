@@ -49,26 +49,39 @@ def main():
         value_of = adata.obs.groupby(args.time_key, observed=True)[args.time_value_key].first().to_dict()
         asked = [float(value_of[t]) for t in args.time_points]
     with torch.no_grad():
-        out = model.generate(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                             time_points=asked, generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
+        out = model.generate(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            time_points=asked,
+            generator=torch.Generator().manual_seed(args.seed),
+        )
     counts = out.counts.numpy()
     observed_all = metrics.log_normalize(tokenizer.target_counts(adata.X, list(adata.var_names)).toarray())
     reference = observed_all[times == args.source].mean(0)
     rng = np.random.default_rng(args.seed)
     rows = {"trained_time_points": list(model.config.time_points), "cells": len(source)}
-    print("| time point | trained | mse | pearson_delta | " + " | ".join(f"mse, rank {a}-{b or 'end'}"
-                                                                       for a, b in RANK_BANDS) + " |")  # fmt: skip
+    print(
+        "| time point | trained | mse | pearson_delta | "
+        + " | ".join(f"mse, rank {a}-{b or 'end'}" for a, b in RANK_BANDS)
+        + " |"
+    )
     for k, time_point in enumerate(args.time_points):
         predicted = metrics.log_normalize(rng.poisson(np.clip(counts[:, k], 0.0, None))).mean(0)
         observed = observed_all[times == time_point].mean(0)
         order = np.argsort(-observed)
         bands = [float(np.mean((predicted[order[a:b]] - observed[order[a:b]]) ** 2)) for a, b in RANK_BANDS]
-        entry = {"trained": time_point in model.config.time_points, "mse": metrics.mse(predicted, observed),
-                 "pearson_delta": metrics.pearson_delta(predicted, observed, reference),
-                 "mse_by_rank_band": dict(zip([f"{a}-{b or 'end'}" for a, b in RANK_BANDS], bands))}  # fmt: skip
+        entry = {
+            "trained": time_point in model.config.time_points,
+            "mse": metrics.mse(predicted, observed),
+            "pearson_delta": metrics.pearson_delta(predicted, observed, reference),
+            "mse_by_rank_band": dict(zip([f"{a}-{b or 'end'}" for a, b in RANK_BANDS], bands)),
+        }
         rows[time_point] = entry
-        print(f"| {time_point} | {entry['trained']} | {entry['mse']:.4f} | {entry['pearson_delta']:.3f} | "
-              + " | ".join(f"{v:.3f}" for v in bands) + " |")  # fmt: skip
+        print(
+            f"| {time_point} | {entry['trained']} | {entry['mse']:.4f} | {entry['pearson_delta']:.3f} | "
+            + " | ".join(f"{v:.3f}" for v in bands)
+            + " |"
+        )
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     results[Path(args.model).resolve().parent.name] = rows
     RESULTS.write_text(json.dumps(results, indent=1, default=float))

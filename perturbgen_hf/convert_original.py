@@ -42,8 +42,16 @@ logger = logging.getLogger(__name__)
 SPECIAL_TOKENS = {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
 # Libraries whose objects a Lightning checkpoint may pickle in its hyper-parameters (the training AnnData and what it
 # holds, paths, Lightning's own containers): read as inert placeholders, never built.
-PLACEHOLDER_LIBRARIES = ("anndata", "pandas", "scipy", "scanpy", "pathlib", "pytorch_lightning", "lightning",
-                         "lightning_fabric")  # fmt: skip
+PLACEHOLDER_LIBRARIES = (
+    "anndata",
+    "pandas",
+    "scipy",
+    "scanpy",
+    "pathlib",
+    "pytorch_lightning",
+    "lightning",
+    "lightning_fabric",
+)
 # numpy globals that rebuild plain arrays and dtypes (numpy 2 writes `numpy._core`, numpy 1 `numpy.core`).
 NUMPY_GLOBALS = {
     "numpy.dtype": np.dtype,
@@ -304,27 +312,53 @@ def build_config(weights, hparams, encoder_hparams, encoder_positions, target_ge
     theta = weights.get("count_head.log_theta")
     return PerturbGenConfig(
         encoder={
-            "vocab_size": vocab_rows, "hidden_size": width, "num_hidden_layers": _num_blocks(weights, "encoder"),
-            "num_attention_heads": encoder_heads, "intermediate_size": _shape(weights, "encoder.layers.0.mlp.fc1.weight")[0],
-            "max_position_embeddings": encoder_positions, "layer_norm_eps": 1e-5,
-            "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "pad_token_id": 0,
+            "vocab_size": vocab_rows,
+            "hidden_size": width,
+            "num_hidden_layers": _num_blocks(weights, "encoder"),
+            "num_attention_heads": encoder_heads,
+            "intermediate_size": _shape(weights, "encoder.layers.0.mlp.fc1.weight")[0],
+            "max_position_embeddings": encoder_positions,
+            "layer_norm_eps": 1e-5,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "pad_token_id": 0,
         },
-        encoder_type="original", encoder_head_dim=encoder_inner // encoder_heads, encoder_chain_blocks=False,
-        encoder_time_index=1, decoder_hidden_size=decoder_width, decoder_num_layers=_num_blocks(weights, "decoder"),
-        decoder_num_heads=heads, decoder_head_dim=head_dim,
-        decoder_intermediate_size=_shape(weights, "decoder.layers.0.mlp.fc1.weight")[0], decoder_norm="post",
-        decoder_max_position_embeddings=int(hparams.get("max_seq_length", 2048)), layer_norm_eps=1e-5,
-        time_points=list(time_points), time_values=list(time_values), time_encoding="ordinal", time_index_offset=1,
-        sinusoid_layout="interleaved", context_mode="chained" if hparams.get("context_mode", True) else "none",
-        target_genes=list(target_genes), decoder_vocab_reserve=reserve, pooling="non_special",
-        count_likelihood=loss, library_size="observed", count_head_norm="l2",
-        count_hidden_size=_shape(weights, "count_head.mlp.0.weight")[0] if "count_head.mlp.0.weight" in weights
+        encoder_type="original",
+        encoder_head_dim=encoder_inner // encoder_heads,
+        encoder_chain_blocks=False,
+        encoder_time_index=1,
+        decoder_hidden_size=decoder_width,
+        decoder_num_layers=_num_blocks(weights, "decoder"),
+        decoder_num_heads=heads,
+        decoder_head_dim=head_dim,
+        decoder_intermediate_size=_shape(weights, "decoder.layers.0.mlp.fc1.weight")[0],
+        decoder_norm="post",
+        decoder_max_position_embeddings=int(hparams.get("max_seq_length", 2048)),
+        layer_norm_eps=1e-5,
+        time_points=list(time_points),
+        time_values=list(time_values),
+        time_encoding="ordinal",
+        time_index_offset=1,
+        sinusoid_layout="interleaved",
+        context_mode="chained" if hparams.get("context_mode", True) else "none",
+        target_genes=list(target_genes),
+        decoder_vocab_reserve=reserve,
+        pooling="non_special",
+        count_likelihood=loss,
+        library_size="observed",
+        count_head_norm="l2",
+        count_hidden_size=_shape(weights, "count_head.mlp.0.weight")[0]
+        if "count_head.mlp.0.weight" in weights
         else decoder_width,
         num_dispersion_conditions=int(theta.shape[1]) if theta is not None and theta.dim() == 2 else 1,
-        count_prediction="mu", mask_schedule=hparams.get("mask_scheduler", "cosine"), generation_mode="original",
-        original_filter_threshold=0.9, freeze_encoder=True, source_path="none",
+        count_prediction="mu",
+        mask_schedule=hparams.get("mask_scheduler", "cosine"),
+        generation_mode="original",
+        original_filter_threshold=0.9,
+        freeze_encoder=True,
+        source_path="none",
         count_readout="pooled",
-    )  # fmt: skip
+    )
 
 
 def _encoder_positions(state_dict, encoder_state_dict) -> int:
@@ -407,8 +441,11 @@ def _sha256(path) -> str:
 def _load_weights(model, weights):
     """Copy the mapped tensors into the model, naming every missing weight and shape mismatch."""
     expected = model.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-                  for k, v in weights.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]  # fmt: skip
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in weights.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
     if mismatched:
         raise ValueError(f"Shape mismatch: {mismatched}.")
     unknown = sorted(set(weights) - set(expected))
@@ -422,9 +459,19 @@ def _load_weights(model, weights):
     return untrained
 
 
-def convert_original_checkpoint(checkpoint, token_dict, tokenid_to_rowid, rowid_to_gene, time_points, out,
-                                encoder_checkpoint=None, time_values=None, gene_median_dict=None,
-                                overwrite=False, force_overwrite=False) -> dict:  # fmt: skip
+def convert_original_checkpoint(
+    checkpoint,
+    token_dict,
+    tokenid_to_rowid,
+    rowid_to_gene,
+    time_points,
+    out,
+    encoder_checkpoint=None,
+    time_values=None,
+    gene_median_dict=None,
+    overwrite=False,
+    force_overwrite=False,
+) -> dict:
     """
     Convert an original PerturbGen checkpoint into a folder of this package (see the module docstring).
 
@@ -462,8 +509,15 @@ def convert_original_checkpoint(checkpoint, token_dict, tokenid_to_rowid, rowid_
     encoder_hparams = encoder_loaded.get("hyper_parameters") if encoder_loaded else None
     if encoder_hparams is None:
         warnings.append("No --encoder-checkpoint: the encoder's number of attention heads is assumed to be 8.")
-    config = build_config(weights, hparams, encoder_hparams, _encoder_positions(loaded["state_dict"], encoder_state),
-                          tokenizer.target_genes, time_points, time_values)  # fmt: skip
+    config = build_config(
+        weights,
+        hparams,
+        encoder_hparams,
+        _encoder_positions(loaded["state_dict"], encoder_state),
+        tokenizer.target_genes,
+        time_points,
+        time_values,
+    )
     model = PerturbGenForConditionalGeneration(config).eval()
     untrained = _load_weights(model, weights)
     if untrained:
@@ -473,18 +527,22 @@ def convert_original_checkpoint(checkpoint, token_dict, tokenid_to_rowid, rowid_
         )
     tokenizer.check_model_compatibility(model)
     report = {
-        "source": {"checkpoint": str(checkpoint), "sha256": _sha256(checkpoint),
-                   "encoder_checkpoint": str(encoder_checkpoint) if encoder_checkpoint else None,
-                   "lightning_version": loaded.get("pytorch-lightning_version")},
+        "source": {
+            "checkpoint": str(checkpoint),
+            "sha256": _sha256(checkpoint),
+            "encoder_checkpoint": str(encoder_checkpoint) if encoder_checkpoint else None,
+            "lightning_version": loaded.get("pytorch-lightning_version"),
+        },
         "stage": report["stage"],
         "dropped_keys": report["dropped"],
         "ignored_duplicate_keys": report["ignored_duplicates"],
         "untrained_weights": untrained,
-        "original_generation_defaults": {k: hparams.get(k) for k in ("temperature", "iterations", "sequence_length",
-                                                                      "mask_scheduler")},
+        "original_generation_defaults": {
+            k: hparams.get(k) for k in ("temperature", "iterations", "sequence_length", "mask_scheduler")
+        },
         "hyper_parameters": _jsonable(hparams),
         "warnings": warnings,
-    }  # fmt: skip
+    }
     with staged_output_folder(out, "convert-original", overwrite, force_overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

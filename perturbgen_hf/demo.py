@@ -14,17 +14,14 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import anndata as ad
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
-from scipy import stats
 from tqdm.auto import tqdm
 
 from .data.simulate import simulate_trajectory, true_effects
+from .evaluation.effects import effect_scores, profiles, ridge_knockout_effects, significance_calls
 from .io_utils import read_anndata
 from .output_folder import check_output_folder, staged_output_folder
-from .tokenization import log_normalize
 from .training import CpuTrainingSettings, train_on_cpu
 
 
@@ -60,98 +57,30 @@ class DemoSettings(CpuTrainingSettings):
 
 
 # A tiny variant for the test suite (well under a minute); its scores mean nothing.
-FAST = DemoSettings(num_clones=40, preset="tiny", max_steps=8, iterations=2, num_samples=1, max_source_length=64,
-                    max_target_length=64, null_perturbations=3)  # fmt: skip
+FAST = DemoSettings(
+    num_clones=40,
+    preset="tiny",
+    max_steps=8,
+    iterations=2,
+    num_samples=1,
+    max_source_length=64,
+    max_target_length=64,
+    null_perturbations=3,
+)
 
 
-def effect_scores(predicted: np.ndarray, truth: np.ndarray, responder_threshold: float = 0.5,
-                  unaffected_threshold: float = 0.1) -> dict:  # fmt: skip
-    """
-    How well predicted log fold changes match the true ones, gene by gene.
-
-    - `pearson`: Pearson correlation of predicted and true log2 fold changes over all genes (NaN if either is
-      constant);
-    - `sign_agreement`: share of true responders (|true| >= `responder_threshold`) whose predicted change has the
-      true sign (a prediction of exactly 0 has no sign and counts as wrong);
-    - `auroc`: probability that a true responder has a larger |predicted change| than a gene with
-      |true| < `unaffected_threshold` (ties count one half); NaN without both kinds of gene.
-
-    Args:
-        predicted, truth (`np.ndarray` of shape `(num_genes,)`).
-    """
-    predicted, truth = np.asarray(predicted, dtype=float), np.asarray(truth, dtype=float)
-    responders = np.abs(truth) >= responder_threshold
-    unaffected = np.abs(truth) < unaffected_threshold
-    constant = np.ptp(predicted) == 0 or np.ptp(truth) == 0
-    pearson = float("nan") if constant else float(stats.pearsonr(predicted, truth).statistic)
-    sign = float(np.mean(np.sign(predicted[responders]) == np.sign(truth[responders]))) if responders.any() else np.nan
-    auroc = float("nan")
-    if responders.any() and unaffected.any():
-        u = stats.mannwhitneyu(np.abs(predicted[responders]), np.abs(predicted[unaffected])).statistic
-        auroc = float(u / (responders.sum() * unaffected.sum()))
-    return {"pearson": pearson, "sign_agreement": sign, "auroc": auroc, "responders": int(responders.sum()),
-            "unaffected": int(unaffected.sum())}  # fmt: skip
-
-
-def significance_calls(called: np.ndarray, truth: np.ndarray, responder_threshold: float = 0.5,
-                       unaffected_threshold: float = 0.1) -> dict:  # fmt: skip
-    """
-    The pipeline's significance calls (against its sham null, with the effect floor) scored against the truth:
-    `precision` (share of called genes that are true responders, |true| >= `responder_threshold`; NaN without
-    calls), `recall` (share of true responders called; NaN without responders) and `precision_any_effect` (share of
-    called genes with a true effect at all, |true| >= `unaffected_threshold`: a call of a gene the knockout moves by
-    less than a responder's change is not a false discovery).
-    """
-    called = np.asarray(called, dtype=bool)
-    truth = np.abs(np.asarray(truth, dtype=float))
-    responders = truth >= responder_threshold
-    hits = int((called & responders).sum())
-    affected = int((called & (truth >= unaffected_threshold)).sum())
-    return {"called": int(called.sum()), "responders": int(responders.sum()), "true_calls": hits,
-            "precision": hits / called.sum() if called.any() else float("nan"),
-            "recall": hits / responders.sum() if responders.any() else float("nan"),
-            "affected_calls": affected,
-            "precision_any_effect": affected / called.sum() if called.any() else float("nan")}  # fmt: skip
-
-
-def _lfc_from_log(control_log, perturbed_log):
-    """The pipeline's log2 fold change of mean CP10k, from predicted log1p CP10k."""
-    control, perturbed = np.clip(np.expm1(control_log), 0, None), np.clip(np.expm1(perturbed_log), 0, None)
-    return np.log2((perturbed.mean(0) + 1.0) / (control.mean(0) + 1.0))
-
-
-def linear_baseline_effects(train: ad.AnnData, source: ad.AnnData, gene_column: int, time_key: str,
-                            source_time: str, time_points, clone_key: str, ridge: float) -> dict:  # fmt: skip
-    """
-    A ridge regression from a clone's mean source profile to its mean profile at each later time point (log1p
-    CP10k, centred), fitted on the training clones; the knockout sets the gene to 0 in each held-out source cell.
-
-    Returns:
-        `{time point: np.ndarray of predicted log2 fold changes per gene}`.
-    """
-    times = train.obs[time_key].astype(str).to_numpy()
-    clones = train.obs[clone_key].astype(str).to_numpy()
-    profiles = log_normalize(sp.csr_matrix(train.X, dtype=np.float64).toarray())
-    names = sorted(set(clones))
-
-    def clone_means(time_point):
-        return np.stack([profiles[(times == time_point) & (clones == c)].mean(0) for c in names])
-
-    x = clone_means(source_time)
-    x_mean = x.mean(0)
-    x_centred = x - x_mean
-    gram = x_centred.T @ x_centred + ridge * np.eye(x.shape[1])
-    held = log_normalize(sp.csr_matrix(source.X, dtype=np.float64).toarray())
-    knocked = held.copy()
-    knocked[:, gene_column] = 0.0
-    effects = {}
-    for time_point in time_points:
-        y = clone_means(time_point)
-        offset = y.mean(0)
-        weights = np.linalg.solve(gram, x_centred.T @ (y - offset))
-        control, perturbed = (held - x_mean) @ weights + offset, (knocked - x_mean) @ weights + offset
-        effects[time_point] = _lfc_from_log(control, perturbed)
-    return effects
+def _linear_baseline(train, source, gene_column, time_key, source_time, time_points, clone_key, ridge):
+    """The ridge baseline's knockout effects (see `ridge_knockout_effects`) on the demo's AnnData."""
+    return ridge_knockout_effects(
+        profiles(train.X),
+        train.obs[time_key].astype(str).to_numpy(),
+        train.obs[clone_key].astype(str).to_numpy(),
+        profiles(source.X),
+        gene_column,
+        source_time,
+        time_points,
+        ridge,
+    )
 
 
 def _split_clones(adata, fraction, seed):
@@ -186,8 +115,9 @@ class _Steps:
 
         # A bar redrawn with carriage returns reads as one run-together line in a log file: there, one line a step.
         self.lines = enabled and not sys.stderr.isatty()
-        self.bar = tqdm(total=len(names), desc=names[0], disable=not enabled or self.lines,
-                        bar_format="{desc} [{n}/{total}]")  # fmt: skip
+        self.bar = tqdm(
+            total=len(names), desc=names[0], disable=not enabled or self.lines, bar_format="{desc} [{n}/{total}]"
+        )
         self.names = names
         # Counted here: a disabled tqdm bar does not count its updates.
         self.done = 0
@@ -227,8 +157,17 @@ class _Steps:
         return False
 
 
-def run_demo(out, settings: DemoSettings | None = None, adata=None, time_key=None, source=None, gene=None,
-             overwrite=False, force_overwrite=False, progress=True) -> dict:  # fmt: skip
+def run_demo(
+    out,
+    settings: DemoSettings | None = None,
+    adata=None,
+    time_key=None,
+    source=None,
+    gene=None,
+    overwrite=False,
+    force_overwrite=False,
+    progress=True,
+) -> dict:
     """
     Run the demo and write its report, plots, data and model under `out`.
 
@@ -267,8 +206,11 @@ def _run_on_simulation(work, out, settings, steps):
     from .data import tokenize_anndata
 
     started = time.perf_counter()
-    simulation = {"num_clones": settings.num_clones, "cells_per_clone": settings.cells_per_clone,
-                  "seed": settings.seed}  # fmt: skip
+    simulation = {
+        "num_clones": settings.num_clones,
+        "cells_per_clone": settings.cells_per_clone,
+        "seed": settings.seed,
+    }
     control = simulate_trajectory(**simulation)
     knocked = simulate_trajectory(**simulation, knockout=[settings.regulator])
     heldout = _split_clones(control, settings.heldout_fraction, settings.seed)
@@ -278,18 +220,37 @@ def _run_on_simulation(work, out, settings, steps):
     train_data.write_h5ad(work / "simulated_training_data.h5ad")
     steps.next()
 
-    tokenize_anndata(train_data, work / "tokens", time_key="time", time_value_key="time_value", source=source_time,
-                     gene_id_key="gene_id", n_hvg=train_data.n_vars, pairing="stratified", pairing_key="clone",
-                     seed=settings.seed, max_length=settings.max_source_length, progress=False)  # fmt: skip
+    tokenize_anndata(
+        train_data,
+        work / "tokens",
+        time_key="time",
+        time_value_key="time_value",
+        source=source_time,
+        gene_id_key="gene_id",
+        n_hvg=train_data.n_vars,
+        pairing="stratified",
+        pairing_key="clone",
+        seed=settings.seed,
+        max_length=settings.max_source_length,
+        progress=False,
+    )
     steps.next()
     curve = train_on_cpu(work / "tokens", work / "model", settings, log_every=max(1, settings.max_steps // 30))
     steps.next()
 
     source_cells = _with_symbols(control[heldout & (control.obs["time"].astype(str) == source_time).to_numpy()])
     pipe = pipeline("perturbation", model=str(work / "model"), gene_ids="gene_id")
-    result = pipe(source_cells, genes=[settings.regulator], mode="delete", iterations=settings.iterations,
-                  num_samples=settings.num_samples, temperature=settings.temperature, seed=settings.seed,
-                  null_perturbations=settings.null_perturbations, progress=False)  # fmt: skip
+    result = pipe(
+        source_cells,
+        genes=[settings.regulator],
+        mode="delete",
+        iterations=settings.iterations,
+        num_samples=settings.num_samples,
+        temperature=settings.temperature,
+        seed=settings.seed,
+        null_perturbations=settings.null_perturbations,
+        progress=False,
+    )
     result.save(work / "perturbation")
     steps.next()
 
@@ -297,8 +258,9 @@ def _run_on_simulation(work, out, settings, steps):
     truth = truth[truth["gene_symbol"] != settings.regulator]
     symbols = list(control.var["gene_symbol"])
     gene_column = symbols.index(settings.regulator)
-    linear = linear_baseline_effects(train_data, source_cells, gene_column, "time", source_time, later, "clone",
-                                     settings.ridge)  # fmt: skip
+    linear = _linear_baseline(
+        train_data, source_cells, gene_column, "time", source_time, later, "clone", settings.ridge
+    )
     rng = np.random.default_rng(settings.seed)
     rows, predictions, calls = [], {}, {}
     for time_point in later:
@@ -318,8 +280,9 @@ def _run_on_simulation(work, out, settings, steps):
             called.to_numpy(), true_t.to_numpy(), settings.responder_threshold, settings.unaffected_threshold
         )
         for method, values in methods.items():
-            scores = effect_scores(values, true_t.to_numpy(), settings.responder_threshold,
-                                   settings.unaffected_threshold)  # fmt: skip
+            scores = effect_scores(
+                values, true_t.to_numpy(), settings.responder_threshold, settings.unaffected_threshold
+            )
             rows.append({"time_point": time_point, "method": method, **scores})
     scores = pd.DataFrame(rows)
     scores.to_csv(work / "scores.csv", index=False)
@@ -374,8 +337,9 @@ def _report(summary, scores, settings, control) -> str:
     edges = pd.DataFrame(control.uns["network"]["edges"])
     direct = edges[edges["regulator"] == settings.regulator]["target"]
     second = edges[edges["regulator"].isin(direct)]["target"]
-    table = scores.pivot_table(index=["time_point", "method"], values=["auroc", "pearson", "sign_agreement"],
-                               sort=False).round(3)  # fmt: skip
+    table = scores.pivot_table(
+        index=["time_point", "method"], values=["auroc", "pearson", "sign_agreement"], sort=False
+    ).round(3)
     target = f"AUROC >= {settings.target_auroc} and Pearson >= {settings.target_pearson} at every predicted time point"
     verdict = (
         f"The model meets the target ({target})."
@@ -522,8 +486,15 @@ def _plot_cascade(folder, predictions, tiers, regulator, time_points, model, plt
                 truth = predictions[t]["truth"]
                 values = truth if source == "truth" else pd.Series(predictions[t][source], index=truth.index)
                 means.append(np.abs(values.reindex(genes).to_numpy()).mean())
-            ax.plot(time_points, means, style, marker=marker, color="black" if source == "truth" else "tab:red",
-                    label=label, markersize=7)  # fmt: skip
+            ax.plot(
+                time_points,
+                means,
+                style,
+                marker=marker,
+                color="black" if source == "truth" else "tab:red",
+                label=label,
+                markersize=7,
+            )
         ax.set_title(f"{name} ({len(genes)} genes)")
         ax.set_xlabel("time point")
         ax.legend(fontsize=8)
@@ -587,8 +558,17 @@ def _run_on_user_data(work, out, settings, adata, time_key, source, gene, steps)
     from .data import tokenize_anndata
 
     started = time.perf_counter()
-    tokenize_anndata(adata, work / "tokens", time_key=time_key, source=source, n_hvg=1000, include_genes=[gene],
-                     seed=settings.seed, max_length=settings.max_source_length, progress=False)  # fmt: skip
+    tokenize_anndata(
+        adata,
+        work / "tokens",
+        time_key=time_key,
+        source=source,
+        n_hvg=1000,
+        include_genes=[gene],
+        seed=settings.seed,
+        max_length=settings.max_source_length,
+        progress=False,
+    )
     _check_gene_is_read(work / "tokens", adata, time_key, source, gene, settings)
     steps.next()
     curve = train_on_cpu(work / "tokens", work / "model", settings, log_every=max(1, settings.max_steps // 30))
@@ -596,8 +576,15 @@ def _run_on_user_data(work, out, settings, adata, time_key, source, gene, steps)
     at_source = (adata.obs[time_key].astype(str) == str(source)).to_numpy()
     cells = adata[np.flatnonzero(at_source)[: settings.max_cells]].copy()
     pipe = pipeline("perturbation", model=str(work / "model"))
-    result = pipe(cells, genes=[gene], mode="delete", iterations=settings.iterations, seed=settings.seed,
-                  null_perturbations=settings.null_perturbations, progress=False)  # fmt: skip
+    result = pipe(
+        cells,
+        genes=[gene],
+        mode="delete",
+        iterations=settings.iterations,
+        seed=settings.seed,
+        null_perturbations=settings.null_perturbations,
+        progress=False,
+    )
     result.save(work / "perturbation")
     steps.next()
     import matplotlib
@@ -610,27 +597,40 @@ def _run_on_user_data(work, out, settings, adata, time_key, source, gene, steps)
     plots.append(_plot_curve(work / "plots", curve, plt))
     top = result.de[result.de["group"] == "all"].groupby("time_point", sort=False).head(10)  # sorted by p already
     seconds = time.perf_counter() - started
-    (work / "report.md").write_text("\n".join([
-        f"# perturbgen-hf demo on {adata.n_obs} cells: {gene} knocked out at {source}",
-        "",
-        f"Run time: {seconds:.0f} s. {result.summary['cells']} source cells perturbed. "
-        + _unaffected_sentence(sum(result.summary["cells_unaffected"].values()), len(cells), gene,
-                               settings.max_source_length)
-        + " There is no truth to score on real data.",
-        "",
-        f"Top genes per time point by p-value against {result.summary['null_perturbations']} sham knockouts "
-        f"(significant: BH-adjusted p < {result.summary['fdr']} and |log2 fold change| >= "
-        f"{result.summary['min_abs_log2fc']}):",
-        "",
-        markdown_table(top[["time_point", "gene", "log2_fold_change", "ci_low", "ci_high", "p_adjusted",
-                            "significant"]].reset_index(drop=True)),
-        "",
-        "Plots in `plots/`; the model in `model/`; the full result in `perturbation/`.",
-    ]) + "\n")  # fmt: skip
+    (work / "report.md").write_text(
+        "\n".join(
+            [
+                f"# perturbgen-hf demo on {adata.n_obs} cells: {gene} knocked out at {source}",
+                "",
+                f"Run time: {seconds:.0f} s. {result.summary['cells']} source cells perturbed. "
+                + _unaffected_sentence(
+                    sum(result.summary["cells_unaffected"].values()), len(cells), gene, settings.max_source_length
+                )
+                + " There is no truth to score on real data.",
+                "",
+                f"Top genes per time point by p-value against {result.summary['null_perturbations']} sham knockouts "
+                f"(significant: BH-adjusted p < {result.summary['fdr']} and |log2 fold change| >= "
+                f"{result.summary['min_abs_log2fc']}):",
+                "",
+                markdown_table(
+                    top[
+                        ["time_point", "gene", "log2_fold_change", "ci_low", "ci_high", "p_adjusted", "significant"]
+                    ].reset_index(drop=True)
+                ),
+                "",
+                "Plots in `plots/`; the model in `model/`; the full result in `perturbation/`.",
+            ]
+        )
+        + "\n"
+    )
     steps.next()
     steps.close()
-    summary = {"seconds": round(seconds, 1), "gene": gene, "cells_perturbed": result.summary["cells"],
-               "files": {"report": str(out / "report.md"), "model": str(out / "model")},
-               "settings": asdict(replace(settings))}  # fmt: skip
+    summary = {
+        "seconds": round(seconds, 1),
+        "gene": gene,
+        "cells_perturbed": result.summary["cells"],
+        "files": {"report": str(out / "report.md"), "model": str(out / "model")},
+        "settings": asdict(replace(settings)),
+    }
     (work / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary

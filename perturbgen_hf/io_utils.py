@@ -66,8 +66,9 @@ def _check_matrix_structure(adata, path, what) -> None:
             try:
                 matrix.check_format(full_check=True)
             except ValueError as error:
-                raise ValueError(f"The {what} file {str(path)!r} is corrupted: its {name} is not a valid sparse "
-                                 f"matrix ({error}).") from None  # fmt: skip
+                raise ValueError(
+                    f"The {what} file {str(path)!r} is corrupted: its {name} is not a valid sparse matrix ({error})."
+                ) from None
 
 
 def read_yaml_options(path, what: str = "config") -> dict:
@@ -82,8 +83,9 @@ def read_yaml_options(path, what: str = "config") -> dict:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"The {what} {str(path)!r} does not exist" + (" (it is a folder)." if path.is_dir()
-                                                                               else "."))  # fmt: skip
+        raise FileNotFoundError(
+            f"The {what} {str(path)!r} does not exist" + (" (it is a folder)." if path.is_dir() else ".")
+        )
     try:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
@@ -95,8 +97,9 @@ def read_yaml_options(path, what: str = "config") -> dict:
         raise ValueError(f"The {what} {str(path)!r} is not a text (YAML) file.") from None
     values = values or {}
     if not isinstance(values, dict):
-        raise ValueError(f"The {what} {str(path)!r} must hold a mapping of option names to values, not a "
-                         f"{type(values).__name__}.")  # fmt: skip
+        raise ValueError(
+            f"The {what} {str(path)!r} must hold a mapping of option names to values, not a {type(values).__name__}."
+        )
     return values
 
 
@@ -156,8 +159,11 @@ def check_model_location(model, needs_tokenizer: bool = True) -> None:
         hub_like = bool(_HUB_ID.match(text)) and not text.startswith(".")
         if hub_like and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes", "on"):
             return
-        detail = (" and, as a Hugging Face Hub id, it cannot be fetched with HF_HUB_OFFLINE set" if hub_like
-                  else " (and it is not a Hugging Face Hub id)")  # fmt: skip
+        detail = (
+            " and, as a Hugging Face Hub id, it cannot be fetched with HF_HUB_OFFLINE set"
+            if hub_like
+            else " (and it is not a Hugging Face Hub id)"
+        )
         raise FileNotFoundError(f"Model {text!r} not found: there is no such folder{detail}.")
     if not path.is_dir():
         raise ValueError(f"Model {text!r} is a file; give the model's folder (config.json and model.safetensors).")
@@ -249,11 +255,15 @@ def load_model_folder(model):
 def _what_folder_is_instead(path: Path) -> str:
     if (path / "perturbgen_data.json").is_file():
         return "it is a tokenized-data folder (perturbgen-hf tokenize's output); pass it as --data, not --model."
-    checkpoints = sorted((p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                         key=lambda p: int(p.name.split("-")[-1]))  # fmt: skip
+    checkpoints = sorted(
+        (p for p in path.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
     if checkpoints:
-        return (f"training did not finish; its last checkpoint is {str(checkpoints[-1])!r} (load that folder, or "
-                "resume with perturbgen-hf train ... --resume_from_checkpoint).")  # fmt: skip
+        return (
+            f"training did not finish; its last checkpoint is {str(checkpoints[-1])!r} (load that folder, or "
+            "resume with perturbgen-hf train ... --resume_from_checkpoint)."
+        )
     if not any(path.iterdir()):
         return "the folder is empty."
     return "it is not a saved model."

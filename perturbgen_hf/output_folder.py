@@ -105,8 +105,11 @@ def remove_stale_staging(out) -> list[Path]:
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
     if removed:
-        logger.warning("Removed %d staging folder(s) left by an interrupted run: %s", len(removed),
-                       ", ".join(p.name for p in removed))  # fmt: skip
+        logger.warning(
+            "Removed %d staging folder(s) left by an interrupted run: %s",
+            len(removed),
+            ", ".join(p.name for p in removed),
+        )
     return removed
 
 

@@ -8,6 +8,37 @@ from dataclasses import dataclass, field
 
 
 PAIRING_MODES = ("random", "stratified", "mapping", "transport")
+
+# The perturbation pipeline's call arguments, by the step that reads them (`PerturbationPipeline`); `batch_size` is
+# the number of cells per batch (the pipeline's `cell_batch_size`). The `perturb` command's options and YAML keys
+# are these names.
+PERTURBATION_ARGUMENTS = {
+    "preprocess": (
+        "genes",
+        "screen",
+        "mode",
+        "site",
+        "perturb_time_points",
+        "gene_ids",
+        "layer",
+        "group_key",
+        "method",
+        "targets",
+        "null_perturbations",
+        "seed",
+    ),
+    "forward": (
+        "time_points",
+        "num_samples",
+        "iterations",
+        "temperature",
+        "seed",
+        "batch_size",
+        "variants_per_batch",
+        "progress",
+    ),
+    "postprocess": ("fdr", "min_abs_log2fc", "bootstrap"),
+}
 # How time values are scaled before the time embedding (see `perturbgen_hf.training.time_embedding_scale`).
 TIME_SCALES = ("gap", "span")
 
@@ -16,25 +47,41 @@ TIME_SCALES = ("gap", "span")
 PRESETS = {
     "tiny": {
         "encoder": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
-        "decoder": {"decoder_hidden_size": 32, "decoder_num_layers": 2, "decoder_num_heads": 4,
-                    "decoder_intermediate_size": 64},
+        "decoder": {
+            "decoder_hidden_size": 32,
+            "decoder_num_layers": 2,
+            "decoder_num_heads": 4,
+            "decoder_intermediate_size": 64,
+        },
     },
     "compact": {
         "encoder": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
-        "decoder": {"decoder_hidden_size": 64, "decoder_num_layers": 3, "decoder_num_heads": 4,
-                    "decoder_intermediate_size": 256},
+        "decoder": {
+            "decoder_hidden_size": 64,
+            "decoder_num_layers": 3,
+            "decoder_num_heads": 4,
+            "decoder_intermediate_size": 256,
+        },
     },
     "small": {
         "encoder": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256},
-        "decoder": {"decoder_hidden_size": 128, "decoder_num_layers": 4, "decoder_num_heads": 4,
-                    "decoder_intermediate_size": 512},
+        "decoder": {
+            "decoder_hidden_size": 128,
+            "decoder_num_layers": 4,
+            "decoder_num_heads": 4,
+            "decoder_intermediate_size": 512,
+        },
     },
     "base": {
         "encoder": {"hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8, "intermediate_size": 1024},
-        "decoder": {"decoder_hidden_size": 512, "decoder_num_layers": 6, "decoder_num_heads": 8,
-                    "decoder_intermediate_size": 2048},
+        "decoder": {
+            "decoder_hidden_size": 512,
+            "decoder_num_layers": 6,
+            "decoder_num_heads": 8,
+            "decoder_intermediate_size": 2048,
+        },
     },
-}  # fmt: skip
+}
 OBJECTIVES = ("joint", "tokens", "counts")
 
 
@@ -193,8 +240,19 @@ class EvaluationSettings(CpuTrainingSettings):
 
     def check(self) -> None:
         super().check()
-        _check_positive(self, "n_hvg", "iterations", "generation_batch_size", "top_de", "top_r2", "overlap_k",
-                        "token_k", "n_pcs", "linear_components", "ot_exact_max_pairs")  # fmt: skip
+        _check_positive(
+            self,
+            "n_hvg",
+            "iterations",
+            "generation_batch_size",
+            "top_de",
+            "top_r2",
+            "overlap_k",
+            "token_k",
+            "n_pcs",
+            "linear_components",
+            "ot_exact_max_pairs",
+        )
         if not self.ot_epsilon > 0:
             raise ValueError(f"ot_epsilon must be > 0, got {self.ot_epsilon}.")
         if self.model_counts not in MODEL_COUNTS:

@@ -200,9 +200,12 @@ def build_model(model_args, data_args, tokenizer, description, train_dataset, tr
         if model_args.geneformer:
             model = PerturbGenForConditionalGeneration.from_geneformer(model_args.geneformer, **overrides)
         else:
-            encoder = {**PRESETS[model_args.preset]["encoder"], "vocab_size": tokenizer.vocab_size,
-                       "max_position_embeddings": max(description["max_length"], data_args.max_source_length or 0),
-                       "pad_token_id": 0}  # fmt: skip
+            encoder = {
+                **PRESETS[model_args.preset]["encoder"],
+                "vocab_size": tokenizer.vocab_size,
+                "max_position_embeddings": max(description["max_length"], data_args.max_source_length or 0),
+                "pad_token_id": 0,
+            }
             model = PerturbGenForConditionalGeneration(PerturbGenConfig(encoder=encoder, **overrides))
     tokenizer.check_model_compatibility(model)
     # Recorded so that perturbation truncates source cells as training did.
@@ -258,21 +261,29 @@ def build_collators(model, data_args, description, train_positions, heldout_posi
     }
     values = description["time_values"]
     train = DataCollatorForPerturbGen(
-        time_values=[values[i] for i in train_positions], time_indices=train_positions,
-        target_time_points=data_args.target_time_points, mask=data_args.objective != "counts", **common,
-    )  # fmt: skip
+        time_values=[values[i] for i in train_positions],
+        time_indices=train_positions,
+        target_time_points=data_args.target_time_points,
+        mask=data_args.objective != "counts",
+        **common,
+    )
     if heldout_position is None:
         # A collator of its own, always at epoch 0: validation masks stay the same from one evaluation to the next.
         evaluation = DataCollatorForPerturbGen(
-            time_values=[values[i] for i in train_positions], time_indices=train_positions,
-            mask=data_args.objective != "counts", **common,
-        )  # fmt: skip
+            time_values=[values[i] for i in train_positions],
+            time_indices=train_positions,
+            mask=data_args.objective != "counts",
+            **common,
+        )
     else:
         positions = [*train_positions, heldout_position]
         evaluation = DataCollatorForPerturbGen(
-            time_values=[values[i] for i in positions], time_indices=positions, target_index=len(positions) - 1,
-            mask=data_args.objective != "counts", **common,
-        )  # fmt: skip
+            time_values=[values[i] for i in positions],
+            time_indices=positions,
+            target_index=len(positions) - 1,
+            mask=data_args.objective != "counts",
+            **common,
+        )
     return train, evaluation
 
 
@@ -298,8 +309,9 @@ class LogLinesCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                          for k, v in logs.items() if k != "total_flos")  # fmt: skip
+        shown = ", ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items() if k != "total_flos"
+        )
         logger.info("step %d/%d: %s", state.global_step, state.max_steps, shown)
 
 
@@ -384,10 +396,15 @@ def train(model_args, data_args, training_args):
         configure_early_stopping(training_args, eval_dataset)
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=data_args.early_stopping_patience))
     trainer = PerturbGenTrainer(
-        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=train_collator, processing_class=tokenizer, compute_metrics=compute_validation_metrics,
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=train_collator,
+        processing_class=tokenizer,
+        compute_metrics=compute_validation_metrics,
         callbacks=callbacks,
-    )  # fmt: skip
+    )
     trainer.get_eval_dataloader = _with_collator(trainer.get_eval_dataloader, eval_collator)
     _use_log_lines(trainer)
     if trainer.is_world_process_zero():
@@ -397,14 +414,27 @@ def train(model_args, data_args, training_args):
         write_marker(training_args.output_dir, "train")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate() if eval_dataset is not None else {}
-    sensitivity = source_sensitivity(trainer.model, eval_dataset if eval_dataset is not None else train_dataset,
-                                     description, train_positions, data_args, training_args.seed)  # fmt: skip
-    logger.info("Source sensitivity (mean |change| of predicted log1p CP10k per gene when the source is swapped for "
-                "another cell; observed: the same for the observed targets): %s", json.dumps(sensitivity))  # fmt: skip
+    sensitivity = source_sensitivity(
+        trainer.model,
+        eval_dataset if eval_dataset is not None else train_dataset,
+        description,
+        train_positions,
+        data_args,
+        training_args.seed,
+    )
+    logger.info(
+        "Source sensitivity (mean |change| of predicted log1p CP10k per gene when the source is swapped for "
+        "another cell; observed: the same for the observed targets): %s",
+        json.dumps(sensitivity),
+    )
     save_model(trainer, tokenizer, description, model_args, data_args, training_args, metrics, sensitivity)
     if push and trainer.is_world_process_zero():
-        push_to_hub(training_args.output_dir, training_args.hub_model_id, training_args.hub_token,
-                    training_args.hub_private_repo)  # fmt: skip
+        push_to_hub(
+            training_args.output_dir,
+            training_args.hub_model_id,
+            training_args.hub_token,
+            training_args.hub_private_repo,
+        )
     return trainer
 
 
@@ -439,9 +469,14 @@ def source_sensitivity(model, dataset, description, positions, data_args, seed, 
     observed = []
     for k in range(len(positions)):
         collator = DataCollatorForPerturbGen(
-            time_values=values, time_indices=positions, num_target_genes=model.config.num_target_genes,
-            context_mode="none", target_index=k, mask=False, max_source_length=data_args.max_source_length,
-        )  # fmt: skip
+            time_values=values,
+            time_indices=positions,
+            num_target_genes=model.config.num_target_genes,
+            context_mode="none",
+            target_index=k,
+            mask=False,
+            max_source_length=data_args.max_source_length,
+        )
         batch = collator(examples)
         observed.append(log_normalize(batch["target_counts"].double().numpy()))
     was_training = model.training
@@ -449,9 +484,15 @@ def source_sensitivity(model, dataset, description, positions, data_args, seed, 
     device = next(model.parameters()).device
     # A model scaled by an observed library size gets a constant one: the figures are per 10,000 counts anyway.
     library = torch.full((len(examples),), 1e4, device=device) if model.config.library_size == "observed" else None
-    out = model.generate(batch["input_ids"].to(device), batch["attention_mask"].to(device), time_points=values,
-                         num_iterations=8, temperature=0.0, library_size=library,
-                         generator=torch.Generator(device=device).manual_seed(seed))  # fmt: skip
+    out = model.generate(
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        time_points=values,
+        num_iterations=8,
+        temperature=0.0,
+        library_size=library,
+        generator=torch.Generator(device=device).manual_seed(seed),
+    )
     model.train(was_training)
     predicted = [log_normalize(out.counts[:, t].double().cpu().numpy()) for t in range(len(positions))]
     names = [description["time_points"][p] for p in positions]
@@ -502,12 +543,22 @@ def save_model(trainer, tokenizer, description, model_args, data_args, training_
     if not trainer.is_world_process_zero():
         return
     out = Path(training_args.output_dir)
-    (out / "training_summary.json").write_text(json.dumps({
-        "model_arguments": asdict(model_args), "data_arguments": asdict(data_args),
-        "final_metrics": metrics, "source_sensitivity": sensitivity, "data": description,
-    }, indent=2, default=str))  # fmt: skip
-    (out / "README.md").write_text(model_card(trainer.model.config, description, model_args, data_args,
-                                              training_args, metrics))  # fmt: skip
+    (out / "training_summary.json").write_text(
+        json.dumps(
+            {
+                "model_arguments": asdict(model_args),
+                "data_arguments": asdict(data_args),
+                "final_metrics": metrics,
+                "source_sensitivity": sensitivity,
+                "data": description,
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    (out / "README.md").write_text(
+        model_card(trainer.model.config, description, model_args, data_args, training_args, metrics)
+    )
 
 
 def model_card(config, description, model_args, data_args, training_args, metrics) -> str:
@@ -562,6 +613,48 @@ from other tissues, species or technologies than the training data are out of di
 """
 
 
+def cpu_training_arguments(data, out, settings: CpuTrainingSettings, log_every: int, progress: bool = False):
+    """
+    The `(ModelArguments, DataArguments, TrainingArguments)` of [`train_on_cpu`], built directly and checked as the
+    command line's are: a model from scratch, no validation split, no checkpoints, 10% warm-up, no online logging.
+    """
+    model_args = ModelArguments(
+        preset=settings.preset,
+        freeze_encoder=settings.freeze_encoder,
+        context_mode=settings.context_mode,
+        source_path=settings.source_path,
+        source_path_injection=settings.source_path_injection,
+        source_path_map=settings.source_path_map,
+        count_head_reads_source=settings.count_head_reads_source,
+        count_readout=settings.count_readout,
+        time_scale=settings.time_scale,
+    )
+    data_args = DataArguments(
+        data=str(data),
+        out=str(out),
+        max_source_length=settings.max_source_length,
+        max_target_length=settings.max_target_length,
+        eval_fraction=0.0,
+    )
+    training_args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        learning_rate=settings.learning_rate,
+        warmup_steps=max(1, settings.max_steps // 10),
+        use_cpu=True,
+        report_to="none",
+        seed=settings.seed,
+        logging_steps=log_every,
+        save_strategy="no",
+        disable_tqdm=not progress,
+    )
+    _validate(model_args, data_args)
+    _validate_schedule(training_args)
+    _check_output_folder(training_args, data_args)
+    return model_args, data_args, training_args
+
+
 def train_on_cpu(data, out, settings: CpuTrainingSettings, log_every: int, progress: bool = False):
     """
     Train a model from scratch on a tokenized folder with the command's own code path, on the CPU, without
@@ -575,21 +668,7 @@ def train_on_cpu(data, out, settings: CpuTrainingSettings, log_every: int, progr
     Returns:
         `list[dict]`: the logged training losses (`step`, `loss`, ...).
     """
-    argv = [
-        "--data", str(data), "--out", str(out), "--preset", settings.preset, "--max_steps", str(settings.max_steps),
-        "--per_device_train_batch_size", str(settings.batch_size), "--learning_rate", str(settings.learning_rate),
-        "--warmup_steps", str(max(1, settings.max_steps // 10)), "--max_source_length",
-        str(settings.max_source_length), "--max_target_length", str(settings.max_target_length), "--use_cpu",
-        "--freeze_encoder", str(settings.freeze_encoder).lower(), "--report_to", "none", "--eval_fraction", "0",
-        "--context_mode", settings.context_mode, "--source_path", settings.source_path,
-        "--source_path_injection", settings.source_path_injection, "--source_path_map", settings.source_path_map,
-        "--count_head_reads_source",
-        str(settings.count_head_reads_source).lower(), "--count_readout", settings.count_readout,
-        "--time_scale", settings.time_scale, "--seed",
-        str(settings.seed), "--logging_steps", str(log_every), "--save_strategy", "no", "--disable_tqdm",
-        str(not progress).lower(),
-    ]  # fmt: skip
-    trainer = train(*parse_arguments(argv))
+    trainer = train(*cpu_training_arguments(data, out, settings, log_every, progress))
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
@@ -602,8 +681,9 @@ def push_to_hub(folder, repo_id, token=None, private=None):
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     skipped = ["checkpoint-*", "checkpoint-*/**", "runs/**", "training_args.bin"]
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), ignore_patterns=skipped,
-                             commit_message="Upload PerturbGen model")  # fmt: skip
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), ignore_patterns=skipped, commit_message="Upload PerturbGen model"
+    )
 
 
 def main(argv=None) -> int:

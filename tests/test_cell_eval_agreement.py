@@ -59,17 +59,29 @@ def _adata(control, state):
 
 
 def _polars(de):
-    return pl.DataFrame({"target": ["6h"] * len(de), "feature": list(de["gene"]),
-                         "log2_fold_change": de["log2_fold_change"].to_numpy(), "p_value": de["p_value"].to_numpy(),
-                         "fdr": de["p_adjusted"].to_numpy()})  # fmt: skip
+    return pl.DataFrame(
+        {
+            "target": ["6h"] * len(de),
+            "feature": list(de["gene"]),
+            "log2_fold_change": de["log2_fold_change"].to_numpy(),
+            "p_value": de["p_value"].to_numpy(),
+            "fdr": de["p_adjusted"].to_numpy(),
+        }
+    )
 
 
 def _cell_eval(cells, tmp_path, de_tables=None):
     control, observed, predicted = cells
     kwargs = {} if de_tables is None else {"de_real": _polars(de_tables[0]), "de_pred": _polars(de_tables[1])}
-    evaluator = cell_eval.MetricsEvaluator(_adata(control, predicted), _adata(control, observed),
-                                           control_pert="control", pert_col="target", num_threads=1,
-                                           outdir=str(tmp_path / "cell-eval"), **kwargs)  # fmt: skip
+    evaluator = cell_eval.MetricsEvaluator(
+        _adata(control, predicted),
+        _adata(control, observed),
+        control_pert="control",
+        pert_col="target",
+        num_threads=1,
+        outdir=str(tmp_path / "cell-eval"),
+        **kwargs,
+    )
     results, _ = evaluator.compute(profile="full" if de_tables is None else "de", write_csv=False)
     return results.to_pandas().set_index("perturbation").loc["6h"], evaluator
 
@@ -78,9 +90,13 @@ def test_pseudobulk_metrics_agree_with_cell_eval(cells, tmp_path):
     theirs, _ = _cell_eval(cells, tmp_path)
     control, observed, predicted = cells
     x_hat, x, r = predicted.mean(0), observed.mean(0), control.mean(0)
-    ours = {"pearson_delta": metrics.pearson_delta(x_hat, x, r), "mse": metrics.mse(x_hat, x),
-            "mae": metrics.mae(x_hat, x), "mse_delta": metrics.mse_delta(x_hat, x, r),
-            "mae_delta": metrics.mae_delta(x_hat, x, r)}  # fmt: skip
+    ours = {
+        "pearson_delta": metrics.pearson_delta(x_hat, x, r),
+        "mse": metrics.mse(x_hat, x),
+        "mae": metrics.mae(x_hat, x),
+        "mse_delta": metrics.mse_delta(x_hat, x, r),
+        "mae_delta": metrics.mae_delta(x_hat, x, r),
+    }
     for name, value in ours.items():
         assert value == pytest.approx(theirs[name], rel=1e-5), name
     assert 0.5 < ours["pearson_delta"] < 0.99  # a prediction that is neither perfect nor unrelated
@@ -91,10 +107,12 @@ def test_de_metrics_agree_with_cell_eval_given_the_same_de_tables(cells, tmp_pat
     observed_de = metrics.differential_expression(observed, control, GENES)
     predicted_de = metrics.differential_expression(predicted, control, GENES)
     theirs, _ = _cell_eval(cells, tmp_path, (observed_de, predicted_de))
-    ours = {"overlap_at_N": metrics.overlap_at_k(observed_de, predicted_de, None),
-            "overlap_at_50": metrics.overlap_at_k(observed_de, predicted_de, 50),
-            "de_direction_match": metrics.direction_match(observed_de, predicted_de),
-            "de_spearman_lfc_sig": metrics.spearman_lfc_sig(observed_de, predicted_de)}  # fmt: skip
+    ours = {
+        "overlap_at_N": metrics.overlap_at_k(observed_de, predicted_de, None),
+        "overlap_at_50": metrics.overlap_at_k(observed_de, predicted_de, 50),
+        "de_direction_match": metrics.direction_match(observed_de, predicted_de),
+        "de_spearman_lfc_sig": metrics.spearman_lfc_sig(observed_de, predicted_de),
+    }
     for name, value in ours.items():
         assert value == pytest.approx(theirs[name], rel=1e-6), name
     assert 0 < ours["overlap_at_N"] < 1 and 0 < ours["de_direction_match"] < 1  # not a trivial agreement

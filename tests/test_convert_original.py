@@ -59,10 +59,24 @@ def vocabulary(tmp_path_factory):
 
 
 def convert_args(vocabulary, checkpoint, out, *extra):
-    return ["convert-original", "--checkpoint", str(FIXTURES / checkpoint), "--encoder-checkpoint",
-            str(FIXTURES / "encoder.ckpt"), "--token-dict", str(vocabulary["token_dict"]), "--tokenid-to-rowid",
-            str(vocabulary["tokenid_to_rowid"]), "--rowid-to-gene", str(vocabulary["rowid_to_gene"]),
-            "--time-points", *TIMES, "--out", str(out), *extra]  # fmt: skip
+    return [
+        "convert-original",
+        "--checkpoint",
+        str(FIXTURES / checkpoint),
+        "--encoder-checkpoint",
+        str(FIXTURES / "encoder.ckpt"),
+        "--token-dict",
+        str(vocabulary["token_dict"]),
+        "--tokenid-to-rowid",
+        str(vocabulary["tokenid_to_rowid"]),
+        "--rowid-to-gene",
+        str(vocabulary["rowid_to_gene"]),
+        "--time-points",
+        *TIMES,
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +118,19 @@ def teacher_forced(model, io, t, context=True, decoder_input_ids=None):
     other = 1 - t
     kwargs = {}
     if context:
-        kwargs = {"context_input_ids": tokens[:, other : other + 1],
-                  "context_time_values": torch.full((3, 1), values[other])}  # fmt: skip
+        kwargs = {
+            "context_input_ids": tokens[:, other : other + 1],
+            "context_time_values": torch.full((3, 1), values[other]),
+        }
     with torch.no_grad():
-        return model(ids, mask, decoder_input_ids=tokens[:, t] if decoder_input_ids is None else decoder_input_ids,
-                     decoder_time_values=torch.full((3,), values[t]), library_size=libraries(io)[:, t],
-                     **kwargs)  # fmt: skip
+        return model(
+            ids,
+            mask,
+            decoder_input_ids=tokens[:, t] if decoder_input_ids is None else decoder_input_ids,
+            decoder_time_values=torch.full((3,), values[t]),
+            library_size=libraries(io)[:, t],
+            **kwargs,
+        )
 
 
 # -- conversion ---------------------------------------------------------------------------------------------------------
@@ -211,17 +232,29 @@ def test_count_head_and_likelihood_parity(count_model, io):
             head.loss(head(out.cell_embeddings, libraries(io)[:, 1]), io["input.tgt_counts_t2"])
 
 
-GENERATIONS = {"cosine_T0": ("cosine", 0.0, None), "pow_T0": ("pow", 0.0, None),
-               "cosine_T1_seed1234": ("cosine", 1.0, 1234)}  # fmt: skip
+GENERATIONS = {
+    "cosine_T0": ("cosine", 0.0, None),
+    "pow_T0": ("pow", 0.0, None),
+    "cosine_T1_seed1234": ("cosine", 1.0, 1234),
+}
 
 
 def generate(model, io, schedule, temperature, seed):
     ids, mask = source(io)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.no_grad():
-        return model.generate(ids, mask, time_points=TIMES, sequence_length=12, num_iterations=6,
-                              temperature=temperature, schedule=schedule, reference_input_ids=targets(io),
-                              library_size=libraries(io), generator=generator)  # fmt: skip
+        return model.generate(
+            ids,
+            mask,
+            time_points=TIMES,
+            sequence_length=12,
+            num_iterations=6,
+            temperature=temperature,
+            schedule=schedule,
+            reference_input_ids=targets(io),
+            library_size=libraries(io),
+            generator=generator,
+        )
 
 
 @pytest.mark.parametrize("tag", list(GENERATIONS))
@@ -259,8 +292,14 @@ def test_inference_perturbation_parity(count_model, io, tag):
     exclude = [11] if tag == "infer_tgt_overexpress" else None  # the perturbed gene leaves the perturbed pooling
     with torch.no_grad():
         control = count_model.readout(ids, targets(io), TIMES, mask, library_size=libraries(io))
-        perturbed = count_model.readout(edited_source, edited, TIMES, (edited_source != 0).long(),
-                                        library_size=libraries(io), exclude_from_pooling=exclude)  # fmt: skip
+        perturbed = count_model.readout(
+            edited_source,
+            edited,
+            TIMES,
+            (edited_source != 0).long(),
+            library_size=libraries(io),
+            exclude_from_pooling=exclude,
+        )
     for t, name in enumerate(TIMES):
         close(control.cell_embeddings[:, t], io[prefix + f"mean_embedding_ctrl_{name}"])
         close(perturbed.cell_embeddings[:, t], io[prefix + f"mean_embedding_pert_{name}"])
@@ -274,9 +313,10 @@ def test_inference_perturbation_parity(count_model, io, tag):
 
 
 @pytest.mark.parametrize(
-    "override", [{"time_index_offset": 0}, {"encoder_chain_blocks": True}, {"decoder_norm": "pre"}],
+    "override",
+    [{"time_index_offset": 0}, {"encoder_chain_blocks": True}, {"decoder_norm": "pre"}],
     ids=["wrong time offset", "chained encoder", "pre-norm decoder"],
-)  # fmt: skip
+)
 def test_corruptions_break_parity(converted, io, override):
     corrupted = AutoModel.from_pretrained(converted / "count", **override).eval()
     with pytest.raises(AssertionError):
@@ -331,9 +371,23 @@ def test_a_tampered_checkpoint_is_refused(tmp_path, vocabulary):
     torch.save(tampered, path)
     with pytest.raises(UnsafeCheckpointError, match="system"):
         load_checkpoint(path)
-    code = main(["convert-original", "--checkpoint", str(path), "--token-dict", str(vocabulary["token_dict"]),
-                 "--tokenid-to-rowid", str(vocabulary["tokenid_to_rowid"]), "--rowid-to-gene",
-                 str(vocabulary["rowid_to_gene"]), "--time-points", *TIMES, "--out", str(tmp_path / "out")])  # fmt: skip
+    code = main(
+        [
+            "convert-original",
+            "--checkpoint",
+            str(path),
+            "--token-dict",
+            str(vocabulary["token_dict"]),
+            "--tokenid-to-rowid",
+            str(vocabulary["tokenid_to_rowid"]),
+            "--rowid-to-gene",
+            str(vocabulary["rowid_to_gene"]),
+            "--time-points",
+            *TIMES,
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 1 and not marker.exists() and not (tmp_path / "out").exists()
 
 
@@ -391,12 +445,45 @@ def test_a_converted_model_fine_tunes(converted, tmp_path):
     cells.obs_names = [f"c{i}" for i in range(30)]
     cells.obs["time"] = pd.Categorical(np.repeat(["t0", "t1", "t2"], 10), ordered=True)
     # the model's own tokenizer: its vocabulary and decoder genes are kept, so the data fit the model
-    tokenize_anndata(cells, tmp_path / "tokens", time_key="time", source="t0", tokenizer=converted / "count",
-                     max_length=64, progress=False)  # fmt: skip
-    code = main(["train", "--data", str(tmp_path / "tokens"), "--model", str(converted / "count"), "--out",
-                 str(tmp_path / "tuned"), "--objective", "tokens", "--max_steps", "2", "--per_device_train_batch_size",
-                 "4", "--use_cpu", "--report_to", "none", "--eval_fraction", "0", "--max_source_length", "64",
-                 "--max_target_length", "20", "--save_strategy", "no", "--disable_tqdm", "true"])  # fmt: skip
+    tokenize_anndata(
+        cells,
+        tmp_path / "tokens",
+        time_key="time",
+        source="t0",
+        tokenizer=converted / "count",
+        max_length=64,
+        progress=False,
+    )
+    code = main(
+        [
+            "train",
+            "--data",
+            str(tmp_path / "tokens"),
+            "--model",
+            str(converted / "count"),
+            "--out",
+            str(tmp_path / "tuned"),
+            "--objective",
+            "tokens",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--use_cpu",
+            "--report_to",
+            "none",
+            "--eval_fraction",
+            "0",
+            "--max_source_length",
+            "64",
+            "--max_target_length",
+            "20",
+            "--save_strategy",
+            "no",
+            "--disable_tqdm",
+            "true",
+        ]
+    )
     assert code == 0
     tuned = AutoModel.from_pretrained(tmp_path / "tuned")
     original = AutoModel.from_pretrained(converted / "count")

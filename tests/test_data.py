@@ -22,14 +22,34 @@ def shalek_folder(tmp_path_factory):
 
     vocab = SHARED_DATA / "vocab"
     out = tmp_path_factory.mktemp("shalek") / "tokenized"
-    code = main([
-        "tokenize", str(SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad"), "--out", str(out),
-        "--time-key", "time", "--time-value-key", "time_h", "--source", "1h", "--gene-id-key", "human_ensembl_id",
-        "--dictionaries", str(vocab / "perturbgen_token_dict_gftokens_gc95M.pkl"),
-        str(vocab / "perturbgen_gene_median_dict_gftokens_gc95M.pkl"),
-        str(vocab / "perturbgen_ensembl_mapping_dict_gc95M.pkl"),
-        "--n-hvg", "300", "--include-genes", "TNF", "EGR1", "--no-progress", "--seed", "3",
-    ])  # fmt: skip
+    code = main(
+        [
+            "tokenize",
+            str(SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad"),
+            "--out",
+            str(out),
+            "--time-key",
+            "time",
+            "--time-value-key",
+            "time_h",
+            "--source",
+            "1h",
+            "--gene-id-key",
+            "human_ensembl_id",
+            "--dictionaries",
+            str(vocab / "perturbgen_token_dict_gftokens_gc95M.pkl"),
+            str(vocab / "perturbgen_gene_median_dict_gftokens_gc95M.pkl"),
+            str(vocab / "perturbgen_ensembl_mapping_dict_gc95M.pkl"),
+            "--n-hvg",
+            "300",
+            "--include-genes",
+            "TNF",
+            "EGR1",
+            "--no-progress",
+            "--seed",
+            "3",
+        ]
+    )
     assert code == 0
     return out
 
@@ -46,8 +66,12 @@ def test_shalek_layout_and_description(shalek_folder):
     report = description["pairing"]
     # every time point is drawn as often as the largest (4h, 162 cells): every cell used, duplicates balanced
     assert report["num_pairs"] == 162
-    assert report["time_points"]["1h"] == {"cells": 82, "cells_used": 82, "cells_used_more_than_once": 80,
-                                           "max_uses_of_a_cell": 2}  # fmt: skip
+    assert report["time_points"]["1h"] == {
+        "cells": 82,
+        "cells_used": 82,
+        "cells_used_more_than_once": 80,
+        "max_uses_of_a_cell": 2,
+    }
     assert len(description["input"]["sha256"]) == 64
     dataset = load_from_disk(str(shalek_folder / "dataset"))
     assert len(dataset) == 162
@@ -84,10 +108,18 @@ def test_shalek_tokens_match_a_direct_computation(shalek_folder, shared_data):
 def test_kang_stratified_with_conditions(tmp_path, shared_data):
     out = tmp_path / "kang"
     description = tokenize_anndata(
-        shared_data / "expression" / "kang2018_pbmc_ifnb_muscat_subset.h5ad", out, time_key="condition",
-        time_order=["ctrl", "stim"], source="ctrl", gene_id_key="ensembl_id", n_hvg=200, pairing="stratified",
-        pairing_key="cell_type", condition_keys=["donor"], progress=False,
-    )  # fmt: skip
+        shared_data / "expression" / "kang2018_pbmc_ifnb_muscat_subset.h5ad",
+        out,
+        time_key="condition",
+        time_order=["ctrl", "stim"],
+        source="ctrl",
+        gene_id_key="ensembl_id",
+        n_hvg=200,
+        pairing="stratified",
+        pairing_key="cell_type",
+        condition_keys=["donor"],
+        progress=False,
+    )
     assert description["time_points"] == ["stim"]
     assert description["time_values"] == [2.0]  # no number in the names: positions
     per_group = description["pairing"]["pairs_per_group"]
@@ -108,12 +140,22 @@ def test_collator_feeds_the_model(shalek_folder):
     description = load_description(shalek_folder)
     tokenizer = PerturbGenTokenizer.from_pretrained(shalek_folder / "tokenizer")
     config = tiny_config(
-        encoder={"vocab_size": tokenizer.vocab_size, "hidden_size": 16, "num_hidden_layers": 1,
-                 "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 4096},
-        target_genes=tokenizer.target_genes, num_target_genes=tokenizer.num_target_genes, condition_tokens=[],
-        time_points=description["time_points"], time_values=description["time_values"],
-        decoder_max_position_embeddings=512, context_mode="all",
-    )  # fmt: skip
+        encoder={
+            "vocab_size": tokenizer.vocab_size,
+            "hidden_size": 16,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 32,
+            "max_position_embeddings": 4096,
+        },
+        target_genes=tokenizer.target_genes,
+        num_target_genes=tokenizer.num_target_genes,
+        condition_tokens=[],
+        time_points=description["time_points"],
+        time_values=description["time_values"],
+        decoder_max_position_embeddings=512,
+        context_mode="all",
+    )
     tokenizer.check_model_compatibility(config)
     dataset = load_from_disk(str(shalek_folder / "dataset"))
     collator = DataCollatorForPerturbGen.for_model(config, max_target_length=256, seed=0)
@@ -123,8 +165,12 @@ def test_collator_feeds_the_model(shalek_folder):
     masked = batch["decoder_input_ids"] == 1
     assert torch.equal(masked, batch["labels"] != -100)
     assert (masked.sum(1) >= 1).all()
-    assert torch.equal(DataCollatorForPerturbGen.for_model(config, max_target_length=256, seed=0)(
-        [dataset[i] for i in range(4)])["labels"], batch["labels"])  # fmt: skip
+    assert torch.equal(
+        DataCollatorForPerturbGen.for_model(config, max_target_length=256, seed=0)([dataset[i] for i in range(4)])[
+            "labels"
+        ],
+        batch["labels"],
+    )
     model = PerturbGenForConditionalGeneration(config)
     out = model(**batch)
     assert torch.isfinite(out.loss)
@@ -132,10 +178,13 @@ def test_collator_feeds_the_model(shalek_folder):
 
 def test_collator_previous_context_blanks_later_time_points():
     example = {
-        "source_input_ids": [2, 10, 3], "target_input_ids": [[4, 5], [6], [7, 8, 9]],
-        "target_condition_ids": [[], [], []], "target_counts_indices": [[0], [1], [2]],
-        "target_counts_values": [[1.0], [2.0], [3.0]], "target_library_size": [10.0, 20.0, 30.0],
-    }  # fmt: skip
+        "source_input_ids": [2, 10, 3],
+        "target_input_ids": [[4, 5], [6], [7, 8, 9]],
+        "target_condition_ids": [[], [], []],
+        "target_counts_indices": [[0], [1], [2]],
+        "target_counts_values": [[1.0], [2.0], [3.0]],
+        "target_library_size": [10.0, 20.0, 30.0],
+    }
     collator = DataCollatorForPerturbGen([1.0, 2.0, 3.0], num_target_genes=6, target_index=1)
     batch = collator([example])
     assert batch["context_time_values"].tolist() == [[1.0, 3.0]]
@@ -179,11 +228,14 @@ def _write(tmp_path, X, obs=None):
         (["--source", "3h", "--time-key", "time"], "Source time point '3h' is not in the data"),
         (["--source", "0h", "--time-key", "time", "--targets", "9h"], r"Target time point\(s\) \['9h'\]"),
         (["--source", "0h", "--time-key", "time", "--pairing", "stratified"], "needs a pairing key"),
-        (["--source", "0h", "--time-key", "time", "--pairing", "stratified", "--pairing-key", "ct"], "'ct' is not an obs column"),
+        (
+            ["--source", "0h", "--time-key", "time", "--pairing", "stratified", "--pairing-key", "ct"],
+            "'ct' is not an obs column",
+        ),
         (["--source", "0h", "--time-key", "time", "--num-proc", "0"], "num_proc must be a whole number >= 1, got 0"),
         (["--source", "0h", "--time-key", "time", "--chunk-size", "-5"], "chunk_size must be"),
     ],
-)  # fmt: skip
+)
 def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
     path = _write(tmp_path, np.array([[1, 2, 0], [0, 3, 1], [4, 0, 1], [1, 1, 1]]))
     code = main(["tokenize", str(path), "--out", str(tmp_path / "out"), "--no-progress", *argv])
@@ -198,10 +250,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, message):
 
 @pytest.mark.parametrize(
     ("X", "message"),
-    [([[1.5, 2, 0], [0, 3, 1], [4, 0, 1], [1, 1, 1]], "non-integer"),
-     ([[1, -2, 0], [0, 3, 1], [4, 0, 1], [1, 1, 1]], "negative"),
-     ([[np.nan, 2, 0], [0, 3, 1], [4, 0, 1], [1, 1, 1]], "NaN")],
-)  # fmt: skip
+    [
+        ([[1.5, 2, 0], [0, 3, 1], [4, 0, 1], [1, 1, 1]], "non-integer"),
+        ([[1, -2, 0], [0, 3, 1], [4, 0, 1], [1, 1, 1]], "negative"),
+        ([[np.nan, 2, 0], [0, 3, 1], [4, 0, 1], [1, 1, 1]], "NaN"),
+    ],
+)
 def test_cli_refuses_non_count_data(tmp_path, capsys, X, message):
     path = _write(tmp_path, np.array(X, dtype=float))
     assert main(["tokenize", str(path), "--out", str(tmp_path / "o"), "--time-key", "time", "--source", "0h"]) == 1
@@ -209,8 +263,12 @@ def test_cli_refuses_non_count_data(tmp_path, capsys, X, message):
 
 
 def test_cli_missing_file_existing_output_and_help(tmp_path, capsys):
-    assert main(["tokenize", str(tmp_path / "nope.h5ad"), "--out", str(tmp_path / "o"), "--time-key", "t",
-                 "--source", "a"]) == 1  # fmt: skip
+    assert (
+        main(
+            ["tokenize", str(tmp_path / "nope.h5ad"), "--out", str(tmp_path / "o"), "--time-key", "t", "--source", "a"]
+        )
+        == 1
+    )
     assert "nope.h5ad" in capsys.readouterr().err
     path = _write(tmp_path, np.array([[1, 2, 0], [0, 3, 1], [4, 0, 1], [1, 1, 1]]))
     (tmp_path / "o").mkdir()
@@ -248,8 +306,17 @@ def test_cli_missing_file_existing_output_and_help(tmp_path, capsys):
 
 def test_parallel_tokenize_gives_the_same_dataset(tmp_path, shared_data):
     path = shared_data / "expression" / "kang2018_pbmc_ifnb_muscat_subset.h5ad"
-    options = {"time_key": "condition", "time_order": ["ctrl", "stim"], "source": "ctrl", "gene_id_key": "ensembl_id",
-               "n_hvg": 100, "pairing": "stratified", "pairing_key": "cell_type", "chunk_size": 200, "progress": False}  # fmt: skip
+    options = {
+        "time_key": "condition",
+        "time_order": ["ctrl", "stim"],
+        "source": "ctrl",
+        "gene_id_key": "ensembl_id",
+        "n_hvg": 100,
+        "pairing": "stratified",
+        "pairing_key": "cell_type",
+        "chunk_size": 200,
+        "progress": False,
+    }
     tokenize_anndata(path, tmp_path / "one", num_proc=1, **options)
     tokenize_anndata(path, tmp_path / "two", num_proc=2, **options)
     one, two = load_from_disk(str(tmp_path / "one" / "dataset")), load_from_disk(str(tmp_path / "two" / "dataset"))

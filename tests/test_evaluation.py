@@ -139,16 +139,28 @@ def test_every_metric_is_ranked_in_the_right_direction():
         "close": ([list(np.argsort(-row)) for row in close], ranked),
         "no change": ([r[::-1] for r in ranked], ranked),
     }
-    scores = {name: _score(values, context, symbols, tokens[name]) for name, values in
-              {"close": close, "no change": reference}.items()}  # fmt: skip
+    scores = {
+        name: _score(values, context, symbols, tokens[name])
+        for name, values in {"close": close, "no change": reference}.items()
+    }
     # Discrimination needs two evaluated states: the second is the first with the shift reversed.
-    deltas = {"observed": {("t", "a"): shift, ("t", "b"): -shift}, "close": {("t", "a"): shift, ("t", "b"): -shift},
-              "no change": {("t", "a"): np.zeros(genes), ("t", "b"): 0.5 * shift}}  # fmt: skip
+    deltas = {
+        "observed": {("t", "a"): shift, ("t", "b"): -shift},
+        "close": {("t", "a"): shift, ("t", "b"): -shift},
+        "no change": {("t", "a"): np.zeros(genes), ("t", "b"): 0.5 * shift},
+    }
     for name, _, group, method, value in _discrimination(deltas):
         if group == "b":
             scores[method][name] = value
-    assert set(scores["close"]) >= {"pearson_delta_top10_de", "r2_means_top30_de", "overlap_at_15", "mmd_rbf",
-                                    "token_top5_overlap", "discrimination_score_l1", "de_direction_match"}  # fmt: skip
+    assert set(scores["close"]) >= {
+        "pearson_delta_top10_de",
+        "r2_means_top30_de",
+        "overlap_at_15",
+        "mmd_rbf",
+        "token_top5_overlap",
+        "discrimination_score_l1",
+        "de_direction_match",
+    }
     for name, good in scores["close"].items():
         bad = scores["no change"][name]
         if math.isnan(bad):  # e.g. a correlation with a constant prediction: nothing to rank
@@ -193,8 +205,9 @@ def test_linear_baseline_recovers_a_linear_trend():
     noise = np.array([[0.1, -0.2, 0.05], [-0.1, 0.2, -0.05]])
     cells = [a + b * t + noise for t in (0.0, 1.0, 2.0)]
     features = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, 2.0]])
-    predicted = baselines.linear_model(cells, features, cells[0], features[0], np.array([1.0, 3.0]),
-                                       n_components=3, ridge=1e-9)  # fmt: skip
+    predicted = baselines.linear_model(
+        cells, features, cells[0], features[0], np.array([1.0, 3.0]), n_components=3, ridge=1e-9
+    )
     np.testing.assert_allclose(predicted.mean(0), a + 3 * b, atol=1e-6)
     np.testing.assert_allclose(predicted - predicted.mean(0), noise, atol=1e-6)  # each source cell moves
     # with the reference's ridge (0.1) the fit is shrunk
@@ -231,15 +244,17 @@ def test_transport_interpolation_moves_each_cell_to_its_partner():
     before = np.vstack([rng.normal([1, 1, 1, 1], 0.05, (20, 4)), rng.normal([8, 8, 1, 1], 0.05, (20, 4))])
     after = np.vstack([rng.normal([3, 1, 1, 1], 0.05, (20, 4)), rng.normal([8, 10, 1, 1], 0.05, (20, 4))])
     for exact_max_pairs in (4_000_000, 0):  # exact EMD, then Sinkhorn
-        middle = baselines.transport_interpolation(before, after, 0.0, 6.0, 3.0, num_components=2,
-                                                   exact_max_pairs=exact_max_pairs, epsilon=0.01, seed=0)  # fmt: skip
+        middle = baselines.transport_interpolation(
+            before, after, 0.0, 6.0, 3.0, num_components=2, exact_max_pairs=exact_max_pairs, epsilon=0.01, seed=0
+        )
         assert middle.shape == (40, 4)
         distance = np.minimum(np.abs(middle - [2, 1, 1, 1]).max(1), np.abs(middle - [8, 9, 1, 1]).max(1))
         assert (distance < 0.5).all(), exact_max_pairs
         np.testing.assert_allclose(middle.mean(0), (before.mean(0) + after.mean(0)) / 2, atol=0.5)
     same = baselines.transport_interpolation(before, after, 0.0, 6.0, 3.0, num_components=2, seed=0)
-    np.testing.assert_array_equal(same, baselines.transport_interpolation(before, after, 0.0, 6.0, 3.0,
-                                                                          num_components=2, seed=0))  # fmt: skip
+    np.testing.assert_array_equal(
+        same, baselines.transport_interpolation(before, after, 0.0, 6.0, 3.0, num_components=2, seed=0)
+    )
     start = baselines.transport_interpolation(before, after, 0.0, 6.0, 0.0, num_components=2)
     assert {tuple(np.round(row, 6)) for row in start} <= {tuple(np.round(row, 6)) for row in before}
 
@@ -247,15 +262,43 @@ def test_transport_interpolation_moves_each_cell_to_its_partner():
 # -- the evaluate command, end to end on real data ------------------------------------------------------------------------
 
 
-TINY = ["--preset", "tiny", "--max-steps", "6", "--iterations", "2", "--n-hvg", "120", "--max-source-length", "96",
-        "--max-target-length", "48", "--no-progress"]  # fmt: skip
+TINY = [
+    "--preset",
+    "tiny",
+    "--max-steps",
+    "6",
+    "--iterations",
+    "2",
+    "--n-hvg",
+    "120",
+    "--max-source-length",
+    "96",
+    "--max-target-length",
+    "48",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def heldout_time_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluate") / "shalek_4h"
-    code = main(["evaluate", str(SHALEK), "--out", str(out), "--protocol", "heldout-time", "--heldout", "4h",
-                 "--time-key", "time", "--source", "1h", *TINY])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            str(SHALEK),
+            "--out",
+            str(out),
+            "--protocol",
+            "heldout-time",
+            "--heldout",
+            "4h",
+            "--time-key",
+            "time",
+            "--source",
+            "1h",
+            *TINY,
+        ]
+    )
     assert code == 0
     return out
 
@@ -264,8 +307,15 @@ def test_evaluate_heldout_time_on_shalek(heldout_time_run):
     out = heldout_time_run
     table = pd.read_csv(out / "metrics.csv")
     assert list(table.columns) == ["metric", "time_point", "group", "method", "value"]
-    assert set(table["method"]) == {"PerturbGen (this model)", "no change", "training mean", "nearest time point",
-                                    "neighbour interpolation", "OT interpolation", "linear (PCA + ridge)"}  # fmt: skip
+    assert set(table["method"]) == {
+        "PerturbGen (this model)",
+        "no change",
+        "training mean",
+        "nearest time point",
+        "neighbour interpolation",
+        "OT interpolation",
+        "linear (PCA + ridge)",
+    }
     assert set(table["time_point"]) == {"4h"}
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["cells"]["observed"] == {"4h / all": 162} and summary["cells"]["source"] == {"all": 82}
@@ -297,15 +347,59 @@ def test_evaluate_heldout_time_on_shalek(heldout_time_run):
 
 def test_evaluate_reuses_a_model_and_a_tokenized_folder(heldout_time_run, tmp_path):
     model = heldout_time_run / "model"
-    code = main(["evaluate", "--data", str(heldout_time_run / "tokens"), "--out", str(tmp_path / "no"), "--protocol",
-                 "heldout-time", "--heldout", "4h", "--model", str(model), *TINY])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            "--data",
+            str(heldout_time_run / "tokens"),
+            "--out",
+            str(tmp_path / "no"),
+            "--protocol",
+            "heldout-time",
+            "--heldout",
+            "4h",
+            "--model",
+            str(model),
+            *TINY,
+        ]
+    )
     assert code == 1  # that folder was tokenized from an in-memory AnnData: it records no h5ad
     tokens = tmp_path / "tokens"
-    assert main(["tokenize", str(SHALEK), "--out", str(tokens), "--time-key", "time", "--source", "1h",
-                 "--n-hvg", "50", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "tokenize",
+                str(SHALEK),
+                "--out",
+                str(tokens),
+                "--time-key",
+                "time",
+                "--source",
+                "1h",
+                "--n-hvg",
+                "50",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "again"
-    code = main(["evaluate", "--data", str(tokens), "--out", str(out), "--protocol", "heldout-time", "--heldout",
-                 "4h", "--model", str(model), *TINY])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            "--data",
+            str(tokens),
+            "--out",
+            str(out),
+            "--protocol",
+            "heldout-time",
+            "--heldout",
+            "4h",
+            "--model",
+            str(model),
+            *TINY,
+        ]
+    )
     assert code == 0 and not (out / "model").exists()  # the h5ad, time key and source come from the folder
     first = pd.read_csv(heldout_time_run / "metrics.csv")
     again = pd.read_csv(out / "metrics.csv")
@@ -319,40 +413,135 @@ def test_model_counts_change_only_the_model_rows(heldout_time_run, tmp_path):
     assert EvaluationSettings().model_counts == "poisson"
     tables = {}
     for mode in ("poisson", "sample", "mean"):
-        code = main(["evaluate", str(SHALEK), "--out", str(tmp_path / mode), "--protocol", "heldout-time",
-                     "--heldout", "4h", "--time-key", "time", "--source", "1h", "--model",
-                     str(heldout_time_run / "model"), "--model-counts", mode, *TINY])  # fmt: skip
+        code = main(
+            [
+                "evaluate",
+                str(SHALEK),
+                "--out",
+                str(tmp_path / mode),
+                "--protocol",
+                "heldout-time",
+                "--heldout",
+                "4h",
+                "--time-key",
+                "time",
+                "--source",
+                "1h",
+                "--model",
+                str(heldout_time_run / "model"),
+                "--model-counts",
+                mode,
+                *TINY,
+            ]
+        )
         assert code == 0
         tables[mode] = pd.read_csv(tmp_path / mode / "metrics.csv").set_index(["metric", "method"])["value"]
-    pd.testing.assert_series_equal(tables["poisson"], pd.read_csv(heldout_time_run / "metrics.csv").set_index(
-        ["metric", "method"])["value"])  # the default  # fmt: skip
+    pd.testing.assert_series_equal(
+        tables["poisson"], pd.read_csv(heldout_time_run / "metrics.csv").set_index(["metric", "method"])["value"]
+    )  # the default
     model, baseline = "PerturbGen (this model)", "training mean"
     for mode in ("sample", "mean"):
         assert tables[mode][("mse", model)] != tables["poisson"][("mse", model)]
         assert tables[mode][("mse", baseline)] == tables["poisson"][("mse", baseline)]
     with pytest.raises(ValueError, match=r"Unknown model_counts 'draws'"):
-        run_evaluation(SHALEK, tmp_path / "bad", "heldout-time", "time", "1h", heldout="4h",
-                       model=heldout_time_run / "model", settings=EvaluationSettings(model_counts="draws"))  # fmt: skip
+        run_evaluation(
+            SHALEK,
+            tmp_path / "bad",
+            "heldout-time",
+            "time",
+            "1h",
+            heldout="4h",
+            model=heldout_time_run / "model",
+            settings=EvaluationSettings(model_counts="draws"),
+        )
 
 
 def test_evaluate_refuses_a_model_that_saw_the_heldout_time_point(heldout_time_run, tmp_path, capsys):
-    code = main(["evaluate", str(SHALEK), "--out", str(tmp_path / "x"), "--protocol", "heldout-time", "--heldout",
-                 "2h", "--time-key", "time", "--source", "1h", "--model", str(heldout_time_run / "model"), *TINY])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            str(SHALEK),
+            "--out",
+            str(tmp_path / "x"),
+            "--protocol",
+            "heldout-time",
+            "--heldout",
+            "2h",
+            "--time-key",
+            "time",
+            "--source",
+            "1h",
+            "--model",
+            str(heldout_time_run / "model"),
+            *TINY,
+        ]
+    )
     assert code == 1 and "trained on the held-out time point '2h'" in capsys.readouterr().err
-    code = main(["evaluate", str(SHALEK), "--out", str(tmp_path / "y"), "--protocol", "heldout-time", "--heldout",
-                 "1h", "--time-key", "time", "--source", "1h", *TINY])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            str(SHALEK),
+            "--out",
+            str(tmp_path / "y"),
+            "--protocol",
+            "heldout-time",
+            "--heldout",
+            "1h",
+            "--time-key",
+            "time",
+            "--source",
+            "1h",
+            *TINY,
+        ]
+    )
     assert code == 1 and "after the source" in capsys.readouterr().err
-    code = main(["evaluate", str(SHALEK), "--out", str(tmp_path / "z"), "--protocol", "heldout-group", "--heldout",
-                 "x", "--time-key", "time", "--source", "1h", *TINY])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            str(SHALEK),
+            "--out",
+            str(tmp_path / "z"),
+            "--protocol",
+            "heldout-group",
+            "--heldout",
+            "x",
+            "--time-key",
+            "time",
+            "--source",
+            "1h",
+            *TINY,
+        ]
+    )
     assert code == 1 and "--group-key" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("pairing", ["stratified", "transport"])
 def test_evaluate_heldout_group_on_kang(tmp_path, pairing):
     out = tmp_path / "kang"
-    code = main(["evaluate", str(KANG), "--out", str(out), "--protocol", "heldout-group", "--group-key",
-                 "cell_type", "--heldout", "CD14+ Monocytes", "--time-key", "condition", "--time-order", "ctrl",
-                 "stim", "--source", "ctrl", "--pairing", pairing, *TINY])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            str(KANG),
+            "--out",
+            str(out),
+            "--protocol",
+            "heldout-group",
+            "--group-key",
+            "cell_type",
+            "--heldout",
+            "CD14+ Monocytes",
+            "--time-key",
+            "condition",
+            "--time-order",
+            "ctrl",
+            "stim",
+            "--source",
+            "ctrl",
+            "--pairing",
+            pairing,
+            *TINY,
+        ]
+    )
     assert code == 0
     recorded = json.loads((out / "tokens" / "perturbgen_data.json").read_text())["pairing"]
     assert recorded["mode"] == pairing and recorded["key"] == "cell_type"
@@ -376,8 +565,23 @@ def test_evaluate_heldout_cells_scores_discrimination(tmp_path):
 
     adata = simulate_trajectory(num_clones=30, cells_per_clone=2, seed=1)
     out = tmp_path / "cells"
-    code = main(["evaluate", _write(adata, tmp_path), "--out", str(out), "--protocol", "heldout-cells",
-                 "--time-key", "time", "--source", "0h", "--heldout-fraction", "0.25", *TINY])  # fmt: skip
+    code = main(
+        [
+            "evaluate",
+            _write(adata, tmp_path),
+            "--out",
+            str(out),
+            "--protocol",
+            "heldout-cells",
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--heldout-fraction",
+            "0.25",
+            *TINY,
+        ]
+    )
     assert code == 0
     table = pd.read_csv(out / "metrics.csv")
     assert set(table["time_point"]) == {"2h", "6h", "12h"}

@@ -38,12 +38,41 @@ INTERFERON = ["CCL5", "CXCL10", "RSAD2", "IFIT1"]
 def lps_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("embed")
     tokenize_anndata(
-        SHALEK, folder / "tokens", time_key="time", time_value_key="time_h", source="1h",
-        n_hvg=60, include_genes=[*INTERFERON, "TNF", "EGR1"], progress=False,
-    )  # fmt: skip
-    assert train_main(["--data", str(folder / "tokens"), "--out", str(folder / "model"), "--preset", "tiny",
-                       "--max_steps", "6", "--max_source_length", "128", "--max_target_length", "24", "--use_cpu",
-                       "--report_to", "none", "--eval_fraction", "0", "--seed", "0"]) == 0  # fmt: skip
+        SHALEK,
+        folder / "tokens",
+        time_key="time",
+        time_value_key="time_h",
+        source="1h",
+        n_hvg=60,
+        include_genes=[*INTERFERON, "TNF", "EGR1"],
+        progress=False,
+    )
+    assert (
+        train_main(
+            [
+                "--data",
+                str(folder / "tokens"),
+                "--out",
+                str(folder / "model"),
+                "--preset",
+                "tiny",
+                "--max_steps",
+                "6",
+                "--max_source_length",
+                "128",
+                "--max_target_length",
+                "24",
+                "--use_cpu",
+                "--report_to",
+                "none",
+                "--eval_fraction",
+                "0",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     return folder / "model"
 
 
@@ -80,9 +109,17 @@ def test_a_gene_embedding_is_its_mean_hidden_state_where_it_is_generated(lps):
             input_ids[i, : len(cell)] = torch.as_tensor(cell)
         generator = torch.Generator().manual_seed(cell_batch_seed(0, start, 0))
         with torch.no_grad():
-            out = model.generate(input_ids, (input_ids != 0).long(), time_points=["2h", "6h"], num_iterations=2,
-                                 generator=generator, output_hidden_states=True, noise_index=torch.arange(len(cells)),
-                                 num_noise_rows=50, sequence_length=generation_lengths(cells, model.config))  # fmt: skip
+            out = model.generate(
+                input_ids,
+                (input_ids != 0).long(),
+                time_points=["2h", "6h"],
+                num_iterations=2,
+                generator=generator,
+                output_hidden_states=True,
+                noise_index=torch.arange(len(cells)),
+                num_noise_rows=50,
+                sequence_length=generation_lengths(cells, model.config),
+            )
         hidden.append(out.decoder_hidden_states[:, 1].reshape(-1, model.config.decoder_hidden_size))
         genes.append(model.gene_index(out.sequences[:, 1]).reshape(-1))
     hidden, genes = torch.cat(hidden).numpy(), torch.cat(genes).numpy()
@@ -93,8 +130,16 @@ def test_a_gene_embedding_is_its_mean_hidden_state_where_it_is_generated(lps):
     # The generated cells are the perturbation pipeline's control cells (one prediction path): the mean predicted
     # log1p CP10k equals that of the pipeline's control for the same seed and batch size.
     pipe = pipeline("perturbation", model=model, tokenizer=tokenizer)
-    result = pipe(source, genes=[tokenizer.id_to_gene(int(ranked.cell(0)[1]))], seed=0,
-                  iterations=2, batch_size=50, time_points=["2h", "6h"], null_perturbations=0, progress=False)  # fmt: skip
+    result = pipe(
+        source,
+        genes=[tokenizer.id_to_gene(int(ranked.cell(0)[1]))],
+        seed=0,
+        iterations=2,
+        batch_size=50,
+        time_points=["2h", "6h"],
+        null_perturbations=0,
+        progress=False,
+    )
     at_6h = (result.adata.obs["time_point"] == "6h").to_numpy()
     control = log_normalize(np.asarray(result.adata.layers["control"][at_6h], dtype=np.float64)).mean(0)
     np.testing.assert_allclose(embeddings.obsm["predicted_expression"]["6h"].to_numpy(), control, rtol=1e-4, atol=1e-5)
@@ -108,8 +153,10 @@ def test_embeddings_are_seeded_and_groups_add_up_to_the_pooled_mean(lps):
     assert not np.array_equal(first.layers["4h"], other.layers["4h"])
     n = first.obsm["n_cells"]
     assert n["4h | even"].add(n["4h | odd"]).equals(n["4h"])
-    pooled = (first.layers["4h | even"] * n["4h | even"].to_numpy()[:, None]
-              + first.layers["4h | odd"] * n["4h | odd"].to_numpy()[:, None])  # fmt: skip
+    pooled = (
+        first.layers["4h | even"] * n["4h | even"].to_numpy()[:, None]
+        + first.layers["4h | odd"] * n["4h | odd"].to_numpy()[:, None]
+    )
     seen = n["4h"].to_numpy() > 0
     np.testing.assert_allclose(first.layers["4h"][seen], pooled[seen] / n["4h"].to_numpy()[seen, None], atol=1e-5)
     assert first.uns[UNS_KEY]["groups"] == ["even", "odd"]
@@ -181,8 +228,11 @@ def test_programs_recover_separated_groups_with_hubs_and_activity():
     assert screen == list(hubs.sort_values("within_connectivity", ascending=False)["gene_symbol"])
     again = find_gene_programs(embeddings, resolution=0.5, n_neighbors=8, seed=0)
     pd.testing.assert_frame_equal(programs.membership, again.membership)
-    assert programs.program_of(["gene0", "ENSG00020", "nope"]) == {"gene0": rising, "ENSG00020": members[
-        "program"].iloc[20], "nope": None}  # fmt: skip
+    assert programs.program_of(["gene0", "ENSG00020", "nope"]) == {
+        "gene0": rising,
+        "ENSG00020": members["program"].iloc[20],
+        "nope": None,
+    }
 
 
 def test_programs_fill_in_late_genes_leave_out_absent_ones_and_refuse_too_few():
@@ -253,15 +303,38 @@ def test_plots_are_written(tmp_path):
 
 def test_embed_command_writes_programs_and_a_screen_list_perturb_reads(lps_model, tmp_path, capsys):
     out = tmp_path / "embed"
-    argv = ["embed", "--model", str(lps_model), "--adata", str(SHALEK), "--out", str(out), "--time-key", "time",
-            "--iterations", "2", "--n-neighbors", "5", "--min-cells", "2",
-            "--label-genes", *INTERFERON]  # fmt: skip
+    argv = [
+        "embed",
+        "--model",
+        str(lps_model),
+        "--adata",
+        str(SHALEK),
+        "--out",
+        str(out),
+        "--time-key",
+        "time",
+        "--iterations",
+        "2",
+        "--n-neighbors",
+        "5",
+        "--min-cells",
+        "2",
+        "--label-genes",
+        *INTERFERON,
+    ]
     assert main(argv) == 0
     line = capsys.readouterr().out
     assert "from 82 source cells at 2h, 4h, 6h" in line
     files = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
-    assert files == ["gene_embeddings.h5ad", "gene_programs.csv", "plots", "program_activity.csv",
-                     "program_summary.csv", "screen_genes.txt", "summary.json"]  # fmt: skip
+    assert files == [
+        "gene_embeddings.h5ad",
+        "gene_programs.csv",
+        "plots",
+        "program_activity.csv",
+        "program_summary.csv",
+        "screen_genes.txt",
+        "summary.json",
+    ]
     activity = pd.read_csv(out / "program_activity.csv")
     # Observed activity at every time point of the data (1h is the source: observed only), predicted at 2h-6h.
     assert list(activity[activity["program"] == "P1"]["time_point"]) == ["1h", "2h", "4h", "6h"]
@@ -299,6 +372,7 @@ def test_screen_files(tmp_path):
     from perturbgen_hf.commands.perturb import _perturb_options
 
     path.write_text("IL1B\nTNF\n")
-    args = build_parser().parse_args(["perturb", "--model", "m", "--adata", "a", "--out", "o", "--screen-file",
-                                      str(path)])  # fmt: skip
+    args = build_parser().parse_args(
+        ["perturb", "--model", "m", "--adata", "a", "--out", "o", "--screen-file", str(path)]
+    )
     assert _perturb_options(args)["screen"] == ["IL1B", "TNF"]

@@ -114,9 +114,14 @@ def test_noise_index_gives_each_cell_its_own_draws(model, config):
     # cells 2 and 0 alone, in another order, with their rows of a 3-row draw: the same predictions
     rows = torch.tensor([2, 0])
     subset = model.generate(
-        batch["input_ids"][rows], batch["attention_mask"][rows], sequence_length=lengths[rows], temperature=5.0,
-        generator=torch.Generator().manual_seed(3), noise_index=rows, num_noise_rows=3,
-    )  # fmt: skip
+        batch["input_ids"][rows],
+        batch["attention_mask"][rows],
+        sequence_length=lengths[rows],
+        temperature=5.0,
+        generator=torch.Generator().manual_seed(3),
+        noise_index=rows,
+        num_noise_rows=3,
+    )
     width = subset.sequences.shape[-1]
     assert torch.equal(subset.sequences, full.sequences[rows][..., :width])
     torch.testing.assert_close(subset.counts, full.counts[rows])
@@ -133,8 +138,15 @@ def test_sequence_editor_edits_a_time_point_and_its_context(model, config):
         return edited
 
     plain = _generate(model, config, seed=1, sequence_length=lengths, time_points=["2h", "6h"])
-    edited = _generate(model, config, seed=1, sequence_length=lengths, time_points=["2h", "6h"],
-                       sequence_editor=knock_out_first_gene, edit_time_points=["2h"])  # fmt: skip
+    edited = _generate(
+        model,
+        config,
+        seed=1,
+        sequence_length=lengths,
+        time_points=["2h", "6h"],
+        sequence_editor=knock_out_first_gene,
+        edit_time_points=["2h"],
+    )
     assert (edited.sequences[:, 0, 0] == config.mask_token_id).all()
     assert not torch.allclose(edited.counts[:, 0], plain.counts[:, 0])  # the edited state is read out
     assert not torch.equal(edited.sequences[:, 1], plain.sequences[:, 1]) or not torch.allclose(

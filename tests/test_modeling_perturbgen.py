@@ -315,9 +315,16 @@ def test_per_gene_readout_moves_only_the_genes_it_reads():
     torch.testing.assert_close(read["zi_logits"][0, [2, 5]] - base["zi_logits"][0, [2, 5]], corrections[:2, 1])
 
 
-@pytest.mark.parametrize(("name", "value"), [("source_path", "mean"), ("source_path_injection", "concat"),
-                                             ("count_readout", "token"), ("count_head_reads_source", "yes"),
-                                             ("source_path_map", "mlp")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("source_path", "mean"),
+        ("source_path_injection", "concat"),
+        ("count_readout", "token"),
+        ("count_head_reads_source", "yes"),
+        ("source_path_map", "mlp"),
+    ],
+)
 def test_bad_source_path_settings(name, value):
     with pytest.raises(ValueError, match=name):
         tiny_config(**{name: value})

@@ -33,13 +33,28 @@ def _time_course(path, cells=36, genes=30):
 
 def _leftovers(folder):
     """Hidden staging folders beside the outputs."""
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".") and ("staging" in p.name
-                                                                                    or "replaced" in p.name))  # fmt: skip
+    return sorted(
+        p.name for p in folder.iterdir() if p.name.startswith(".") and ("staging" in p.name or "replaced" in p.name)
+    )
 
 
 def _tokenize(data, out, *extra):
-    return main(["tokenize", str(data), "--out", str(out), "--time-key", "time", "--source", "0h", "--n-hvg", "10",
-                 "--no-progress", *extra])  # fmt: skip
+    return main(
+        [
+            "tokenize",
+            str(data),
+            "--out",
+            str(out),
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--n-hvg",
+            "10",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 def test_a_result_carries_the_marker_and_leaves_no_staging(tmp_path):
@@ -71,23 +86,98 @@ def test_an_output_path_that_is_a_file_is_refused(tmp_path):
 # Each: a command line that fails on a bad option, given the folder of an earlier result with --overwrite. The
 # earlier result must be intact afterwards and no staging folder left.
 FAILING_OVERWRITES = {
-    "evaluate-bad-preset": lambda d, o: ["evaluate", str(d), "--out", str(o), "--protocol", "heldout-time",
-                                         "--heldout", "2h", "--time-key", "time", "--source", "0h", "--preset",
-                                         "huge", "--overwrite", "--no-progress"],
-    "evaluate-bad-heldout": lambda d, o: ["evaluate", str(d), "--out", str(o), "--protocol", "heldout-time",
-                                          "--heldout", "99h", "--time-key", "time", "--source", "0h", "--overwrite",
-                                          "--no-progress"],
-    "evaluate-bad-fraction": lambda d, o: ["evaluate", str(d), "--out", str(o), "--protocol", "heldout-cells",
-                                           "--heldout-fraction", "1.5", "--time-key", "time", "--source", "0h",
-                                           "--overwrite", "--no-progress"],
-    "demo-bad-time-key": lambda d, o: ["demo", "--adata", str(d), "--time-key", "hour", "--source", "0h", "--gene",
-                                       "G1", "--out", str(o), "--overwrite"],
+    "evaluate-bad-preset": lambda d, o: [
+        "evaluate",
+        str(d),
+        "--out",
+        str(o),
+        "--protocol",
+        "heldout-time",
+        "--heldout",
+        "2h",
+        "--time-key",
+        "time",
+        "--source",
+        "0h",
+        "--preset",
+        "huge",
+        "--overwrite",
+        "--no-progress",
+    ],
+    "evaluate-bad-heldout": lambda d, o: [
+        "evaluate",
+        str(d),
+        "--out",
+        str(o),
+        "--protocol",
+        "heldout-time",
+        "--heldout",
+        "99h",
+        "--time-key",
+        "time",
+        "--source",
+        "0h",
+        "--overwrite",
+        "--no-progress",
+    ],
+    "evaluate-bad-fraction": lambda d, o: [
+        "evaluate",
+        str(d),
+        "--out",
+        str(o),
+        "--protocol",
+        "heldout-cells",
+        "--heldout-fraction",
+        "1.5",
+        "--time-key",
+        "time",
+        "--source",
+        "0h",
+        "--overwrite",
+        "--no-progress",
+    ],
+    "demo-bad-time-key": lambda d, o: [
+        "demo",
+        "--adata",
+        str(d),
+        "--time-key",
+        "hour",
+        "--source",
+        "0h",
+        "--gene",
+        "G1",
+        "--out",
+        str(o),
+        "--overwrite",
+    ],
     "demo-zero-steps": lambda d, o: ["demo", "--fast", "--max-steps", "0", "--out", str(o), "--overwrite"],
-    "tokenize-bad-source": lambda d, o: ["tokenize", str(d), "--out", str(o), "--time-key", "time", "--source",
-                                         "9h", "--overwrite", "--no-progress"],
-    "tokenize-zero-processes": lambda d, o: ["tokenize", str(d), "--out", str(o), "--time-key", "time", "--source",
-                                             "0h", "--num-proc", "0", "--overwrite", "--no-progress"],
-}  # fmt: skip
+    "tokenize-bad-source": lambda d, o: [
+        "tokenize",
+        str(d),
+        "--out",
+        str(o),
+        "--time-key",
+        "time",
+        "--source",
+        "9h",
+        "--overwrite",
+        "--no-progress",
+    ],
+    "tokenize-zero-processes": lambda d, o: [
+        "tokenize",
+        str(d),
+        "--out",
+        str(o),
+        "--time-key",
+        "time",
+        "--source",
+        "0h",
+        "--num-proc",
+        "0",
+        "--overwrite",
+        "--no-progress",
+    ],
+}
 
 
 @pytest.mark.parametrize("case", sorted(FAILING_OVERWRITES))
@@ -164,8 +254,12 @@ def test_sigterm_cleans_up_and_keeps_the_earlier_result(tmp_path):
     out = tmp_path / "out"
     with staged_output_folder(out, "test") as staging:
         (staging / "old.txt").write_text("earlier result")
-    process = subprocess.Popen([sys.executable, "-c", _KILLED, str(out)], stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-c", _KILLED, str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert process.stdout.readline().strip() == "writing"
     time.sleep(0.2)
     process.send_signal(signal.SIGTERM)

@@ -74,8 +74,10 @@ def test_null_p_values_are_calibrated_and_find_real_effects():
     calls = stats.false_discovery_control(result["p_value"]) < 0.05
     assert calls[:10].sum() >= 8 and calls[10:].sum() <= 1  # the FDR bounds the share of false calls
     # Pure noise (an effect drawn like the shams): p-values about uniform, at most 5% below 0.05 in expectation.
-    rates = [np.mean(null_p_values(rng.normal(0, sd), rng.normal(0, sd, size=(10, 400)))["p_value"] < 0.05)
-             for _ in range(20)]  # fmt: skip
+    rates = [
+        np.mean(null_p_values(rng.normal(0, sd), rng.normal(0, sd, size=(10, 400)))["p_value"] < 0.05)
+        for _ in range(20)
+    ]
     assert np.mean(rates) <= 0.06
     np.testing.assert_allclose(result["null_sd"], null.std(0, ddof=1))
     with pytest.raises(ValueError, match="at least 3"):
@@ -125,13 +127,42 @@ def test_sham_genes_are_matched_to_the_perturbed_gene():
 def lps_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pert")
     tokenize_anndata(
-        SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad", folder / "tokens", time_key="time",
-        time_value_key="time_h", source="1h", gene_id_key="human_ensembl_id", n_hvg=60, include_genes=["TNF", "EGR1"],
+        SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad",
+        folder / "tokens",
+        time_key="time",
+        time_value_key="time_h",
+        source="1h",
+        gene_id_key="human_ensembl_id",
+        n_hvg=60,
+        include_genes=["TNF", "EGR1"],
         progress=False,
-    )  # fmt: skip
-    assert train_main(["--data", str(folder / "tokens"), "--out", str(folder / "model"), "--preset", "tiny",
-                       "--max_steps", "6", "--max_source_length", "256", "--max_target_length", "32", "--use_cpu",
-                       "--report_to", "none", "--eval_fraction", "0", "--seed", "0"]) == 0  # fmt: skip
+    )
+    assert (
+        train_main(
+            [
+                "--data",
+                str(folder / "tokens"),
+                "--out",
+                str(folder / "model"),
+                "--preset",
+                "tiny",
+                "--max_steps",
+                "6",
+                "--max_source_length",
+                "256",
+                "--max_target_length",
+                "32",
+                "--use_cpu",
+                "--report_to",
+                "none",
+                "--eval_fraction",
+                "0",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     return folder / "model"
 
 
@@ -144,8 +175,14 @@ def source_cells():
 @pytest.fixture(scope="module")
 def pipe(lps_model):
     # 3 shams keep the suite fast; the default (10) is exercised by test_knockout_on_real_data.
-    return pipeline("perturbation", model=str(lps_model), gene_ids="human_ensembl_id", iterations=4, batch_size=50,
-                    null_perturbations=3)  # fmt: skip
+    return pipeline(
+        "perturbation",
+        model=str(lps_model),
+        gene_ids="human_ensembl_id",
+        iterations=4,
+        batch_size=50,
+        null_perturbations=3,
+    )
 
 
 def test_knockout_on_real_data(pipe, source_cells, tmp_path):
@@ -189,8 +226,10 @@ def test_knockout_on_real_data(pipe, source_cells, tmp_path):
 def test_a_seed_against_other_seeds_calls_nothing(pipe, source_cells):
     # Calibration on real data: the "effect" of changing only the random draws, judged against 10 more seeds, is
     # exchangeable with its null: about 5% of p-values below 0.05 and nothing significant.
-    runs = [pipe(source_cells[:40], genes=["TNF"], seed=seed, null_perturbations=0, time_points=["6h"]).adata
-            for seed in range(12)]  # fmt: skip
+    runs = [
+        pipe(source_cells[:40], genes=["TNF"], seed=seed, null_perturbations=0, time_points=["6h"]).adata
+        for seed in range(12)
+    ]
     control = [r.layers["control"][(r.obs["time_point"] == "6h").to_numpy()] for r in runs]
     genes = [f"g{i}" for i in range(control[0].shape[1])]
     table = differential_expression_against_null(control[0], control[1], control[2:], genes)
@@ -266,15 +305,31 @@ def test_perturb_command_with_an_original_style_config(lps_model, source_cells, 
     config = tmp_path / "perturbation.yaml"
     config.write_text("genes_to_perturb: [TNF]\nperturbation_mode: delete\npred_tps: ['2h', '6h']\niterations: 3\n")
     out = tmp_path / "ko"
-    argv = ["perturb", "--model", str(lps_model), "--adata", str(source), "--out", str(out), "--config", str(config),
-            "--gene-id-key", "human_ensembl_id", "--seed", "3"]  # fmt: skip
+    argv = [
+        "perturb",
+        "--model",
+        str(lps_model),
+        "--adata",
+        str(source),
+        "--out",
+        str(out),
+        "--config",
+        str(config),
+        "--gene-id-key",
+        "human_ensembl_id",
+        "--seed",
+        "3",
+    ]
     assert main(argv) == 0
     assert "perturbed TNF in 24 cells" in capsys.readouterr().out
     result = PerturbationResult.load(out)
     assert set(result.adata.obs["time_point"]) == {"2h", "6h"}
     assert result.config["mode"] == "delete"
-    assert {p.name for p in (out / "plots").iterdir()} == {"volcano_TNF.png", "responders_TNF.png",
-                                                          "significant_genes.png"}  # fmt: skip
+    assert {p.name for p in (out / "plots").iterdir()} == {
+        "volcano_TNF.png",
+        "responders_TNF.png",
+        "significant_genes.png",
+    }
     assert main(argv) == 1  # an existing result is not overwritten
     assert "--overwrite" in capsys.readouterr().err
     config.write_text("genes_to_perturb: [TNF]\nperturbation_sequence: [src, tgt]\n")
@@ -304,8 +359,20 @@ def test_a_screen_equals_its_single_gene_runs(pipe, source_cells):
     split = pipe(cells, screen=["TNF", "EGR1"], mode="mask", seed=2, batch_size=16, variants_per_batch=1)
     np.testing.assert_allclose(split.adata.layers["perturbed"], screen.adata.layers["perturbed"], rtol=1e-5)
     # The same when the edit acts on generated target cells (each stacked row carries its own perturbed genes).
-    late = [pipe(cells, screen=["TNF", "EGR1"], mode="delete", site="tgt", perturb_time_points=["2h"], seed=2,
-                 batch_size=16, variants_per_batch=n, iterations=2).adata for n in (1, 2)]  # fmt: skip
+    late = [
+        pipe(
+            cells,
+            screen=["TNF", "EGR1"],
+            mode="delete",
+            site="tgt",
+            perturb_time_points=["2h"],
+            seed=2,
+            batch_size=16,
+            variants_per_batch=n,
+            iterations=2,
+        ).adata
+        for n in (1, 2)
+    ]
     assert np.array_equal(late[0].obs["changed"], late[1].obs["changed"]) and late[0].obs["changed"].any()
     np.testing.assert_allclose(late[1].layers["perturbed"], late[0].layers["perturbed"], rtol=1e-5)
 
@@ -339,8 +406,15 @@ def test_gene_cosine_matches_genes_not_positions():
 
 def test_target_site_knockout_propagates_through_context(pipe, source_cells):
     assert pipe.model.config.context_mode != "none"
-    result = pipe(source_cells[:40], genes=["TNF"], site="tgt", perturb_time_points=["2h"], mode="mask",
-                  time_points=["2h", "6h"], seed=4)  # fmt: skip
+    result = pipe(
+        source_cells[:40],
+        genes=["TNF"],
+        site="tgt",
+        perturb_time_points=["2h"],
+        mode="mask",
+        time_points=["2h", "6h"],
+        seed=4,
+    )
     obs = result.adata.obs
     changed = obs["changed"].to_numpy()
     assert changed.any(), "some generated 2h cells should contain TNF"
@@ -377,8 +451,9 @@ def test_teacher_forced_readout_of_observed_targets(pipe, source_cells, lps_mode
     again = pipe(cells, genes=["TNF"], mode="delete", method="teacher_forced", targets=targets, seed=9)
     np.testing.assert_array_equal(again.adata.layers["perturbed"], result.adata.layers["perturbed"])  # no sampling
     # editing the observed 2h cells instead changes 2h and, through context, 6h
-    edited = pipe(cells, genes=["TNF"], site="tgt", perturb_time_points=["2h"], method="teacher_forced",
-                  targets=targets)  # fmt: skip
+    edited = pipe(
+        cells, genes=["TNF"], site="tgt", perturb_time_points=["2h"], method="teacher_forced", targets=targets
+    )
     assert edited.adata.obs["changed"].any()
     with pytest.raises(ValueError, match="25 source cells"):
         pipe(cells, genes=["TNF"], method="teacher_forced", targets={"2h": targets["2h"][:10]})
@@ -391,16 +466,50 @@ def test_a_screen_run_on_two_processes_equals_one(lps_model, source_cells, tmp_p
 
     source = tmp_path / "source.h5ad"
     source_cells[:40].write_h5ad(source)
-    common = ["perturb", "--model", str(lps_model), "--adata", str(source), "--screen", "TNF", "EGR1", "ACTB",
-              "--mode", "delete", "--gene-id-key", "human_ensembl_id", "--batch-size", "16", "--variants-per-batch",
-              "1", "--iterations", "3", "--time-points", "2h", "6h", "--seed", "5", "--no-plots"]  # fmt: skip
+    common = [
+        "perturb",
+        "--model",
+        str(lps_model),
+        "--adata",
+        str(source),
+        "--screen",
+        "TNF",
+        "EGR1",
+        "ACTB",
+        "--mode",
+        "delete",
+        "--gene-id-key",
+        "human_ensembl_id",
+        "--batch-size",
+        "16",
+        "--variants-per-batch",
+        "1",
+        "--iterations",
+        "3",
+        "--time-points",
+        "2h",
+        "6h",
+        "--seed",
+        "5",
+        "--no-plots",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "perturbgen_hf.cli", *common, "--out", str(tmp_path / "one")],
-                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, "-m", "perturbgen_hf.cli", *common, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
-    two = subprocess.run([*launcher, "perturbgen_hf.cli", *common, "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    two = subprocess.run(
+        [*launcher, "perturbgen_hf.cli", *common, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr
     first, second = PerturbationResult.load(tmp_path / "one"), PerturbationResult.load(tmp_path / "two")
     for layer in ("control", "perturbed"):

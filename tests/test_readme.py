@@ -43,11 +43,43 @@ def readme_folder(tmp_path_factory):
     adata.obs["time"] = adata.obs["time"].astype(str).map(lambda t: TIMES[t][0])
     adata.obs["time_h"] = adata.obs["time"].map(dict(TIMES.values())).astype(float)
     adata.var["ensembl_id"] = adata.var["human_ensembl_id"]
-    tokenize_anndata(adata, folder / "tokens", time_key="time", time_value_key="time_h", source="90min",
-                     gene_id_key="ensembl_id", n_hvg=60, include_genes=["IL1B"], progress=False)  # fmt: skip
-    assert train_main(["--data", str(folder / "tokens"), "--out", str(folder / "lps_model"), "--preset", "tiny",
-                       "--max_steps", "4", "--max_source_length", "2048", "--max_target_length", "32", "--use_cpu",
-                       "--report_to", "none", "--eval_fraction", "0", "--seed", "0"]) == 0  # fmt: skip
+    tokenize_anndata(
+        adata,
+        folder / "tokens",
+        time_key="time",
+        time_value_key="time_h",
+        source="90min",
+        gene_id_key="ensembl_id",
+        n_hvg=60,
+        include_genes=["IL1B"],
+        progress=False,
+    )
+    assert (
+        train_main(
+            [
+                "--data",
+                str(folder / "tokens"),
+                "--out",
+                str(folder / "lps_model"),
+                "--preset",
+                "tiny",
+                "--max_steps",
+                "4",
+                "--max_source_length",
+                "2048",
+                "--max_target_length",
+                "32",
+                "--use_cpu",
+                "--report_to",
+                "none",
+                "--eval_fraction",
+                "0",
+                "--seed",
+                "0",
+            ]
+        )
+        == 0
+    )
     for name in ("perturbgen-lps", "path/or/hub-id"):
         shutil.copytree(folder / "lps_model", folder / name)
     # 16 source cells keep the pipeline blocks to seconds; IL1B has counts in most of them.

@@ -59,11 +59,28 @@ def _bad_input(kind, folder):
 def saved_model(tmp_path_factory):
     # The tokenized LPS data's tokenizer, with a tiny model of its sizes: a folder `perturb` loads.
     tokens = tmp_path_factory.mktemp("tokens") / "lps"
-    assert main(["tokenize", str(SHALEK), "--out", str(tokens), "--time-key", "time", "--source", "1h", "--n-hvg",
-                 "30", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "tokenize",
+                str(SHALEK),
+                "--out",
+                str(tokens),
+                "--time-key",
+                "time",
+                "--source",
+                "1h",
+                "--n-hvg",
+                "30",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     tokenizer = PerturbGenTokenizer.from_pretrained(tokens / "tokenizer")
-    config = tiny_config(condition_tokens=[], num_target_genes=len(tokenizer.target_genes),
-                         target_genes=tokenizer.target_genes)  # fmt: skip
+    config = tiny_config(
+        condition_tokens=[], num_target_genes=len(tokenizer.target_genes), target_genes=tokenizer.target_genes
+    )
     config.encoder.vocab_size = len(tokenizer.vocab)
     folder = tokens.parent / "model"
     PerturbGenForConditionalGeneration(config).save_pretrained(folder)
@@ -97,12 +114,24 @@ def test_every_command_that_reads_an_h5ad_reports_it_in_one_line(command, kind, 
     out = str(tmp_path / "out")
     argv = {
         "tokenize": ["tokenize", str(path), "--out", out, "--time-key", "time", "--source", "0h", "--no-progress"],
-        "perturb": ["perturb", "--model", str(saved_model), "--adata", str(path), "--genes", "G1",
-                    "--out", out],
-        "evaluate": ["evaluate", str(path), "--out", out, "--protocol", "heldout-time", "--heldout", "2h",
-                     "--time-key", "time", "--source", "0h", "--no-progress"],
+        "perturb": ["perturb", "--model", str(saved_model), "--adata", str(path), "--genes", "G1", "--out", out],
+        "evaluate": [
+            "evaluate",
+            str(path),
+            "--out",
+            out,
+            "--protocol",
+            "heldout-time",
+            "--heldout",
+            "2h",
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--no-progress",
+        ],
         "demo": ["demo", "--adata", str(path), "--time-key", "time", "--source", "0h", "--gene", "G1", "--out", out],
-    }[command]  # fmt: skip
+    }[command]
     assert main(argv) == 1
     err = _error_line(capsys)
     assert err.startswith(f"perturbgen-hf {command}: error:") and str(path) in err and words in err
@@ -178,17 +207,30 @@ def _bad_model(kind, saved_model, folder):
     raise AssertionError(kind)
 
 
-MODEL_KINDS = ["missing", "hub id offline", "file", "empty folder", "tokenized folder", "interrupted training",
-               "corrupted config", "config without model_type", "no weights", "truncated weights", "garbage weights",
-               "weights of another size", "no tokenizer"]  # fmt: skip
+MODEL_KINDS = [
+    "missing",
+    "hub id offline",
+    "file",
+    "empty folder",
+    "tokenized folder",
+    "interrupted training",
+    "corrupted config",
+    "config without model_type",
+    "no weights",
+    "truncated weights",
+    "garbage weights",
+    "weights of another size",
+    "no tokenizer",
+]
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
 def test_a_bad_model_is_one_line_naming_it(kind, saved_model, tmp_path, capsys):
     model, words = _bad_model(kind, saved_model, tmp_path)
     source = _small_h5ad(tmp_path / "source.h5ad")
-    code = main(["perturb", "--model", str(model), "--adata", str(source), "--genes", "G1",
-                 "--out", str(tmp_path / "out")])  # fmt: skip
+    code = main(
+        ["perturb", "--model", str(model), "--adata", str(source), "--genes", "G1", "--out", str(tmp_path / "out")]
+    )
     err = _error_line(capsys)
     assert code == 1 and str(model) in err and words in err
     assert not (tmp_path / "out").exists()
@@ -224,8 +266,22 @@ def _with_obs_and_var(path, times=None, genes=None):
 def test_cells_without_a_time_point_are_an_error_not_a_time_point(missing, tmp_path, capsys):
     times = ["0h", missing, "0h", "2h", "2h", "2h", "6h", "6h", "6h"]
     path = _with_obs_and_var(tmp_path / "nan.h5ad", times=times)
-    assert main(["tokenize", str(path), "--out", str(tmp_path / "t"), "--time-key", "time", "--source", "0h",
-                 "--no-progress"]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "tokenize",
+                str(path),
+                "--out",
+                str(tmp_path / "t"),
+                "--time-key",
+                "time",
+                "--source",
+                "0h",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     err = _error_line(capsys)
     assert "1 cell(s) have no time point" in err and "c1" in err
     assert not (tmp_path / "t").exists()
@@ -234,8 +290,22 @@ def test_cells_without_a_time_point_are_an_error_not_a_time_point(missing, tmp_p
 def test_duplicated_gene_ids_are_named_once(tmp_path, caplog):
     path = _with_obs_and_var(tmp_path / "dup.h5ad", genes=["G0", "G1", "G2", "G0", "G1", "G5"])
     with caplog.at_level("WARNING", logger="perturbgen_hf"):
-        assert main(["tokenize", str(path), "--out", str(tmp_path / "t"), "--time-key", "time", "--source", "0h",
-                     "--no-progress"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "tokenize",
+                    str(path),
+                    "--out",
+                    str(tmp_path / "t"),
+                    "--time-key",
+                    "time",
+                    "--source",
+                    "0h",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     warnings = [r.getMessage() for r in caplog.records if "occur more than once" in r.getMessage()]
     assert len(warnings) == 1
     assert "2 gene identifiers of var_names" in warnings[0] and "G0, G1" in warnings[0]
@@ -261,9 +331,26 @@ def test_bad_perturb_options_are_one_line_and_write_nothing(case, saved_model, t
     options, words = BAD_PERTURB_OPTIONS[case]
     source = SHALEK_SOURCE_CELLS(tmp_path)
     genes = [] if "--genes" in options else ["--genes", "Il1b"]
-    code = main(["perturb", "--model", str(saved_model), "--adata", str(source), *genes, "--iterations", "1",
-                 "--null-perturbations", "0", "--bootstrap", "0", "--no-plots", "--out", str(tmp_path / "out"),
-                 *options])  # fmt: skip
+    code = main(
+        [
+            "perturb",
+            "--model",
+            str(saved_model),
+            "--adata",
+            str(source),
+            *genes,
+            "--iterations",
+            "1",
+            "--null-perturbations",
+            "0",
+            "--bootstrap",
+            "0",
+            "--no-plots",
+            "--out",
+            str(tmp_path / "out"),
+            *options,
+        ]
+    )
     err = _error_line(capsys)
     assert code == 1 and words in err, err
     assert not (tmp_path / "out").exists()
@@ -280,8 +367,10 @@ def SHALEK_SOURCE_CELLS(folder):
 
 def test_train_refuses_zero_steps_and_a_negative_learning_rate_before_making_a_folder(saved_model, tmp_path, capsys):
     tokens = saved_model.parent / "lps"
-    for options, words in ((["--max_steps", "0"], "--max_steps must be a positive number"),
-                           (["--max_steps", "2", "--learning_rate", "-1"], "--learning_rate must be >= 0")):  # fmt: skip
+    for options, words in (
+        (["--max_steps", "0"], "--max_steps must be a positive number"),
+        (["--max_steps", "2", "--learning_rate", "-1"], "--learning_rate must be >= 0"),
+    ):
         assert main(["train", "--data", str(tokens), "--out", str(tmp_path / "m"), "--use_cpu", *options]) == 1
         assert words in _error_line(capsys)
         assert not (tmp_path / "m").exists()
@@ -290,9 +379,19 @@ def test_train_refuses_zero_steps_and_a_negative_learning_rate_before_making_a_f
 # -- start-up -----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["tokenize", "--help"], ["train", "--help"],
-                                  ["perturb", "--help"], ["evaluate", "--help"], ["demo", "--help"],
-                                  ["convert-original", "--help"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["tokenize", "--help"],
+        ["train", "--help"],
+        ["perturb", "--help"],
+        ["evaluate", "--help"],
+        ["demo", "--help"],
+        ["convert-original", "--help"],
+    ],
+)
 def test_help_and_version_do_not_import_torch(argv):
     # As the console script runs it: the package is imported with argv[0] = "perturbgen-hf".
     code = (
@@ -330,8 +429,13 @@ def test_importing_the_package_still_registers_the_auto_classes():
         "from transformers.pipelines import PIPELINE_REGISTRY\n"
         "print(type(AutoConfig.for_model('perturbgen')).__name__, 'perturbation' in PIPELINE_REGISTRY.get_supported_tasks())"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.stdout.split() == ["PerturbGenConfig", "True"], done.stderr[-2000:]
 
 
@@ -364,13 +468,40 @@ def test_corrupted_counts_are_an_error_not_a_crash(dataset, command, tmp_path):
     ad.AnnData(counts, obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(40)])).write_h5ad(path)
     _corrupt(path, dataset)
     argv = {
-        "tokenize": ["tokenize", str(path), "--out", str(tmp_path / "out"), "--time-key", "time", "--source", "0h",
-                     "--no-progress"],
-        "evaluate": ["evaluate", str(path), "--out", str(tmp_path / "out"), "--protocol", "heldout-time",
-                     "--heldout", "2h", "--time-key", "time", "--source", "0h", "--no-progress"],
-    }[command]  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "perturbgen_hf.cli", *argv], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        "tokenize": [
+            "tokenize",
+            str(path),
+            "--out",
+            str(tmp_path / "out"),
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--no-progress",
+        ],
+        "evaluate": [
+            "evaluate",
+            str(path),
+            "--out",
+            str(tmp_path / "out"),
+            "--protocol",
+            "heldout-time",
+            "--heldout",
+            "2h",
+            "--time-key",
+            "time",
+            "--source",
+            "0h",
+            "--no-progress",
+        ],
+    }[command]
+    done = subprocess.run(
+        [sys.executable, "-m", "perturbgen_hf.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert "Traceback" not in done.stderr and last.startswith(f"perturbgen-hf {command}: error:"), done.stderr[-3000:]
@@ -395,11 +526,28 @@ def test_a_bad_yaml_config_is_one_line(case, command, saved_model, tmp_path, cap
     config = tmp_path / "options.yaml"
     config.write_bytes(text if isinstance(text, bytes) else text.encode())
     argv = {
-        "perturb": ["perturb", "--model", str(saved_model), "--adata", str(SHALEK_SOURCE_CELLS(tmp_path)),
-                    "--out", str(tmp_path / "out"), "--config", str(config)],
-        "train": ["train", "--data", str(saved_model.parent / "lps"), "--out", str(tmp_path / "out"), "--use_cpu",
-                  "--config", str(config)],
-    }[command]  # fmt: skip
+        "perturb": [
+            "perturb",
+            "--model",
+            str(saved_model),
+            "--adata",
+            str(SHALEK_SOURCE_CELLS(tmp_path)),
+            "--out",
+            str(tmp_path / "out"),
+            "--config",
+            str(config),
+        ],
+        "train": [
+            "train",
+            "--data",
+            str(saved_model.parent / "lps"),
+            "--out",
+            str(tmp_path / "out"),
+            "--use_cpu",
+            "--config",
+            str(config),
+        ],
+    }[command]
     assert main(argv) == 1
     err = _error_line(capsys)
     assert str(config) in err and words in err, err
@@ -408,13 +556,32 @@ def test_a_bad_yaml_config_is_one_line(case, command, saved_model, tmp_path, cap
 
 @pytest.mark.parametrize("kind", ["missing", "tokenized-data folder", "empty folder"])
 def test_a_bad_tokenizer_folder_is_one_line(kind, saved_model, tmp_path, capsys):
-    folder = {"missing": tmp_path / "nope", "tokenized-data folder": saved_model.parent / "lps",
-              "empty folder": tmp_path / "empty"}[kind]  # fmt: skip
+    folder = {
+        "missing": tmp_path / "nope",
+        "tokenized-data folder": saved_model.parent / "lps",
+        "empty folder": tmp_path / "empty",
+    }[kind]
     if kind == "empty folder":
         folder.mkdir()
     source = _small_h5ad(tmp_path / "in.h5ad")
-    assert main(["tokenize", str(source), "--out", str(tmp_path / "out"), "--time-key", "time", "--source", "0h",
-                 "--tokenizer", str(folder), "--no-progress"]) == 1  # fmt: skip
+    assert (
+        main(
+            [
+                "tokenize",
+                str(source),
+                "--out",
+                str(tmp_path / "out"),
+                "--time-key",
+                "time",
+                "--source",
+                "0h",
+                "--tokenizer",
+                str(folder),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     err = _error_line(capsys)
     assert str(folder) in err and ("does not exist" in err or "no vocab.json" in err), err
     if kind == "tokenized-data folder":

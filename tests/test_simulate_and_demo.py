@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from perturbgen_hf.data import simulate_trajectory, true_effects
-from perturbgen_hf.demo import FAST, effect_scores, run_demo, significance_calls
+from perturbgen_hf.demo import FAST, run_demo
+from perturbgen_hf.evaluation.effects import effect_scores, significance_calls
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,9 @@ def test_the_knockout_cascade_grows_along_the_trajectory(simulated):
 
 def test_cell_type_specific_responses():
     control = simulate_trajectory(num_clones=200, seed=5, cell_type_specific_fraction=1.0, targets_per_regulator=4)
-    knocked = simulate_trajectory(num_clones=200, seed=5, cell_type_specific_fraction=1.0, targets_per_regulator=4,
-                                  knockout=["REG1"])  # fmt: skip
+    knocked = simulate_trajectory(
+        num_clones=200, seed=5, cell_type_specific_fraction=1.0, targets_per_regulator=4, knockout=["REG1"]
+    )
     edges = pd.DataFrame(control.uns["network"]["edges"])
     edge = edges[(edges["regulator"] == "REG1")].iloc[0]
     responding = f"type_{edge['cell_type'] + 1}"
@@ -118,8 +120,15 @@ def test_fast_demo_end_to_end(tmp_path):
 
     out = tmp_path / "demo"
     summary = run_demo(out, FAST, progress=False)
-    for name in ("report.md", "scores.csv", "summary.json", "plots/predicted_vs_true.png", "plots/cascade.png",
-                 "plots/training_loss.png", "perturbation/de.csv"):  # fmt: skip
+    for name in (
+        "report.md",
+        "scores.csv",
+        "summary.json",
+        "plots/predicted_vs_true.png",
+        "plots/cascade.png",
+        "plots/training_loss.png",
+        "perturbation/de.csv",
+    ):
         assert (out / name).is_file(), name
     scores = pd.read_csv(out / "scores.csv")
     assert set(scores["time_point"]) == {"2h", "6h", "12h"}
@@ -147,8 +156,9 @@ def test_fast_demo_on_user_data(tmp_path):
     adata.var_names = adata.var["gene_symbol"].astype(str).to_numpy()
     path = tmp_path / "mine.h5ad"
     adata.write_h5ad(path)
-    summary = run_demo(tmp_path / "out", FAST, adata=str(path), time_key="time", source="0h", gene="REG1",
-                       progress=False)  # fmt: skip
+    summary = run_demo(
+        tmp_path / "out", FAST, adata=str(path), time_key="time", source="0h", gene="REG1", progress=False
+    )
     report = (tmp_path / "out" / "report.md").read_text()
     assert "REG1 knocked out at 0h" in report and "no truth to score" in report
     assert (tmp_path / "out" / "plots" / "training_loss.png").is_file()

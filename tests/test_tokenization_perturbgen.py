@@ -152,7 +152,12 @@ def test_save_load_and_auto_tokenizer(tokenizer, tmp_path):
     tokenizer.set_target_genes(["TNF", "IL1B", "MX1"], condition_tokens=["donor=A"])
     tokenizer.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.json")) == [
-        "gene_medians.json", "gene_names.json", "target_vocab.json", "tokenizer_config.json", "vocab.json"]  # fmt: skip
+        "gene_medians.json",
+        "gene_names.json",
+        "target_vocab.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert type(loaded) is PerturbGenTokenizer
     counts = np.random.default_rng(2).poisson(2.0, size=(5, 12))

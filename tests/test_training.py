@@ -20,26 +20,70 @@ from perturbgen_hf.training import main as train_main
 
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--max_source_length", "64", "--max_target_length", "32", "--per_device_train_batch_size",
-        "8", "--per_device_eval_batch_size", "16", "--learning_rate", "3e-3", "--logging_steps", "2", "--seed", "0",
-        "--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0"]  # fmt: skip
+TINY = [
+    "--preset",
+    "tiny",
+    "--max_source_length",
+    "64",
+    "--max_target_length",
+    "32",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "16",
+    "--learning_rate",
+    "3e-3",
+    "--logging_steps",
+    "2",
+    "--seed",
+    "0",
+    "--report_to",
+    "none",
+    "--use_cpu",
+    "--dataloader_num_workers",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
 def lps_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("lps") / "tokens"
     tokenize_anndata(
-        SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad", out, time_key="time",
-        time_value_key="time_h", source="1h", gene_id_key="human_ensembl_id", n_hvg=60, progress=False,
-    )  # fmt: skip
+        SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad",
+        out,
+        time_key="time",
+        time_value_key="time_h",
+        source="1h",
+        gene_id_key="human_ensembl_id",
+        n_hvg=60,
+        progress=False,
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def trained(lps_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "tiny"
-    code = cli_main(["train", "--data", str(lps_data), "--out", str(out), *TINY, "--max_steps", "12",
-                     "--eval_strategy", "steps", "--eval_steps", "6", "--save_steps", "6", "--save_total_limit", "1"])  # fmt: skip
+    code = cli_main(
+        [
+            "train",
+            "--data",
+            str(lps_data),
+            "--out",
+            str(out),
+            *TINY,
+            "--max_steps",
+            "12",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "6",
+            "--save_steps",
+            "6",
+            "--save_total_limit",
+            "1",
+        ]
+    )
     assert code == 0
     return out
 
@@ -50,8 +94,15 @@ def _weights(folder):
 
 def test_training_saves_a_loadable_model_with_card_and_metrics(trained, lps_data):
     files = {p.name for p in trained.iterdir()}
-    assert {"config.json", "model.safetensors", "vocab.json", "tokenizer_config.json", "README.md",
-            "modeling_perturbgen.py", "training_summary.json"} <= files  # fmt: skip
+    assert {
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+        "tokenizer_config.json",
+        "README.md",
+        "modeling_perturbgen.py",
+        "training_summary.json",
+    } <= files
     assert sorted(p.name for p in trained.glob("checkpoint-*")) == ["checkpoint-12"]  # save_total_limit
     model = AutoModel.from_pretrained(trained)
     assert type(model) is PerturbGenForConditionalGeneration
@@ -102,8 +153,14 @@ def test_gradient_accumulation_matches_a_larger_batch(lps_data, tmp_path):
     """Two accumulated micro-batches of 4 give the same step as one batch of 8 (fixed, pre-masked inputs)."""
     dataset = load_from_disk(str(lps_data / "dataset")).select(range(8))
     description = json.loads((lps_data / "perturbgen_data.json").read_text())
-    collator = DataCollatorForPerturbGen(description["time_values"], num_target_genes=description["num_target_genes"],
-                                         target_index=1, max_source_length=64, max_target_length=32, seed=0)  # fmt: skip
+    collator = DataCollatorForPerturbGen(
+        description["time_values"],
+        num_target_genes=description["num_target_genes"],
+        target_index=1,
+        max_source_length=64,
+        max_target_length=32,
+        seed=0,
+    )
     batch = collator([dataset[i] for i in range(8)])
     rows = [{k: v[i] for k, v in batch.items()} for i in range(8)]
     stacked = Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows])
@@ -117,14 +174,28 @@ def test_gradient_accumulation_matches_a_larger_batch(lps_data, tmp_path):
 
         from perturbgen_hf.training import PRESETS
 
-        config = tiny_config(num_target_genes=description["num_target_genes"], condition_tokens=[],
-                             time_points=description["time_points"], time_values=description["time_values"],
-                             encoder={**PRESETS["tiny"]["encoder"], "vocab_size": 18967, "max_position_embeddings": 64})  # fmt: skip
+        config = tiny_config(
+            num_target_genes=description["num_target_genes"],
+            condition_tokens=[],
+            time_points=description["time_points"],
+            time_values=description["time_values"],
+            encoder={**PRESETS["tiny"]["encoder"], "vocab_size": 18967, "max_position_embeddings": 64},
+        )
         model = PerturbGenForConditionalGeneration(config)
-        args = TrainingArguments(output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch_size,
-                                 gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5, optim="sgd",
-                                 report_to="none", use_cpu=True, seed=0, remove_unused_columns=False, save_strategy="no",
-                                 lr_scheduler_type="constant")  # fmt: skip
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"ga{accumulation}"),
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            learning_rate=0.5,
+            optim="sgd",
+            report_to="none",
+            use_cpu=True,
+            seed=0,
+            remove_unused_columns=False,
+            save_strategy="no",
+            lr_scheduler_type="constant",
+        )
         Trainer(model=model, args=args, train_dataset=stacked, data_collator=stack).train()
         return {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -135,8 +206,26 @@ def test_gradient_accumulation_matches_a_larger_batch(lps_data, tmp_path):
 
 def test_two_stages_train_tokens_then_only_the_count_head(lps_data, trained, tmp_path):
     stage2 = tmp_path / "stage2"
-    assert train_main(["--data", str(lps_data), "--out", str(stage2), *TINY, "--max_steps", "3", "--objective",
-                       "counts", "--model", str(trained), "--eval_fraction", "0"]) == 0  # fmt: skip
+    assert (
+        train_main(
+            [
+                "--data",
+                str(lps_data),
+                "--out",
+                str(stage2),
+                *TINY,
+                "--max_steps",
+                "3",
+                "--objective",
+                "counts",
+                "--model",
+                str(trained),
+                "--eval_fraction",
+                "0",
+            ]
+        )
+        == 0
+    )
     before, after = _weights(trained), _weights(stage2)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("count_head.") for k in changed)
@@ -149,14 +238,46 @@ def test_early_stopping_all_time_points_and_a_geneformer_encoder(lps_data, tmp_p
 
     vocab = PerturbGenTokenizer.from_pretrained(lps_data / "tokenizer").vocab_size
     torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=4096)).save_pretrained(tmp_path / "gf")  # fmt: skip
+    BertForMaskedLM(
+        BertConfig(
+            vocab_size=vocab,
+            hidden_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=4096,
+        )
+    ).save_pretrained(tmp_path / "gf")
     out = tmp_path / "gf_model"
     # A learning rate of 0 never improves eval_loss: patience 1 stops after the second evaluation.
-    assert train_main(["--data", str(lps_data), "--out", str(out), *TINY, "--geneformer", str(tmp_path / "gf"),
-                       "--target_time_points", "all", "--max_steps", "40", "--learning_rate", "0",
-                       "--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2",
-                       "--early_stopping_patience", "1"]) == 0  # fmt: skip
+    assert (
+        train_main(
+            [
+                "--data",
+                str(lps_data),
+                "--out",
+                str(out),
+                *TINY,
+                "--geneformer",
+                str(tmp_path / "gf"),
+                "--target_time_points",
+                "all",
+                "--max_steps",
+                "40",
+                "--learning_rate",
+                "0",
+                "--eval_strategy",
+                "steps",
+                "--eval_steps",
+                "2",
+                "--save_steps",
+                "2",
+                "--early_stopping_patience",
+                "1",
+            ]
+        )
+        == 0
+    )
     last = max(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     state = json.loads((last / "trainer_state.json").read_text())
     assert state["global_step"] == 4  # not 40: stopped early
@@ -171,8 +292,24 @@ def test_early_stopping_all_time_points_and_a_geneformer_encoder(lps_data, tmp_p
 
 def test_heldout_time_point_is_not_trained(lps_data, tmp_path):
     out = tmp_path / "interp"
-    assert train_main(["--data", str(lps_data), "--out", str(out), *TINY, "--max_steps", "3",
-                       "--heldout_time_point", "4h", "--eval_fraction", "0"]) == 0  # fmt: skip
+    assert (
+        train_main(
+            [
+                "--data",
+                str(lps_data),
+                "--out",
+                str(out),
+                *TINY,
+                "--max_steps",
+                "3",
+                "--heldout_time_point",
+                "4h",
+                "--eval_fraction",
+                "0",
+            ]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["time_points"] == ["2h", "6h"]
     metrics = json.loads((out / "training_summary.json").read_text())["final_metrics"]
@@ -226,9 +363,27 @@ def test_missing_data_folder(tmp_path, capsys):
 
 def test_torchrun_two_cpu_processes(lps_data, tmp_path):
     out = tmp_path / "ddp"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-               str(REPO / "scripts" / "train.py"), "--data", str(lps_data), "--out", str(out), *TINY,
-               "--max_steps", "4", "--eval_fraction", "0", "--ddp_backend", "gloo"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        str(REPO / "scripts" / "train.py"),
+        "--data",
+        str(lps_data),
+        "--out",
+        str(out),
+        *TINY,
+        "--max_steps",
+        "4",
+        "--eval_fraction",
+        "0",
+        "--ddp_backend",
+        "gloo",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -242,13 +397,21 @@ def test_torchrun_two_cpu_processes(lps_data, tmp_path):
 def test_push_to_a_hub_then_load_by_id_and_offline_from_the_cache(trained, tmp_path):
     home = tmp_path / "hf_home"
     with FakeHub() as hub:
-        env = dict(os.environ, HF_ENDPOINT=hub.url, HF_TOKEN="test-token", HF_HOME=str(home), HF_HUB_OFFLINE="0",
-                   HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH="")  # fmt: skip
+        env = dict(
+            os.environ,
+            HF_ENDPOINT=hub.url,
+            HF_TOKEN="test-token",
+            HF_HOME=str(home),
+            HF_HUB_OFFLINE="0",
+            HF_HUB_DISABLE_TELEMETRY="1",
+            PYTHONPATH="",
+        )
         push = f"from perturbgen_hf.training import push_to_hub; push_to_hub({str(trained)!r}, 'org/perturbgen-lps')"
         result = subprocess.run([sys.executable, "-c", push], capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 0, (result.stderr[-3000:], hub.unknown)
-        assert {"config.json", "model.safetensors", "modeling_perturbgen.py", "README.md",
-                "vocab.json"} <= set(hub.repos["org/perturbgen-lps"]["files"])  # fmt: skip
+        assert {"config.json", "model.safetensors", "modeling_perturbgen.py", "README.md", "vocab.json"} <= set(
+            hub.repos["org/perturbgen-lps"]["files"]
+        )
         load = textwrap.dedent("""
             import sys
             sys.modules["perturbgen_hf"] = None  # a user without the package
@@ -281,3 +444,58 @@ def test_time_embedding_scale_by_gap_and_by_span():
     assert time_embedding_scale([2.0], None, "span") == 1.0
     with pytest.raises(ValueError, match="Unknown time_scale 'log'"):
         time_embedding_scale([2.0, 4.0], 1.0, "log")
+
+
+def test_cpu_training_uses_the_arguments_the_command_line_gives(tmp_path):
+    # The demo's and evaluate's training builds its argument dataclasses directly; they must be what
+    # `perturbgen-hf train` parses from the same options.
+    import dataclasses
+
+    from perturbgen_hf.settings import CpuTrainingSettings
+    from perturbgen_hf.training import cpu_training_arguments, parse_arguments
+
+    settings = CpuTrainingSettings(max_steps=30, seed=4, context_mode="none", time_scale="span")
+    out = tmp_path / "model"
+    argv = [
+        "--data",
+        "tokens",
+        "--out",
+        str(out),
+        "--preset",
+        "compact",
+        "--max_steps",
+        "30",
+        "--per_device_train_batch_size",
+        "16",
+        "--learning_rate",
+        "0.002",
+        "--warmup_steps",
+        "3",
+        "--max_source_length",
+        "256",
+        "--max_target_length",
+        "128",
+        "--use_cpu",
+        "--freeze_encoder",
+        "true",
+        "--report_to",
+        "none",
+        "--eval_fraction",
+        "0",
+        "--context_mode",
+        "none",
+        "--time_scale",
+        "span",
+        "--seed",
+        "4",
+        "--logging_steps",
+        "5",
+        "--save_strategy",
+        "no",
+        "--disable_tqdm",
+        "true",
+    ]
+    parsed = parse_arguments(argv)
+    built = cpu_training_arguments("tokens", out, settings, log_every=5)
+    for expected, actual in zip(parsed, built):
+        assert dataclasses.asdict(actual) == dataclasses.asdict(expected)

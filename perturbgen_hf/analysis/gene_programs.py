@@ -128,23 +128,37 @@ def find_gene_programs(
     n_comps = min(int(n_pcs), genes.n_obs - 1, genes.n_vars - 1)
     sc.pp.pca(genes, n_comps=n_comps, random_state=seed)
     sc.pp.neighbors(genes, n_neighbors=int(n_neighbors), use_rep="X_pca", random_state=seed)
-    sc.tl.leiden(genes, resolution=float(resolution), random_state=seed, flavor="igraph", n_iterations=2,
-                 directed=False)  # fmt: skip
+    sc.tl.leiden(
+        genes, resolution=float(resolution), random_state=seed, flavor="igraph", n_iterations=2, directed=False
+    )
     sc.tl.umap(genes, random_state=seed)
     programs = _programs_by_size(genes.obs["leiden"].astype(str).to_numpy())
     within = _within_connectivity(genes.obsp["connectivities"], programs)
-    membership = pd.DataFrame({
-        "gene_id": genes.obs_names.astype(str), "gene_symbol": genes.obs["gene_symbol"].astype(str).to_numpy(),
-        "program": programs, "within_connectivity": within,
-        "umap_1": genes.obsm["X_umap"][:, 0], "umap_2": genes.obsm["X_umap"][:, 1],
-    })  # fmt: skip
+    membership = pd.DataFrame(
+        {
+            "gene_id": genes.obs_names.astype(str),
+            "gene_symbol": genes.obs["gene_symbol"].astype(str).to_numpy(),
+            "program": programs,
+            "within_connectivity": within,
+            "umap_1": genes.obsm["X_umap"][:, 0],
+            "umap_2": genes.obsm["X_umap"][:, 1],
+        }
+    )
     membership["hub"] = _hubs(membership, int(num_hubs))
     activity = _activity(embeddings, membership, observed, observed_time_values)
     summary = _summary(membership, activity)
-    settings = {"resolution": float(resolution), "n_neighbors": int(n_neighbors), "n_pcs": int(n_comps),
-                "min_cells": int(min_cells), "num_hubs": int(num_hubs), "use_groups": bool(use_groups),
-                "layers": layers, "seed": int(seed), "genes_clustered": int(keep.sum()),
-                "genes_excluded": len(excluded)}  # fmt: skip
+    settings = {
+        "resolution": float(resolution),
+        "n_neighbors": int(n_neighbors),
+        "n_pcs": int(n_comps),
+        "min_cells": int(min_cells),
+        "num_hubs": int(num_hubs),
+        "use_groups": bool(use_groups),
+        "layers": layers,
+        "seed": int(seed),
+        "genes_clustered": int(keep.sum()),
+        "genes_excluded": len(excluded),
+    }
     return GenePrograms(membership, activity, summary, excluded, settings)
 
 
@@ -204,8 +218,13 @@ def _activity(embeddings, membership, observed, observed_time_values):
     rows = []
     for program, members in membership.groupby("program", sort=False)["gene_id"]:
         for label in labels:
-            row = {"program": program, "time_point": label, "time_value": values.get(label, positions[label]),
-                   "predicted": np.nan, "observed": np.nan}  # fmt: skip
+            row = {
+                "program": program,
+                "time_point": label,
+                "time_value": values.get(label, positions[label]),
+                "predicted": np.nan,
+                "observed": np.nan,
+            }
             if label in record["time_points"]:
                 row["predicted"] = float(predicted.loc[members, label].mean())
             if observed is not None and label in observed.columns:
@@ -226,10 +245,16 @@ def _summary(membership, activity):
     for program, members in membership.groupby("program", sort=False):
         curve = activity[(activity["program"] == program)].dropna(subset=["predicted"])["predicted"].to_numpy()
         hubs = members[members["hub"]].sort_values("within_connectivity", ascending=False)["gene_symbol"]
-        rows.append({"program": program, "size": len(members), "hubs": ", ".join(hubs),
-                     "change": float(np.ptp(curve)) if len(curve) else 0.0,
-                     "trend": "rises" if len(curve) > 1 and curve[-1] > curve[0] else "falls",
-                     "genes": ", ".join(members.sort_values("within_connectivity", ascending=False)["gene_symbol"])})  # fmt: skip
+        rows.append(
+            {
+                "program": program,
+                "size": len(members),
+                "hubs": ", ".join(hubs),
+                "change": float(np.ptp(curve)) if len(curve) else 0.0,
+                "trend": "rises" if len(curve) > 1 and curve[-1] > curve[0] else "falls",
+                "genes": ", ".join(members.sort_values("within_connectivity", ascending=False)["gene_symbol"]),
+            }
+        )
     summary = pd.DataFrame(rows)
     return summary.sort_values("program", key=_program_order, ignore_index=True)
 
@@ -317,9 +342,18 @@ def gene_set_enrichment(programs: GenePrograms, gene_sets: dict) -> pd.DataFrame
             overlap = sorted(set(ids) & members, key=lambda g: symbol[g])
             # P(X >= overlap) for X ~ Hypergeometric(universe, set size, program size).
             p = stats.hypergeom.sf(len(overlap) - 1, universe, len(members), len(ids)) if members else 1.0
-            rows.append({"program": program, "gene_set": name, "overlap": len(overlap), "program_size": len(ids),
-                         "set_size": len(members), "universe": universe, "p_value": float(p),
-                         "genes": ", ".join(symbol[g] for g in overlap)})  # fmt: skip
+            rows.append(
+                {
+                    "program": program,
+                    "gene_set": name,
+                    "overlap": len(overlap),
+                    "program_size": len(ids),
+                    "set_size": len(members),
+                    "universe": universe,
+                    "p_value": float(p),
+                    "genes": ", ".join(symbol[g] for g in overlap),
+                }
+            )
     table = pd.DataFrame(rows)
     table["fdr"] = stats.false_discovery_control(table["p_value"].to_numpy(), method="bh")
     columns = ["program", "gene_set", "overlap", "program_size", "set_size", "universe", "p_value", "fdr", "genes"]

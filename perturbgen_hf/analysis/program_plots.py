@@ -35,8 +35,9 @@ def plot_gene_programs(programs: GenePrograms, folder, num_changing: int = 4, la
 
 
 def _predicted_table(programs):
-    table = programs.activity.dropna(subset=["predicted"]).pivot(index="program", columns="time_point",
-                                                                  values="predicted")  # fmt: skip
+    table = programs.activity.dropna(subset=["predicted"]).pivot(
+        index="program", columns="time_point", values="predicted"
+    )
     times = programs.activity.dropna(subset=["predicted"]).drop_duplicates("time_point")
     table = table[list(times.sort_values("time_value")["time_point"])]
     return table.loc[list(programs.summary["program"])]
@@ -59,8 +60,9 @@ def _heatmap(programs, path, plt):
     axis.set_yticks(range(len(table)), labels, fontsize=7)
     axis.set_xticks(range(table.shape[1]), table.columns)
     axis.set_xlabel("predicted time point")
-    axis.set_title("Program activity: mean predicted log1p CP10k\n(colour: change from the program's mean)",
-                   fontsize=9)  # fmt: skip
+    axis.set_title(
+        "Program activity: mean predicted log1p CP10k\n(colour: change from the program's mean)", fontsize=9
+    )
     figure.colorbar(image, ax=axis, label="activity - program mean")
     figure.tight_layout()
     figure.savefig(path, dpi=130)
@@ -100,17 +102,29 @@ def _place_labels(figure, axis, rows, step=9):
     offsets = [(3, 3)] + [(3, 3 + sign * step * k) for k in range(1, 8) for sign in (1, -1)]
     for row in rows.sort_values("hub", ascending=False).itertuples():
         for dx, dy in offsets:
-            text = axis.annotate(row.gene_symbol, (row.umap_1, row.umap_2), xytext=(dx, dy), textcoords="offset points",
-                                 fontsize=7, fontweight="bold" if row.hub else "normal",
-                                 arrowprops=None if dy == 3 else {"arrowstyle": "-", "lw": 0.3, "color": "0.5"})  # fmt: skip
+            text = axis.annotate(
+                row.gene_symbol,
+                (row.umap_1, row.umap_2),
+                xytext=(dx, dy),
+                textcoords="offset points",
+                fontsize=7,
+                fontweight="bold" if row.hub else "normal",
+                arrowprops=None if dy == 3 else {"arrowstyle": "-", "lw": 0.3, "color": "0.5"},
+            )
             box = text.get_window_extent(renderer)
             if not any(box.overlaps(other) for other in placed):
                 placed.append(box)
                 break
             text.remove()
         else:  # nowhere free: keep the first position rather than drop the label
-            text = axis.annotate(row.gene_symbol, (row.umap_1, row.umap_2), xytext=(3, 3), textcoords="offset points",
-                                 fontsize=7, fontweight="bold" if row.hub else "normal")  # fmt: skip
+            text = axis.annotate(
+                row.gene_symbol,
+                (row.umap_1, row.umap_2),
+                xytext=(3, 3),
+                textcoords="offset points",
+                fontsize=7,
+                fontweight="bold" if row.hub else "normal",
+            )
             placed.append(text.get_window_extent(renderer))
 
 

@@ -11,13 +11,15 @@ def add_output_arguments(parser, what: str = "output folder") -> None:
 
 def add_overwrite_arguments(parser) -> None:
     parser.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="replace an earlier result of perturbgen-hf in the output folder (only once the new one is complete)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--force-overwrite", action="store_true",
+        "--force-overwrite",
+        action="store_true",
         help="replace the output folder even if perturbgen-hf did not write it (its files are deleted)",
-    )  # fmt: skip
+    )
 
 
 class HelpFormatter(argparse.HelpFormatter):

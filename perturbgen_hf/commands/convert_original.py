@@ -34,8 +34,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenid-to-rowid", required=True, help="pickle {source token id: decoder row id}")
     parser.add_argument("--rowid-to-gene", required=True, help="pickle {decoder row id: gene} (mapping_dict_path)")
     parser.add_argument("--gene-median-dict", help="pickle {Ensembl ID: median}, to rank new cells as the original")
-    parser.add_argument("--time-points", nargs="+", required=True,
-                        help="names of the original's time points 1, 2, ... in order (e.g. 90min 6h 10h)")  # fmt: skip
+    parser.add_argument(
+        "--time-points",
+        nargs="+",
+        required=True,
+        help="names of the original's time points 1, 2, ... in order (e.g. 90min 6h 10h)",
+    )
     parser.add_argument("--time-values", nargs="+", type=float, help="their numeric values (default 1, 2, ...)")
     add_output_arguments(parser)
 
@@ -44,10 +48,18 @@ def run(args) -> int:
     from ..convert_original import convert_original_checkpoint
 
     report = convert_original_checkpoint(
-        args.checkpoint, args.token_dict, args.tokenid_to_rowid, args.rowid_to_gene, args.time_points, args.out,
-        encoder_checkpoint=args.encoder_checkpoint, time_values=args.time_values,
-        gene_median_dict=args.gene_median_dict, overwrite=args.overwrite, force_overwrite=args.force_overwrite,
-    )  # fmt: skip
+        args.checkpoint,
+        args.token_dict,
+        args.tokenid_to_rowid,
+        args.rowid_to_gene,
+        args.time_points,
+        args.out,
+        encoder_checkpoint=args.encoder_checkpoint,
+        time_values=args.time_values,
+        gene_median_dict=args.gene_median_dict,
+        overwrite=args.overwrite,
+        force_overwrite=args.force_overwrite,
+    )
     sys.stdout.write(
         f"Converted a stage-{report['stage']} PerturbGen checkpoint into {args.out} (load it with "
         f"AutoModel.from_pretrained); dropped {len(report['dropped_keys'])} keys, ignored "

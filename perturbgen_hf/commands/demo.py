@@ -31,10 +31,12 @@ def add_parser(subparsers):
         "--max-steps", type=int, help="training steps (default: 1600; with --fast: 8)", default=argparse.SUPPRESS
     )
     parser.add_argument(
-        "--null-perturbations", type=int, default=argparse.SUPPRESS,
+        "--null-perturbations",
+        type=int,
+        default=argparse.SUPPRESS,
         help="sham knockouts the significance calls are judged against (default: 10, each about as costly "
         "as the knockout itself; 0 skips them and calls nothing significant; with --fast: 3)",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--fast", action="store_true", help="tiny sizes (seconds; the scores mean nothing)")
     add_overwrite_arguments(parser)
@@ -51,14 +53,24 @@ def run(args):
         settings = replace(settings, max_steps=args.max_steps)
     if getattr(args, "null_perturbations", None) is not None:
         settings = replace(settings, null_perturbations=args.null_perturbations)
-    summary = run_demo(args.out, settings, adata=args.adata, time_key=args.time_key, source=args.source,
-                       gene=args.gene, overwrite=args.overwrite, force_overwrite=args.force_overwrite,
-                       progress=True)  # fmt: skip
+    summary = run_demo(
+        args.out,
+        settings,
+        adata=args.adata,
+        time_key=args.time_key,
+        source=args.source,
+        gene=args.gene,
+        overwrite=args.overwrite,
+        force_overwrite=args.force_overwrite,
+        progress=True,
+    )
     lines = [f"perturbgen-hf demo finished in {summary['seconds']:.0f} s."]
     if "auroc" in summary:
         target = summary["target"]
-        lines.append(f"{summary['regulator']} knockout, AUROC / Pearson against the truth per time point (target "
-                     f">= {target['auroc']} / >= {target['pearson']}):")  # fmt: skip
+        lines.append(
+            f"{summary['regulator']} knockout, AUROC / Pearson against the truth per time point (target "
+            f">= {target['auroc']} / >= {target['pearson']}):"
+        )
         for time_point, value in summary["auroc"].items():
             lines.append(
                 f"  {time_point}: model {value:.3f} (best baseline {summary['best_baseline_auroc'][time_point]:.3f}), "

@@ -36,9 +36,10 @@ def add_parser(subparsers):
     )
     parser.add_argument("--model", required=True, help="trained model folder or Hub id")
     parser.add_argument(
-        "--adata", required=True,
+        "--adata",
+        required=True,
         help="h5ad of raw counts: source-state cells, or a whole time course with --time-key",
-    )  # fmt: skip
+    )
     add_output_arguments(parser)
     parser.add_argument(
         "--time-key",
@@ -48,10 +49,12 @@ def add_parser(subparsers):
     parser.add_argument("--time-points", nargs="+", help="time points to embed, by name or value (default: all)")
     parser.add_argument("--group-key", help="obs column (e.g. cell_type): embeddings per group as well")
     parser.add_argument(
-        "--targets", nargs="+", metavar="TIME=H5AD",
+        "--targets",
+        nargs="+",
+        metavar="TIME=H5AD",
         help="observed target cells per time point (one row per source cell) read out teacher-forced, instead of "
         "generated cells",
-    )  # fmt: skip
+    )
     parser.add_argument("--gene-id-key", dest="gene_ids", help="var column with the gene identifiers")
     parser.add_argument("--layer", help="layer of raw counts to use instead of X")
     parser.add_argument("--num-samples", type=int, default=1, help="generations per source cell")
@@ -63,26 +66,38 @@ def add_parser(subparsers):
     parser.add_argument("--n-neighbors", type=int, default=15, help="neighbours per gene in the kNN graph")
     parser.add_argument("--n-pcs", type=int, default=30, help="principal components of the kNN graph")
     parser.add_argument(
-        "--min-cells", type=int, default=5,
+        "--min-cells",
+        type=int,
+        default=5,
         help="cluster a gene only if it was predicted in at least this many cells at every time point",
-    )  # fmt: skip
+    )
     parser.add_argument("--num-hubs", type=int, default=3, help="hub genes per program")
     parser.add_argument(
         "--use-groups", action="store_true", help="cluster on the per-group embeddings (needs --group-key)"
     )
     parser.add_argument("--gmt", help="GMT file of gene sets scored for overlap with every program (offline)")
     parser.add_argument(
-        "--screen-programs", type=int, default=3,
+        "--screen-programs",
+        type=int,
+        default=3,
         help="hub genes of this many most time-varying programs go to the screen list",
-    )  # fmt: skip
+    )
     parser.add_argument("--label-genes", nargs="+", default=(), help="genes to label on the UMAP besides the hubs")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     parser.set_defaults(run=run)
 
 
 def _check_arguments(args):
-    for name in ("num_samples", "iterations", "batch_size", "n_neighbors", "n_pcs", "min_cells", "num_hubs",
-                 "screen_programs"):  # fmt: skip
+    for name in (
+        "num_samples",
+        "iterations",
+        "batch_size",
+        "n_neighbors",
+        "n_pcs",
+        "min_cells",
+        "num_hubs",
+        "screen_programs",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if not args.resolution > 0:
@@ -132,20 +147,37 @@ def run(args):
     adata = read_anndata(args.adata, "input")
     source = _source_cells(adata, args.time_key, model.config)
     embeddings = embed_genes(
-        model, tokenizer, source, time_points=args.time_points, group_key=args.group_key, targets=targets,
-        gene_ids=args.gene_ids, layer=args.layer, num_samples=args.num_samples, iterations=args.iterations,
-        temperature=args.temperature, batch_size=args.batch_size, seed=args.seed,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        source,
+        time_points=args.time_points,
+        group_key=args.group_key,
+        targets=targets,
+        gene_ids=args.gene_ids,
+        layer=args.layer,
+        num_samples=args.num_samples,
+        iterations=args.iterations,
+        temperature=args.temperature,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     observed, observed_values = None, None
     if args.time_key is not None:
         observed = observed_expression(adata, args.time_key, tokenizer, args.gene_ids, args.layer)
         names, values = resolve_time_points(adata.obs, args.time_key)
         observed_values = dict(zip(names, values))
     programs = find_gene_programs(
-        embeddings, resolution=args.resolution, n_neighbors=args.n_neighbors, n_pcs=args.n_pcs,
-        min_cells=args.min_cells, num_hubs=args.num_hubs, use_groups=args.use_groups, observed=observed,
-        observed_time_values=observed_values, seed=args.seed,
-    )  # fmt: skip
+        embeddings,
+        resolution=args.resolution,
+        n_neighbors=args.n_neighbors,
+        n_pcs=args.n_pcs,
+        min_cells=args.min_cells,
+        num_hubs=args.num_hubs,
+        use_groups=args.use_groups,
+        observed=observed,
+        observed_time_values=observed_values,
+        seed=args.seed,
+    )
     screen = programs.screen_list(args.screen_programs)
     with staged_output_folder(out, NAME, args.overwrite, args.force_overwrite) as work:
         embeddings.write_h5ad(work / FILES["embeddings"])
@@ -161,9 +193,13 @@ def run(args):
         )
         if not args.no_plots:
             plot_gene_programs(programs, work / "plots", label_genes=args.label_genes)
-        report = {"embedding": dict(embeddings.uns["perturbgen_embedding"]), "programs": programs.settings,
-                  "program_summary": programs.summary.drop(columns="genes").to_dict("records"),
-                  "excluded_genes": programs.excluded, "screen_genes": screen}  # fmt: skip
+        report = {
+            "embedding": dict(embeddings.uns["perturbgen_embedding"]),
+            "programs": programs.settings,
+            "program_summary": programs.summary.drop(columns="genes").to_dict("records"),
+            "excluded_genes": programs.excluded,
+            "screen_genes": screen,
+        }
         (work / FILES["report"]).write_text(json.dumps(report, indent=2, default=str))
     top = programs.top_changing(1)[0]
     row = programs.summary.set_index("program").loc[top]

@@ -39,28 +39,46 @@ def add_parser(subparsers):
     parser.add_argument("--group-key", help="obs column of groups (needed by heldout-group; else per-group scores)")
     parser.add_argument("--gene-id-key", help="var column of gene identifiers (default: var_names)")
     parser.add_argument("--pairing-key", help="stratify training pairs by this obs column (default: --group-key)")
-    parser.add_argument("--pairing", choices=("stratified", "transport"), default=defaults.pairing,
-                        help="training pairs: stratified (random within --pairing-key groups) or transport (each "
-                        "source with its likely descendants, within groups)")  # fmt: skip
+    parser.add_argument(
+        "--pairing",
+        choices=("stratified", "transport"),
+        default=defaults.pairing,
+        help="training pairs: stratified (random within --pairing-key groups) or transport (each "
+        "source with its likely descendants, within groups)",
+    )
     parser.add_argument("--model", help="a model trained without the held-out part (default: train one)")
     parser.add_argument("--preset", default=defaults.preset, help=f"size of the model trained: {', '.join(PRESETS)}")
     parser.add_argument("--max-steps", type=int, default=defaults.max_steps, help="training steps")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training batch size")
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="training learning rate")
     parser.add_argument("--n-hvg", type=int, default=defaults.n_hvg, help="target genes of a trained model")
-    parser.add_argument("--max-source-length", type=int, default=defaults.max_source_length,
-                        help="top-ranked source genes read")  # fmt: skip
-    parser.add_argument("--max-target-length", type=int, default=defaults.max_target_length,
-                        help="top-ranked target genes trained on")  # fmt: skip
-    parser.add_argument("--time-scale", choices=TIME_SCALES, default=defaults.time_scale,
-                        help="time values' scale in the trained model's time embedding (see train --time_scale)")  # fmt: skip
+    parser.add_argument(
+        "--max-source-length", type=int, default=defaults.max_source_length, help="top-ranked source genes read"
+    )
+    parser.add_argument(
+        "--max-target-length", type=int, default=defaults.max_target_length, help="top-ranked target genes trained on"
+    )
+    parser.add_argument(
+        "--time-scale",
+        choices=TIME_SCALES,
+        default=defaults.time_scale,
+        help="time values' scale in the trained model's time embedding (see train --time_scale)",
+    )
     parser.add_argument("--iterations", type=int, default=defaults.iterations, help="MaskGIT steps per time point")
-    parser.add_argument("--heldout-fraction", type=float, default=defaults.heldout_fraction,
-                        help="share of each time point's cells held out (heldout-cells)")  # fmt: skip
-    parser.add_argument("--model-counts", choices=MODEL_COUNTS, default=defaults.model_counts,
-                        help="the model's predicted cells: Poisson draws around its expected counts, draws from its "
-                        "own (ZI)NB (whose dispersion counts the generated cells' variation twice), or the expected "
-                        "counts")  # fmt: skip
+    parser.add_argument(
+        "--heldout-fraction",
+        type=float,
+        default=defaults.heldout_fraction,
+        help="share of each time point's cells held out (heldout-cells)",
+    )
+    parser.add_argument(
+        "--model-counts",
+        choices=MODEL_COUNTS,
+        default=defaults.model_counts,
+        help="the model's predicted cells: Poisson draws around its expected counts, draws from its "
+        "own (ZI)NB (whose dispersion counts the generated cells' variation twice), or the expected "
+        "counts",
+    )
     parser.add_argument("--top-de", type=int, default=defaults.top_de, help="DE genes of pearson_delta_top*_de")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of splits, training and generation")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -70,8 +88,13 @@ def add_parser(subparsers):
 def run(args):
     from .evaluate_workflow import options_from_tokenized, run_evaluation
 
-    options = {"adata": args.adata, "time_key": args.time_key, "source": args.source,
-               "gene_id_key": args.gene_id_key, "pairing_key": args.pairing_key}  # fmt: skip
+    options = {
+        "adata": args.adata,
+        "time_key": args.time_key,
+        "source": args.source,
+        "gene_id_key": args.gene_id_key,
+        "pairing_key": args.pairing_key,
+    }
     if args.data:
         recorded = options_from_tokenized(args.data)
         options = {k: v if v is not None else recorded.get(k) for k, v in options.items()}
@@ -79,16 +102,36 @@ def run(args):
     if missing:
         raise ValueError(f"evaluate needs {', '.join(missing)} (or --data, a tokenized folder that records them).")
     settings = EvaluationSettings(
-        preset=args.preset, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        n_hvg=args.n_hvg, max_source_length=args.max_source_length, max_target_length=args.max_target_length,
-        iterations=args.iterations, heldout_fraction=args.heldout_fraction, top_de=args.top_de, seed=args.seed,
-        model_counts=args.model_counts, pairing=args.pairing, time_scale=args.time_scale,
-    )  # fmt: skip
+        preset=args.preset,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        n_hvg=args.n_hvg,
+        max_source_length=args.max_source_length,
+        max_target_length=args.max_target_length,
+        iterations=args.iterations,
+        heldout_fraction=args.heldout_fraction,
+        top_de=args.top_de,
+        seed=args.seed,
+        model_counts=args.model_counts,
+        pairing=args.pairing,
+        time_scale=args.time_scale,
+    )
     result = run_evaluation(
-        options.pop("adata"), args.out, args.protocol, heldout=args.heldout, group_key=args.group_key,
-        time_order=args.time_order, time_value_key=args.time_value_key, model=args.model, settings=settings,
-        overwrite=args.overwrite, force_overwrite=args.force_overwrite, progress=not args.no_progress, **options,
-    )  # fmt: skip
+        options.pop("adata"),
+        args.out,
+        args.protocol,
+        heldout=args.heldout,
+        group_key=args.group_key,
+        time_order=args.time_order,
+        time_value_key=args.time_value_key,
+        model=args.model,
+        settings=settings,
+        overwrite=args.overwrite,
+        force_overwrite=args.force_overwrite,
+        progress=not args.no_progress,
+        **options,
+    )
     sys.stdout.write(_evaluation_lines(result))
     return 0
 
@@ -99,7 +142,8 @@ def _evaluation_lines(result) -> str:
     ]
     for state, best in result["best_method"].items():
         won = sorted(m for m, method in best.items() if method.startswith("PerturbGen"))
-        lines.append(f"  {state}: the model is best on {len(won)} of {len(best)} metrics{': ' if won else ''}"
-                     f"{', '.join(won)}")  # fmt: skip
+        lines.append(
+            f"  {state}: the model is best on {len(won)} of {len(best)} metrics{': ' if won else ''}{', '.join(won)}"
+        )
     lines.append(f"Metrics: {result['files']['metrics_csv']}")
     return "\n".join(lines) + "\n"

@@ -30,9 +30,24 @@ from ..training import train_on_cpu
 logger = logging.getLogger(__name__)
 
 
-def run_evaluation(adata, out, protocol, time_key, source, heldout=None, group_key=None, time_order=None,
-                   time_value_key=None, gene_id_key=None, pairing_key=None, model=None, settings=None,
-                   overwrite=False, force_overwrite=False, progress=True) -> dict:  # fmt: skip
+def run_evaluation(
+    adata,
+    out,
+    protocol,
+    time_key,
+    source,
+    heldout=None,
+    group_key=None,
+    time_order=None,
+    time_value_key=None,
+    gene_id_key=None,
+    pairing_key=None,
+    model=None,
+    settings=None,
+    overwrite=False,
+    force_overwrite=False,
+    progress=True,
+) -> dict:
     """
     Run a protocol and write `metrics.json`, `metrics.csv` and `plots/` under `out`.
 
@@ -73,17 +88,68 @@ def run_evaluation(adata, out, protocol, time_key, source, heldout=None, group_k
     split = split_cells(protocol, times, groups, order, source, heldout, settings)
     value_of = dict(zip(order, values))
     with staged_output_folder(out, "evaluate", overwrite, force_overwrite) as work:
-        return _evaluate(adata, work, out, protocol, split, model, time_key, source, order, values, value_of, times,
-                         groups, heldout, time_value_key, gene_id_key, pairing_key or group_key, settings, started,
-                         progress)  # fmt: skip
+        return _evaluate(
+            adata,
+            work,
+            out,
+            protocol,
+            split,
+            model,
+            time_key,
+            source,
+            order,
+            values,
+            value_of,
+            times,
+            groups,
+            heldout,
+            time_value_key,
+            gene_id_key,
+            pairing_key or group_key,
+            settings,
+            started,
+            progress,
+        )
 
 
-def _evaluate(adata, work, out, protocol, split, model, time_key, source, order, values, value_of, times, groups,
-              heldout, time_value_key, gene_id_key, pairing_key, settings, started, progress):  # fmt: skip
+def _evaluate(
+    adata,
+    work,
+    out,
+    protocol,
+    split,
+    model,
+    time_key,
+    source,
+    order,
+    values,
+    value_of,
+    times,
+    groups,
+    heldout,
+    time_value_key,
+    gene_id_key,
+    pairing_key,
+    settings,
+    started,
+    progress,
+):
     """Train (unless given a model), predict and score, writing into `work` (which becomes `out`)."""
     if model is None:
-        model = _train_model(adata, split, work, time_key, source, order, values, time_value_key, gene_id_key,
-                             pairing_key, settings, progress)  # fmt: skip
+        model = _train_model(
+            adata,
+            split,
+            work,
+            time_key,
+            source,
+            order,
+            values,
+            time_value_key,
+            gene_id_key,
+            pairing_key,
+            settings,
+            progress,
+        )
     model, tokenizer = _load_model(model)
     if protocol == "heldout-time" and heldout in model.config.time_points:
         raise ValueError(f"The model was trained on the held-out time point {heldout!r}; train one without it.")
@@ -91,8 +157,9 @@ def _evaluate(adata, work, out, protocol, split, model, time_key, source, order,
     evaluated = sorted({t for t, _ in split.observed}, key=order.index)
     generated = _predict(model, tokenizer, adata, identifiers, split, evaluated, value_of, settings, progress)
     expression = _observed_expression(adata, tokenizer, identifiers)
-    rows, details = score_predictions(split, expression, generated, tokenizer, times, groups, order, value_of, source,
-                               protocol, settings)  # fmt: skip
+    rows, details = score_predictions(
+        split, expression, generated, tokenizer, times, groups, order, value_of, source, protocol, settings
+    )
     table = pd.DataFrame(rows, columns=["metric", "time_point", "group", "method", "value"])
     table.to_csv(work / "metrics.csv", index=False)
     plots = [out / p.relative_to(work) for p in _plot(work / "plots", table, details)]
@@ -116,18 +183,28 @@ def _pairing_mode(pairing, pairing_key):
     return "stratified" if pairing_key else "random"
 
 
-def _train_model(adata, split, out, time_key, source, order, values, time_value_key, gene_id_key, pairing_key,
-                 settings, progress):  # fmt: skip
+def _train_model(
+    adata, split, out, time_key, source, order, values, time_value_key, gene_id_key, pairing_key, settings, progress
+):
     from ..data import tokenize_anndata
 
     train_data = adata[split.train].copy()
     kept = [t for t in order if t in set(train_data.obs[time_key].astype(str))]
     tokenize_anndata(
-        train_data, out / "tokens", time_key=time_key, source=source, time_order=kept,
-        time_value_key=time_value_key, gene_id_key=gene_id_key, n_hvg=min(settings.n_hvg, adata.n_vars),
-        pairing=_pairing_mode(settings.pairing, pairing_key), pairing_key=pairing_key, seed=settings.seed,
-        max_length=settings.max_source_length, progress=progress,
-    )  # fmt: skip
+        train_data,
+        out / "tokens",
+        time_key=time_key,
+        source=source,
+        time_order=kept,
+        time_value_key=time_value_key,
+        gene_id_key=gene_id_key,
+        n_hvg=min(settings.n_hvg, adata.n_vars),
+        pairing=_pairing_mode(settings.pairing, pairing_key),
+        pairing_key=pairing_key,
+        seed=settings.seed,
+        max_length=settings.max_source_length,
+        progress=progress,
+    )
     if time_value_key is None:
         # The tokenizer derives values from the kept names alone; keep the full course's values instead.
         description_path = out / "tokens" / "perturbgen_data.json"
@@ -136,8 +213,9 @@ def _train_model(adata, split, out, time_key, source, order, values, time_value_
         description["source_time_value"] = value_of[source]
         description["time_values"] = [value_of[t] for t in description["time_points"]]
         description_path.write_text(json.dumps(description, indent=2))
-    train_on_cpu(out / "tokens", out / "model", settings, log_every=max(1, settings.max_steps // 20),
-                 progress=progress)  # fmt: skip
+    train_on_cpu(
+        out / "tokens", out / "model", settings, log_every=max(1, settings.max_steps // 20), progress=progress
+    )
     return out / "model"
 
 
@@ -166,9 +244,16 @@ def _predict(model, tokenizer, adata, identifiers, split, evaluated, value_of, s
         library = np.asarray(adata.X[rows].sum(axis=1), dtype=np.float64).ravel()
         counts, sequences = [], []
         for _, _, generator, out in generate_cells(
-            model, cells, time_values, settings.generation_batch_size, iterations=settings.iterations,
-            seed=settings.seed, library_size=library, progress=progress, desc=f"generating ({group})",
-        ):  # fmt: skip
+            model,
+            cells,
+            time_values,
+            settings.generation_batch_size,
+            iterations=settings.iterations,
+            seed=settings.seed,
+            library_size=library,
+            progress=progress,
+            desc=f"generating ({group})",
+        ):
             counts.append(_model_cells(out, config, generator, settings.model_counts))
             sequences += [[s.tolist() for s in row] for row in out.sequences.cpu()]
         counts = np.concatenate(counts)
@@ -188,8 +273,9 @@ def _model_cells(out, config, generator, model_counts):
         return out.counts.float().cpu().numpy()
     if model_counts == "poisson":
         return sample_poisson(out.counts.float(), generator=generator).cpu().numpy()
-    draws = sample_negative_binomial(out.count_mu.float(), out.count_theta.float(), out.count_zi_logits,
-                                     generator=generator)  # fmt: skip
+    draws = sample_negative_binomial(
+        out.count_mu.float(), out.count_theta.float(), out.count_zi_logits, generator=generator
+    )
     return draws.cpu().numpy()
 
 
@@ -283,14 +369,20 @@ def _plot_means(folder, time_point, group, detail, plt):
     named = np.argsort(-np.abs(observed - detail["reference"].mean(0)[top]))[:3]
     columns = min(4, len(methods))
     rows = -(-len(methods) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.3 * columns, 3.2 * rows), squeeze=False, sharex=True,
-                             sharey=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.3 * columns, 3.2 * rows), squeeze=False, sharex=True, sharey=True
+    )
     for ax, (method, predicted) in zip(axes.flat, predictions.items()):
         ax.plot([0.0, high], [0.0, high], color="grey", lw=0.8, ls="--", label="predicted = observed")
         ax.scatter(observed, predicted, s=16, color="tab:red" if method == MODEL else "tab:grey", zorder=3)
         for i in named:
-            ax.annotate(str(detail["symbols"][top[i]])[-12:], (observed[i], predicted[i]), fontsize=7,
-                        xytext=(3, -9), textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                str(detail["symbols"][top[i]])[-12:],
+                (observed[i], predicted[i]),
+                fontsize=7,
+                xytext=(3, -9),
+                textcoords="offset points",
+            )
         error = float(np.mean((predicted - observed) ** 2))
         ax.set_title(f"{method.replace(' (this model)', '')}\nmse on these genes {error:.3f}", fontsize=9)
         ax.set_xlim(0.0, high)
@@ -319,6 +411,10 @@ def options_from_tokenized(folder) -> dict:
     path = description["input"].get("path")
     if not path:
         raise ValueError(f"{folder} was tokenized from an in-memory AnnData; give the h5ad instead.")
-    return {"adata": path, "time_key": description["time_key"], "source": description["source"],
-            "gene_id_key": description["input"].get("gene_id_key"),
-            "pairing_key": description["pairing"].get("key")}  # fmt: skip
+    return {
+        "adata": path,
+        "time_key": description["time_key"],
+        "source": description["source"],
+        "gene_id_key": description["input"].get("gene_id_key"),
+        "pairing_key": description["pairing"].get("key"),
+    }

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+from ..settings import PERTURBATION_ARGUMENTS
 from ._common import add_output_arguments
 
 
@@ -16,9 +17,8 @@ ORIGINAL_PERTURB_KEYS = {
     "pred_tps": "time_points",
     "pert_tps": "perturb_time_points",
 }
-PERTURB_KEYS = ("genes", "screen", "mode", "site", "perturb_time_points", "method", "targets", "time_points",
-                "num_samples", "iterations", "temperature", "seed", "batch_size", "variants_per_batch", "group_key",
-                "gene_ids", "layer", "null_perturbations", "fdr", "min_abs_log2fc", "bootstrap")  # fmt: skip
+# Every call argument of the pipeline but `progress` (the command shows progress on the main process).
+PERTURB_KEYS = tuple(dict.fromkeys(k for step in PERTURBATION_ARGUMENTS.values() for k in step if k != "progress"))
 
 
 def add_parser(subparsers):
@@ -202,9 +202,11 @@ def run(args):
     unaffected = ", ".join(f"{k}: {v}" for k, v in summary["cells_unaffected"].items())
     hits = int(result.de[result.de["group"] == "all"]["significant"].sum())
     if summary["null_perturbations"]:
-        verdict = (f"{hits} gene x time point results significant against {summary['null_perturbations']} sham "
-                   f"perturbations (BH-adjusted p < {summary['fdr']} and |log2 fold change| >= "
-                   f"{summary['min_abs_log2fc']})")  # fmt: skip
+        verdict = (
+            f"{hits} gene x time point results significant against {summary['null_perturbations']} sham "
+            f"perturbations (BH-adjusted p < {summary['fdr']} and |log2 fold change| >= "
+            f"{summary['min_abs_log2fc']})"
+        )
     else:
         verdict = "no null (--null-perturbations 0): nothing is called significant"
     sys.stdout.write(

@@ -88,15 +88,30 @@ def run(args) -> int:
     if args.pairing_file and not Path(args.pairing_file).is_file():
         raise FileNotFoundError(f"The pairing file {args.pairing_file!r} does not exist.")
     description = tokenize_anndata(
-        args.adata, args.out, args.time_key, args.source, targets=args.targets, time_order=args.time_order,
-        time_value_key=args.time_value_key, gene_id_key=args.gene_id_key, dictionaries=args.dictionaries,
+        args.adata,
+        args.out,
+        args.time_key,
+        args.source,
+        targets=args.targets,
+        time_order=args.time_order,
+        time_value_key=args.time_value_key,
+        gene_id_key=args.gene_id_key,
+        dictionaries=args.dictionaries,
         tokenizer=args.tokenizer,
-        n_hvg=args.n_hvg, include_genes=args.include_genes, pairing=args.pairing, pairing_key=args.pairing_key,
-        pairing_file=args.pairing_file, condition_keys=args.condition_keys, seed=args.seed,
-        max_length=args.max_length, chunk_size=args.chunk_size, num_proc=args.num_proc, overwrite=args.overwrite,
+        n_hvg=args.n_hvg,
+        include_genes=args.include_genes,
+        pairing=args.pairing,
+        pairing_key=args.pairing_key,
+        pairing_file=args.pairing_file,
+        condition_keys=args.condition_keys,
+        seed=args.seed,
+        max_length=args.max_length,
+        chunk_size=args.chunk_size,
+        num_proc=args.num_proc,
+        overwrite=args.overwrite,
         force_overwrite=args.force_overwrite,
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
     report = description["pairing"]
     logger.info("pairing report: %s", json.dumps(report))
     summary = ", ".join(f"{t}: {r['cells']} cells" for t, r in report["time_points"].items())

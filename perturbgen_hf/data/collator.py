@@ -94,9 +94,12 @@ class DataCollatorForPerturbGen:
         """A collator that agrees with a model config (time values, genes, context and schedule)."""
         kwargs.setdefault("time_values", list(config.time_values))
         return cls(
-            num_target_genes=config.num_target_genes, context_mode=config.context_mode,
-            mask_schedule=config.mask_schedule, mask_schedule_exponent=config.mask_schedule_exponent, **kwargs,
-        )  # fmt: skip
+            num_target_genes=config.num_target_genes,
+            context_mode=config.context_mode,
+            mask_schedule=config.mask_schedule,
+            mask_schedule_exponent=config.mask_schedule_exponent,
+            **kwargs,
+        )
 
     def _genes(self, example, position):
         genes = example["target_input_ids"][self.time_indices[position]]
@@ -138,8 +141,9 @@ class DataCollatorForPerturbGen:
             return sample_training_mask(maskable, self.mask_schedule, self.mask_schedule_exponent, self.generator)
         width = maskable.shape[1]
         draws = torch.stack([torch.rand(width + 1, generator=g) for g in generators])
-        return training_mask_from_uniforms(maskable, draws[:, 0], draws[:, 1:], self.mask_schedule,
-                                           self.mask_schedule_exponent)  # fmt: skip
+        return training_mask_from_uniforms(
+            maskable, draws[:, 0], draws[:, 1:], self.mask_schedule, self.mask_schedule_exponent
+        )
 
     def __call__(self, examples: list[dict]) -> dict:
         examples, chosen, generators = self._choose(examples, self._example_generators(examples))

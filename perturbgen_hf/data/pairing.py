@@ -94,8 +94,11 @@ def pair_cells(
         pairs = _pair_within_groups(times, groups, time_points, rng, group_key)
     report = _report(pairs, times, time_points, obs, group_key)
     if mode == "transport":
-        report["transport"] = {"epsilon": float(epsilon), "num_components": int(num_components),
-                               "cost": "squared Euclidean in PCA of log1p CP10k, divided by its median"}  # fmt: skip
+        report["transport"] = {
+            "epsilon": float(epsilon),
+            "num_components": int(num_components),
+            "cost": "squared Euclidean in PCA of log1p CP10k, divided by its median",
+        }
     return pairs, report
 
 
@@ -154,9 +157,14 @@ def transport_plan(source_profiles, target_profiles, epsilon, num_components, ex
         # 800 simulated cells it ran all 20,000 iterations (357 s) where 1e-6 stops after 20 (0.4 s), with rows of
         # the plan within 3e-4 (L1) of the unconverged run's.
         plan = ot.sinkhorn(
-            ot.unif(len(source)), ot.unif(len(target)), cost, epsilon, method="sinkhorn_log", numItermax=20_000,
+            ot.unif(len(source)),
+            ot.unif(len(target)),
+            cost,
+            epsilon,
+            method="sinkhorn_log",
+            numItermax=20_000,
             stopThr=1e-6,
-        )  # fmt: skip
+        )
     plan = np.nan_to_num(np.asarray(plan), nan=0.0)
     totals = plan.sum(axis=1, keepdims=True)
     return np.where(totals > 0, plan / np.where(totals > 0, totals, 1.0), 1.0 / len(target))

@@ -50,8 +50,15 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def _build_network(rng, num_regulators, targets_per_regulator, second_tier_per_target, num_cell_types,
-                   cell_type_specific_fraction, effect_size):  # fmt: skip
+def _build_network(
+    rng,
+    num_regulators,
+    targets_per_regulator,
+    second_tier_per_target,
+    num_cell_types,
+    cell_type_specific_fraction,
+    effect_size,
+):
     """Gene names and the edges of the network (regulator -> direct target -> second-tier target)."""
     regulators = [f"REG{r + 1}" for r in range(num_regulators)]
     edges, direct, second = [], [], []
@@ -126,9 +133,14 @@ def simulate_trajectory(
         raise ValueError("num_clones and cells_per_clone must be >= 1.")
     rng = np.random.default_rng(seed)
     regulators, direct, second, edges = _build_network(
-        rng, num_regulators, targets_per_regulator, second_tier_per_target, num_cell_types,
-        cell_type_specific_fraction, effect_size,
-    )  # fmt: skip
+        rng,
+        num_regulators,
+        targets_per_regulator,
+        second_tier_per_target,
+        num_cell_types,
+        cell_type_specific_fraction,
+        effect_size,
+    )
     for gene in [*knockout, *overexpress]:
         if gene not in regulators:
             raise ValueError(f"Only regulators can be perturbed here; {gene!r} is not one of {regulators}.")
@@ -191,10 +203,17 @@ def simulate_trajectory(
         counts = stats.poisson.ppf(poisson_uniforms[step], rate)
         blocks.append(sp.csr_matrix(counts.astype(np.float32)))
         label = f"{time_value:g}h"
-        obs.append(pd.DataFrame({
-            "time": label, "time_value": time_value, "cell_type": [f"type_{t + 1}" for t in cell_type],
-            "clone": [f"clone_{k}" for k in clone], "cell": [f"{label}_cell_{c}" for c in range(num_cells)],
-        }))  # fmt: skip
+        obs.append(
+            pd.DataFrame(
+                {
+                    "time": label,
+                    "time_value": time_value,
+                    "cell_type": [f"type_{t + 1}" for t in cell_type],
+                    "clone": [f"clone_{k}" for k in clone],
+                    "cell": [f"{label}_cell_{c}" for c in range(num_cells)],
+                }
+            )
+        )
 
     obs = pd.concat(obs, ignore_index=True).set_index("cell")
     obs.index.name = None
@@ -233,11 +252,16 @@ def true_effects(control: ad.AnnData, perturbed: ad.AnnData, time_key: str = "ti
     for time_point in dict.fromkeys(control.obs[time_key].astype(str)):
         at = (control.obs[time_key].astype(str) == time_point).to_numpy()
         means = [_mean_cp10k(data.X[at]) for data in (control, perturbed)]
-        rows.append(pd.DataFrame({
-            "time_point": str(time_point), "gene_id": control.var_names,
-            "gene_symbol": control.var["gene_symbol"].to_numpy(),
-            "log2_fold_change": np.log2((means[1] + 1.0) / (means[0] + 1.0)),
-        }))  # fmt: skip
+        rows.append(
+            pd.DataFrame(
+                {
+                    "time_point": str(time_point),
+                    "gene_id": control.var_names,
+                    "gene_symbol": control.var["gene_symbol"].to_numpy(),
+                    "log2_fold_change": np.log2((means[1] + 1.0) / (means[0] + 1.0)),
+                }
+            )
+        )
     return pd.concat(rows, ignore_index=True)
 
 

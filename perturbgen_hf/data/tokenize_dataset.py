@@ -258,8 +258,23 @@ def tokenize_anndata(
         )
         conditions = _condition_ids(obs, condition_keys, tokenizer)
         pairs_path = _write_pairs(pairs, cell_rows, cell_paths, obs, conditions, pairing_key, staging, progress)
-        description = _describe(path, adata, time_key, time_points, order, values, tokenizer, report, pairing,
-                                pairing_key, condition_keys, seed, max_length, empty_cells, gene_id_key)  # fmt: skip
+        description = _describe(
+            path,
+            adata,
+            time_key,
+            time_points,
+            order,
+            values,
+            tokenizer,
+            report,
+            pairing,
+            pairing_key,
+            condition_keys,
+            seed,
+            max_length,
+            empty_cells,
+            gene_id_key,
+        )
         _finish_output(staging, pairs_path, cell_paths, tokenizer, description, progress)
     return description
 
@@ -371,10 +386,12 @@ def _read_shards(paths) -> pa.Table:
 def _condition_ids(obs, condition_keys, tokenizer) -> np.ndarray:
     """Decoder ids of each cell's condition tokens, `(num_cells, num_condition_keys)`."""
     columns = [
-        [tokenizer.condition_token_id(f"{key}={value}") if f"{key}={value}" in tokenizer.condition_tokens else -1
-         for value in obs[key].astype(str)]
+        [
+            tokenizer.condition_token_id(f"{key}={value}") if f"{key}={value}" in tokenizer.condition_tokens else -1
+            for value in obs[key].astype(str)
+        ]
         for key in condition_keys
-    ]  # fmt: skip
+    ]
     return np.array(columns, dtype=np.int32).T.reshape(len(obs), len(condition_keys))
 
 
@@ -421,8 +438,23 @@ def _write_pairs(pairs, cell_rows, cell_paths, obs, conditions, pairing_key, sta
     return path
 
 
-def _describe(path, adata, time_key, time_points, order, values, tokenizer, report, pairing, pairing_key,
-              condition_keys, seed, max_length, empty_cells, gene_id_key):  # fmt: skip
+def _describe(
+    path,
+    adata,
+    time_key,
+    time_points,
+    order,
+    values,
+    tokenizer,
+    report,
+    pairing,
+    pairing_key,
+    condition_keys,
+    seed,
+    max_length,
+    empty_cells,
+    gene_id_key,
+):
     value_of = dict(zip(order, values))
     return {
         "input": {
@@ -481,5 +513,4 @@ def load_description(folder) -> dict:
     return json.loads(path.read_text())
 
 
-__all__ = ["load_description", "pair_cells", "resolve_time_points", "select_target_genes",
-           "tokenize_anndata"]  # fmt: skip
+__all__ = ["load_description", "pair_cells", "resolve_time_points", "select_target_genes", "tokenize_anndata"]

@@ -82,8 +82,9 @@ def _draw(count, size, rng):
     return rng.choice(count, size=size, replace=size > count)
 
 
-def neighbour_interpolation(cells_before, cells_after, time_before, time_after, time_value, num_cells=None,
-                            seed=0) -> np.ndarray:  # fmt: skip
+def neighbour_interpolation(
+    cells_before, cells_after, time_before, time_after, time_value, num_cells=None, seed=0
+) -> np.ndarray:
     """
     Linear interpolation in time of the two neighbouring observed time points, gene by gene in log1p CP10k, at the
     cell level. Between them (fraction `f = (t - t0) / (t1 - t0)` in [0, 1]) it is a mixture of real cells, a share
@@ -111,8 +112,18 @@ def neighbour_interpolation(cells_before, cells_after, time_before, time_after, 
     return np.vstack([before[_draw(len(before), total - from_after, rng)], after[_draw(len(after), from_after, rng)]])
 
 
-def transport_interpolation(cells_before, cells_after, time_before, time_after, time_value, num_cells=None,
-                            num_components=30, exact_max_pairs=4_000_000, epsilon=0.05, seed=0) -> np.ndarray:  # fmt: skip
+def transport_interpolation(
+    cells_before,
+    cells_after,
+    time_before,
+    time_after,
+    time_value,
+    num_cells=None,
+    num_components=30,
+    exact_max_pairs=4_000_000,
+    epsilon=0.05,
+    seed=0,
+) -> np.ndarray:
     """
     Optimal-transport displacement (McCann) interpolation, as Waddington-OT and the TrajectoryNet/MIOFlow
     benchmarks interpolate held-out time points: the cells of the two neighbouring time points are coupled by an OT
@@ -146,8 +157,15 @@ def transport_interpolation(cells_before, cells_after, time_before, time_after, 
     return np.clip((1.0 - f) * a + f * b, 0.0, None)
 
 
-def linear_model(condition_cells, condition_features, source_cells, source_features, target_features,
-                 n_components: int = 10, ridge: float = 0.1) -> np.ndarray:  # fmt: skip
+def linear_model(
+    condition_cells,
+    condition_features,
+    source_cells,
+    source_features,
+    target_features,
+    n_components: int = 10,
+    ridge: float = 0.1,
+) -> np.ndarray:
     """
     The linear baseline of Ahlmann-Eltze et al. (2025): pseudobulks `Y` (genes x conditions, centred by the gene
     means `μ`) are modelled as `Y ≈ G·K·Pᵀ`, with `G` the top `n_components` principal axes of the training cells

@@ -89,8 +89,9 @@ def pearson_delta(predicted, observed, reference, predicted_reference=None) -> f
         `float`: NaN when either delta is constant.
     """
     predicted_reference = reference if predicted_reference is None else predicted_reference
-    x_hat, x, r, r_hat = _same_length(predicted=predicted, observed=observed, reference=reference,
-                                      predicted_reference=predicted_reference)  # fmt: skip
+    x_hat, x, r, r_hat = _same_length(
+        predicted=predicted, observed=observed, reference=reference, predicted_reference=predicted_reference
+    )
     return _pearson(x_hat - r_hat, x - r)
 
 
@@ -250,9 +251,15 @@ def differential_expression(cells, reference_cells, genes=None) -> pd.DataFrame:
         raise ValueError(f"{len(names)} gene names for {x.shape[1]} genes.")
     table = _rank_genes_groups(x, y)
     lfc = np.log2((np.expm1(x).mean(0) + 1.0) / (np.expm1(y).mean(0) + 1.0))
-    return pd.DataFrame({"gene": names, "score": table["scores"].to_numpy(np.float64), "log2_fold_change": lfc,
-                         "p_value": table["pvals"].to_numpy(np.float64),
-                         "p_adjusted": table["pvals_adj"].to_numpy(np.float64)})  # fmt: skip
+    return pd.DataFrame(
+        {
+            "gene": names,
+            "score": table["scores"].to_numpy(np.float64),
+            "log2_fold_change": lfc,
+            "p_value": table["pvals"].to_numpy(np.float64),
+            "p_adjusted": table["pvals_adj"].to_numpy(np.float64),
+        }
+    )
 
 
 def _rank_genes_groups(x, y) -> pd.DataFrame:
@@ -266,8 +273,16 @@ def _rank_genes_groups(x, y) -> pd.DataFrame:
     adata.uns["log1p"] = {"base": None}  # the profiles are log1p CP10k: stops scanpy's "raw count data" warning
     # A gene constant in both groups has zero variance: scanpy divides by it, then sets the score to 0 and p to 1.
     with np.errstate(divide="ignore", invalid="ignore"):
-        sc.tl.rank_genes_groups(adata, "group", groups=["cells"], reference="reference", method="wilcoxon",
-                                tie_correct=True, corr_method="benjamini-hochberg", n_genes=x.shape[1])  # fmt: skip
+        sc.tl.rank_genes_groups(
+            adata,
+            "group",
+            groups=["cells"],
+            reference="reference",
+            method="wilcoxon",
+            tie_correct=True,
+            corr_method="benjamini-hochberg",
+            n_genes=x.shape[1],
+        )
     table = sc.get.rank_genes_groups_df(adata, group="cells")
     return table.set_index("names").loc[adata.var_names]
 
@@ -286,8 +301,9 @@ def _significant(de, fdr):
     return table.iloc[order]
 
 
-def overlap_at_k(observed_de: pd.DataFrame, predicted_de: pd.DataFrame, k: int | None = None,
-                 fdr: float = 0.05) -> float:  # fmt: skip
+def overlap_at_k(
+    observed_de: pd.DataFrame, predicted_de: pd.DataFrame, k: int | None = None, fdr: float = 0.05
+) -> float:
     """
     cell-eval's `overlap_at_k` (`overlap_at_N` with `k=None`): the genes significant at `fdr` in each table, ranked
     by |log2 fold change|; with `k' = min(k, number observed)` (all observed for `k=None`), the share of the observed

@@ -49,15 +49,21 @@ def _baselines(split, expression, times, groups, order, value_of, source, protoc
     }
     if "nearest time point" in rows:
         result["nearest time point"] = x[rows["nearest time point"]]
-        result.update(_time_interpolations(split, x, times, groups, value_of, source, trained, time_point, group,
-                                           rows, settings))  # fmt: skip
+        result.update(
+            _time_interpolations(split, x, times, groups, value_of, source, trained, time_point, group, rows, settings)
+        )
     conditions, features, source_features, target_features = _linear_design(
         protocol, split.train, times, groups, value_of, source, time_point, trained
-    )  # fmt: skip
+    )
     result["linear (PCA + ridge)"] = baselines.linear_model(
-        [x[c] for c in conditions], features, x[rows["no change"]], source_features, target_features,
-        settings.linear_components, settings.linear_ridge,
-    )  # fmt: skip
+        [x[c] for c in conditions],
+        features,
+        x[rows["no change"]],
+        source_features,
+        target_features,
+        settings.linear_components,
+        settings.linear_ridge,
+    )
     return result, rows
 
 
@@ -74,13 +80,21 @@ def _time_interpolations(split, x, times, groups, value_of, source, trained, tim
     before, after = cells_at(t0), cells_at(t1)
     target = value_of[time_point]
     return {
-        "neighbour interpolation": baselines.neighbour_interpolation(before, after, t0, t1, target,
-                                                                     seed=settings.seed),
-        "OT interpolation": baselines.transport_interpolation(before, after, t0, t1, target,
-                                                              num_components=settings.n_pcs,
-                                                              exact_max_pairs=settings.ot_exact_max_pairs,
-                                                              epsilon=settings.ot_epsilon, seed=settings.seed),
-    }  # fmt: skip
+        "neighbour interpolation": baselines.neighbour_interpolation(
+            before, after, t0, t1, target, seed=settings.seed
+        ),
+        "OT interpolation": baselines.transport_interpolation(
+            before,
+            after,
+            t0,
+            t1,
+            target,
+            num_components=settings.n_pcs,
+            exact_max_pairs=settings.ot_exact_max_pairs,
+            epsilon=settings.ot_epsilon,
+            seed=settings.seed,
+        ),
+    }
 
 
 def _linear_design(protocol, train, times, groups, value_of, source, time_point, trained_targets):
@@ -94,8 +108,12 @@ def _linear_design(protocol, train, times, groups, value_of, source, time_point,
         def feature(t):
             return np.array([1.0, (value_of[t] - centre) / scale])
 
-        return [train & (times == t) for t in course], np.stack([feature(t) for t in course]), feature(source), \
-            feature(time_point)  # fmt: skip
+        return (
+            [train & (times == t) for t in course],
+            np.stack([feature(t) for t in course]),
+            feature(source),
+            feature(time_point),
+        )
     states = {t: i for i, t in enumerate(course if time_point in course else [*course, time_point])}
     if protocol == "heldout-cells":
         conditions = [train & (times == t) for t in course]
@@ -141,20 +159,32 @@ def score_predictions(
         observed = expression["expression"][mask]
         reference = expression["expression"][split.source[group]]
         model_cells = metrics.log_normalize(generated[(time_point, group)]["counts"])
-        baseline_cells, baseline_rows = _baselines(split, expression, times, groups, order, value_of, source,
-                                                   protocol, time_point, group, settings)  # fmt: skip
+        baseline_cells, baseline_rows = _baselines(
+            split, expression, times, groups, order, value_of, source, protocol, time_point, group, settings
+        )
         methods = {MODEL: model_cells, **baseline_cells}
         observed_de = metrics.differential_expression(observed, reference, symbols)
         context = ScoringContext(observed, reference, observed_de, settings)
-        tokens = _token_lists(generated[(time_point, group)]["tokens"], expression["counts"], np.flatnonzero(mask),
-                              baseline_rows, tokenizer, settings.seed)  # fmt: skip
+        tokens = _token_lists(
+            generated[(time_point, group)]["tokens"],
+            expression["counts"],
+            np.flatnonzero(mask),
+            baseline_rows,
+            tokenizer,
+            settings.seed,
+        )
         for method, cells in methods.items():
             values = score_cells(cells, context, symbols, tokens.get(method))
             rows += [(name, time_point, group, method, value) for name, value in values.items()]
             deltas.setdefault(method, {})[(time_point, group)] = cells.mean(0) - reference.mean(0)
         deltas.setdefault("observed", {})[(time_point, group)] = observed.mean(0) - reference.mean(0)
-        details[(time_point, group)] = {"methods": methods, "observed": observed, "reference": reference,
-                                        "observed_de": observed_de, "symbols": symbols}  # fmt: skip
+        details[(time_point, group)] = {
+            "methods": methods,
+            "observed": observed,
+            "reference": reference,
+            "observed_de": observed_de,
+            "symbols": symbols,
+        }
     rows += discrimination_rows(deltas)
     return rows, details
 

@@ -47,8 +47,11 @@ def split_cells(protocol, times, groups, order, source, heldout, settings) -> Sp
             raise ValueError(f"--heldout {heldout!r} must be a time point after the source {source!r}: {targets}.")
         if len(targets) < 2:
             raise ValueError("Holding out the only target time point leaves nothing to train on.")
-        return Split(train=in_course & (times != heldout), source={"all": times == source},
-                      observed={(heldout, "all"): times == heldout})  # fmt: skip
+        return Split(
+            train=in_course & (times != heldout),
+            source={"all": times == source},
+            observed={(heldout, "all"): times == heldout},
+        )
     if protocol == "heldout-group":
         if heldout not in set(groups):
             raise ValueError(f"--heldout {heldout!r} is not a group; groups: {sorted(set(groups))}.")
@@ -73,9 +76,13 @@ def split_cells(protocol, times, groups, order, source, heldout, settings) -> Sp
     return Split(
         train=in_course & ~held,
         source={g: held & (times == source) & (groups == g) for g in names},
-        observed={(t, g): held & (times == t) & (groups == g) for t in targets for g in names
-                  if (held & (times == t) & (groups == g)).sum() >= 2},
-    )  # fmt: skip
+        observed={
+            (t, g): held & (times == t) & (groups == g)
+            for t in targets
+            for g in names
+            if (held & (times == t) & (groups == g)).sum() >= 2
+        },
+    )
 
 
 def trained_targets(split, times, order, source):

@@ -429,10 +429,15 @@ class PerturbGenConfig(PreTrainedConfig):
         self._validate_vocabulary()
 
     def _validate_original_switches(self):
-        for name, choices in (("encoder_type", _ENCODER_TYPES), ("time_encoding", _TIME_ENCODINGS),
-                              ("sinusoid_layout", _SINUSOID_LAYOUTS), ("pooling", _POOLINGS),
-                              ("count_head_norm", _COUNT_HEAD_NORMS), ("count_prediction", _COUNT_PREDICTIONS),
-                              ("generation_mode", _GENERATION_MODES)):  # fmt: skip
+        for name, choices in (
+            ("encoder_type", _ENCODER_TYPES),
+            ("time_encoding", _TIME_ENCODINGS),
+            ("sinusoid_layout", _SINUSOID_LAYOUTS),
+            ("pooling", _POOLINGS),
+            ("count_head_norm", _COUNT_HEAD_NORMS),
+            ("count_prediction", _COUNT_PREDICTIONS),
+            ("generation_mode", _GENERATION_MODES),
+        ):
             _check_choice(name, getattr(self, name), choices)
         _check_positive_int("num_dispersion_conditions", self.num_dispersion_conditions)
         _check_positive_int("decoder_vocab_reserve", self.decoder_vocab_reserve, allow_zero=True)

@@ -36,9 +36,23 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 class OriginalGenerationMixin:
     """`_generate_original` for [`PerturbGenForConditionalGeneration`] (see the module docstring)."""
 
-    def _generate_original(self, input_ids, attention_mask, times, lengths, reference_input_ids, num_iterations,
-                           temperature, schedule, library_size, generator, output_hidden_states, noise,
-                           sequence_editor=None, edit_values=()):  # fmt: skip
+    def _generate_original(
+        self,
+        input_ids,
+        attention_mask,
+        times,
+        lengths,
+        reference_input_ids,
+        num_iterations,
+        temperature,
+        schedule,
+        library_size,
+        generator,
+        output_hidden_states,
+        noise,
+        sequence_editor=None,
+        edit_values=(),
+    ):
         config = self.config
         batch_size = input_ids.shape[0]
         source = self.encode(input_ids, attention_mask)
@@ -72,9 +86,18 @@ class OriginalGenerationMixin:
             memory, memory_mask = self._original_memory(source, source_mask, context, condition)
             memory_key_values = self.decoder.project_memory(memory)
             tokens, last_input, hidden = self._original_maskgit(
-                open_slots, generation_pad, time_tensor, memory_key_values, memory_mask, num_iterations, temperature,
-                schedule, generator, noise, condition,
-            )  # fmt: skip
+                open_slots,
+                generation_pad,
+                time_tensor,
+                memory_key_values,
+                memory_mask,
+                num_iterations,
+                temperature,
+                schedule,
+                generator,
+                noise,
+                condition,
+            )
             if time_value in edit_values:
                 tokens = sequence_editor(tokens, time_value)
                 last_input = tokens
@@ -91,13 +114,26 @@ class OriginalGenerationMixin:
         for tokens, time_value in sorted(context, key=lambda item: item[1]):
             mask = tokens != self.config.pad_token_id
             time_tensor = torch.full((tokens.shape[0],), time_value, dtype=source.dtype, device=source.device)
-            states = self._decode(tokens, time_tensor, self.decoder.project_memory(memory), memory_mask, mask,
-                                  source_condition)  # fmt: skip
+            states = self._decode(
+                tokens, time_tensor, self.decoder.project_memory(memory), memory_mask, mask, source_condition
+            )
             memory, memory_mask = torch.cat([memory, states], dim=1), torch.cat([memory_mask, mask], dim=1)
         return memory, memory_mask
 
-    def _original_maskgit(self, open_slots, generation_pad, time_values, memory_key_values, memory_mask,
-                          num_iterations, temperature, schedule, generator, noise, source_condition=None):  # fmt: skip
+    def _original_maskgit(
+        self,
+        open_slots,
+        generation_pad,
+        time_values,
+        memory_key_values,
+        memory_mask,
+        num_iterations,
+        temperature,
+        schedule,
+        generator,
+        noise,
+        source_condition=None,
+    ):
         config = self.config
         batch_size, width = open_slots.shape
         vocab = config.decoder_vocab_size
@@ -118,8 +154,9 @@ class OriginalGenerationMixin:
             tokens = tokens.masked_fill(remask, mask_id)
             keep = tokens.masked_fill(remask, pad_id)
             step_input = tokens
-            hidden = self._decode(tokens, time_values, memory_key_values, memory_mask, ~generation_pad,
-                                  source_condition)  # fmt: skip
+            hidden = self._decode(
+                tokens, time_values, memory_key_values, memory_mask, ~generation_pad, source_condition
+            )
             logits = self.lm_head(hidden).float()
             banned = torch.zeros(batch_size, vocab, dtype=torch.bool, device=tokens.device).scatter_(1, keep, True)
             logits = logits.masked_fill(banned[:, None, :], -FLOAT32_MAX)

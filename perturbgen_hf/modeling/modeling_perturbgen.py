@@ -279,8 +279,9 @@ class PerturbGenOriginalEncoderLayer(nn.Module):
     def __init__(self, config: PerturbGenConfig):
         super().__init__()
         encoder = config.encoder
-        self.self_attn = PerturbGenAttention(config, encoder.hidden_size, encoder.num_attention_heads,
-                                             config.encoder_head_dim, dropout=0.0)  # fmt: skip
+        self.self_attn = PerturbGenAttention(
+            config, encoder.hidden_size, encoder.num_attention_heads, config.encoder_head_dim, dropout=0.0
+        )
         self.self_attn_norm = nn.LayerNorm(encoder.hidden_size, eps=encoder.layer_norm_eps)
         self.mlp = PerturbGenFeedForward(config, encoder.hidden_size, encoder.intermediate_size)
         self.mlp_norm = nn.LayerNorm(encoder.hidden_size, eps=encoder.layer_norm_eps)
@@ -316,8 +317,9 @@ class PerturbGenOriginalEncoder(nn.Module):
         """
         width, layout = self.config.encoder.hidden_size, self.config.sinusoid_layout
         positions = sinusoidal_embedding(torch.arange(input_ids.shape[1], device=input_ids.device), width, layout)
-        time = sinusoidal_embedding(torch.tensor(float(self.config.encoder_time_index), device=input_ids.device),
-                                    width, layout)  # fmt: skip
+        time = sinusoidal_embedding(
+            torch.tensor(float(self.config.encoder_time_index), device=input_ids.device), width, layout
+        )
         embeddings = self.embed_tokens(input_ids) + time + positions
         mask = attention_mask.bool()
         if self.config.encoder_chain_blocks:
@@ -375,8 +377,12 @@ class SourceCondition:
 
     def repeat_interleave(self, repeats: int) -> "SourceCondition":
         """The same condition for each row repeated `repeats` times (as `Tensor.repeat_interleave(dim=0)`)."""
-        return SourceCondition(*(None if t is None else t.repeat_interleave(repeats, dim=0)
-                                 for t in (self.summary, self.shift, self.scale)))  # fmt: skip
+        return SourceCondition(
+            *(
+                None if t is None else t.repeat_interleave(repeats, dim=0)
+                for t in (self.summary, self.shift, self.scale)
+            )
+        )
 
 
 class PerturbGenSourcePath(nn.Module):
@@ -617,8 +623,13 @@ class PerturbGenCountHead(nn.Module):
         zi_logits = self.zi_logits(hidden) if self.zi_logits is not None else None
         if self.gene_readout is not None and gene_states is not None:
             logits, zi_logits = self._read_genes(logits, zi_logits, gene_states, gene_index)
-        out = {"theta": self._theta(dispersion_condition), "zi_logits": None, "library_size": library,
-               "log_normalized": None, "normalized_hidden": hidden}  # fmt: skip
+        out = {
+            "theta": self._theta(dispersion_condition),
+            "zi_logits": None,
+            "library_size": library,
+            "log_normalized": None,
+            "normalized_hidden": hidden,
+        }
         if self.likelihood == "mse":
             # Non-negative log1p(counts per 10k), mapped back to counts at the cell's library size.
             out["log_normalized"] = F.softplus(logits)
@@ -878,8 +889,14 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         if context_attention_mask is None:
             context_attention_mask = context_input_ids != self.config.pad_token_id
         if self.config.context_mode == "chained":
-            return self._chained_context(source_memory, source_mask, context_input_ids, context_time_values,
-                                         context_attention_mask, source_condition)  # fmt: skip
+            return self._chained_context(
+                source_memory,
+                source_mask,
+                context_input_ids,
+                context_time_values,
+                context_attention_mask,
+                source_condition,
+            )
         flat_ids = context_input_ids.reshape(batch_size * num_context, context_len)
         flat_mask = context_attention_mask.reshape(batch_size * num_context, context_len).bool()
         memory = source_memory.repeat_interleave(num_context, dim=0)
@@ -897,8 +914,15 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         hidden = states.shape[-1]
         return states.reshape(batch_size, num_context * context_len, hidden), flat_mask.reshape(batch_size, -1)
 
-    def _chained_context(self, source_memory, source_mask, context_input_ids, context_time_values,
-                         context_attention_mask, source_condition=None):  # fmt: skip
+    def _chained_context(
+        self,
+        source_memory,
+        source_mask,
+        context_input_ids,
+        context_time_values,
+        context_attention_mask,
+        source_condition=None,
+    ):
         """
         The original's context: each context time point, in the given (ascending) order, is decoded with the source
         and the context states before it as memory.
@@ -907,8 +931,14 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.config.context_gradient):
             for slot in range(context_input_ids.shape[1]):
                 mask = context_attention_mask[:, slot].bool()
-                states = self.decoder(context_input_ids[:, slot], mask, context_time_values[:, slot].to(memory.dtype),
-                                      self.decoder.project_memory(memory), memory_mask, source_condition)  # fmt: skip
+                states = self.decoder(
+                    context_input_ids[:, slot],
+                    mask,
+                    context_time_values[:, slot].to(memory.dtype),
+                    self.decoder.project_memory(memory),
+                    memory_mask,
+                    source_condition,
+                )
                 memory, memory_mask = torch.cat([memory, states], dim=1), torch.cat([memory_mask, mask], dim=1)
         length = source_memory.shape[1]
         return memory[:, length:], memory_mask[:, length:]
@@ -971,12 +1001,14 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         memory, memory_mask = torch.cat([source, context], dim=1), torch.cat([source_mask, context_mask], dim=1)
         return memory, memory_mask, source, condition
 
-    def _decode(self, token_ids, time_values, memory_key_values, memory_mask, attention_mask=None,
-                source_condition=None):  # fmt: skip
+    def _decode(
+        self, token_ids, time_values, memory_key_values, memory_mask, attention_mask=None, source_condition=None
+    ):
         if attention_mask is None:
             attention_mask = token_ids != self.config.pad_token_id
-        return self.decoder(token_ids, attention_mask.bool(), time_values, memory_key_values, memory_mask,
-                            source_condition)  # fmt: skip
+        return self.decoder(
+            token_ids, attention_mask.bool(), time_values, memory_key_values, memory_mask, source_condition
+        )
 
     # -- training forward -------------------------------------------------------------------------------------------
 
@@ -1045,8 +1077,9 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
         count_ids, count_hidden = decoder_input_ids, hidden_states
         if labels is not None and target_counts is not None:
             count_ids = torch.where(labels != -100, labels, decoder_input_ids)
-            count_hidden = self._decode(count_ids, time_values, memory_key_values, memory_mask, decoder_attention_mask,
-                                        condition)  # fmt: skip
+            count_hidden = self._decode(
+                count_ids, time_values, memory_key_values, memory_mask, decoder_attention_mask, condition
+            )
         cell_embeddings = self.pool(count_hidden, count_ids)
         if library_size is None and target_counts is not None and self.config.library_size == "observed":
             library_size = target_counts.sum(dim=-1)
@@ -1275,9 +1308,21 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             if condition_ids.shape[1] or top_k is not None:
                 raise ValueError("generation_mode='original' takes no condition tokens and no `top_k`.")
             return self._generate_original(
-                input_ids, attention_mask, times, lengths, reference_input_ids, num_iterations, temperature, schedule,
-                library_size, generator, output_hidden_states, noise, sequence_editor, edit_values,
-            )  # fmt: skip
+                input_ids,
+                attention_mask,
+                times,
+                lengths,
+                reference_input_ids,
+                num_iterations,
+                temperature,
+                schedule,
+                library_size,
+                generator,
+                output_hidden_states,
+                noise,
+                sequence_editor,
+                edit_values,
+            )
         if reference_input_ids is not None:
             raise ValueError("`reference_input_ids` is read only with generation_mode='original'.")
         source = self.encode(input_ids, attention_mask)  # once per call
@@ -1292,9 +1337,20 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             memory_key_values = self.decoder.project_memory(memory)  # once per time point, reused every step
             tokens, is_gene = self._initial_target(lengths, condition_ids)
             tokens = self._maskgit_loop(
-                tokens, is_gene, lengths, time_tensor, memory_key_values, memory_mask,
-                num_iterations, temperature, top_k, schedule, generator, noise, condition,
-            )  # fmt: skip
+                tokens,
+                is_gene,
+                lengths,
+                time_tensor,
+                memory_key_values,
+                memory_mask,
+                num_iterations,
+                temperature,
+                top_k,
+                schedule,
+                generator,
+                noise,
+                condition,
+            )
             if time_value in edit_values:
                 tokens = sequence_editor(tokens, time_value)
             hidden = self._decode(tokens, time_tensor, memory_key_values, memory_mask, source_condition=condition)
@@ -1377,9 +1433,13 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 # The original: every other time point, in ascending time, each decoded on the memory so far.
                 others = sorted((k for k in range(num_times) if k != index), key=lambda k: times[k])
                 states, mask = self._chained_context(
-                    source, source_mask, decoder_input_ids[:, others], time_tensor[others].expand(batch_size, -1),
-                    decoder_input_ids[:, others] != self.config.pad_token_id, condition,
-                )  # fmt: skip
+                    source,
+                    source_mask,
+                    decoder_input_ids[:, others],
+                    time_tensor[others].expand(batch_size, -1),
+                    decoder_input_ids[:, others] != self.config.pad_token_id,
+                    condition,
+                )
                 memory, memory_mask = torch.cat([source, states], dim=1), torch.cat([source_mask, mask], dim=1)
             elif use_context:
                 used = [
@@ -1390,8 +1450,13 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 memory = torch.cat([source, context], dim=1)
                 memory_mask = torch.cat([source_mask, context_mask & slots], dim=1)
             tokens = decoder_input_ids[:, index]
-            hidden = self._decode(tokens, time_tensor[index].expand(batch_size), self.decoder.project_memory(memory),
-                                  memory_mask, source_condition=condition)  # fmt: skip
+            hidden = self._decode(
+                tokens,
+                time_tensor[index].expand(batch_size),
+                self.decoder.project_memory(memory),
+                memory_mask,
+                source_condition=condition,
+            )
             pooled_input = tokens
             if exclude_from_pooling is not None:
                 excluded = torch.as_tensor(list(exclude_from_pooling), dtype=tokens.dtype, device=tokens.device)
@@ -1436,9 +1501,21 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             )
 
     def _maskgit_loop(
-        self, tokens, is_gene, lengths, time_values, memory_key_values, memory_mask,
-        num_iterations, temperature, top_k, schedule, generator, noise=(None, None), source_condition=None,
-    ):  # fmt: skip
+        self,
+        tokens,
+        is_gene,
+        lengths,
+        time_values,
+        memory_key_values,
+        memory_mask,
+        num_iterations,
+        temperature,
+        top_k,
+        schedule,
+        generator,
+        noise=(None, None),
+        source_condition=None,
+    ):
         exponent = self.config.mask_schedule_exponent
         step = 0
         # The scheduled steps, then greedy steps for positions left masked by duplicate proposals (bounded: each
@@ -1473,14 +1550,22 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             embeddings.append(pooled)
             library = library_size[:, index] if library_size is not None and library_size.dim() == 2 else library_size
             pooled_ids = pooled_input[0] if pooled_input else tokens
-            params.append(self.count_head(pooled, library, source_summary=_summary(source_condition),
-                                          gene_states=hidden, gene_index=self.gene_index(pooled_ids)))  # fmt: skip
+            params.append(
+                self.count_head(
+                    pooled,
+                    library,
+                    source_summary=_summary(source_condition),
+                    gene_states=hidden,
+                    gene_index=self.gene_index(pooled_ids),
+                )
+            )
         stacked = {key: [p[key] for p in params] for key in ("mu", "zi_logits", "library_size")}
         counts = torch.stack([self.count_head.expected_counts(p) for p in params], dim=1)
         hidden_states = None
         if output_hidden_states:
-            hidden_states = torch.stack([F.pad(item[1], (0, 0, 0, width - item[1].shape[1])) for item in generated],
-                                        dim=1)  # fmt: skip
+            hidden_states = torch.stack(
+                [F.pad(item[1], (0, 0, 0, width - item[1].shape[1])) for item in generated], dim=1
+            )
         return PerturbGenGenerateOutput(
             sequences=torch.stack(sequences, dim=1),
             time_values=torch.tensor(times, dtype=torch.float32),

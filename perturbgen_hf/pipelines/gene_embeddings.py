@@ -130,21 +130,48 @@ def embed_genes(
     sums = _Sums(len(time_names), len(groups["names"]), config.num_target_genes, config.decoder_hidden_size)
     if observed is None:
         library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-        batches = generate_cells(model, cells, time_values, int(batch_size), int(num_samples), int(iterations),
-                                 float(temperature), int(seed), library, output_hidden_states=True, progress=progress,
-                                 desc="gene embeddings")  # fmt: skip
+        batches = generate_cells(
+            model,
+            cells,
+            time_values,
+            int(batch_size),
+            int(num_samples),
+            int(iterations),
+            float(temperature),
+            int(seed),
+            library,
+            output_hidden_states=True,
+            progress=progress,
+            desc="gene embeddings",
+        )
         outputs = ((rows, out) for rows, _, _, out in batches)
     else:
         outputs = _readouts(model, observed, cells, int(batch_size), progress)
     for rows, out in outputs:
-        sums.add(model.gene_index(out.sequences).cpu().numpy(), out.decoder_hidden_states.float().cpu().numpy(),
-                 out.counts.float().cpu().numpy(), groups["index"][rows])  # fmt: skip
-    return _as_anndata(sums, config, tokenizer, time_names, time_values, groups, {
-        "method": "teacher_forced" if observed is not None else "generate", "group_key": group_key,
-        "num_source_cells": len(cells), "num_samples": int(num_samples) if observed is None else 1,
-        "iterations": int(iterations), "temperature": float(temperature), "seed": int(seed),
-        "model": str(getattr(config, "_name_or_path", "") or ""),
-    })  # fmt: skip
+        sums.add(
+            model.gene_index(out.sequences).cpu().numpy(),
+            out.decoder_hidden_states.float().cpu().numpy(),
+            out.counts.float().cpu().numpy(),
+            groups["index"][rows],
+        )
+    return _as_anndata(
+        sums,
+        config,
+        tokenizer,
+        time_names,
+        time_values,
+        groups,
+        {
+            "method": "teacher_forced" if observed is not None else "generate",
+            "group_key": group_key,
+            "num_source_cells": len(cells),
+            "num_samples": int(num_samples) if observed is None else 1,
+            "iterations": int(iterations),
+            "temperature": float(temperature),
+            "seed": int(seed),
+            "model": str(getattr(config, "_name_or_path", "") or ""),
+        },
+    )
 
 
 def _groups(adata, group_key):
@@ -170,8 +197,14 @@ def _readouts(model, observed, cells, batch_size, progress):
             for i, r in enumerate(rows):
                 decoder_input_ids[i, t, : len(per_cell[r])] = torch.as_tensor(per_cell[r], dtype=torch.long)
         library = torch.as_tensor(observed["library_size"][rows], dtype=torch.float32, device=model.device)
-        out = model.readout(input_ids, decoder_input_ids.to(model.device), observed["time_points"], attention_mask,
-                            library_size=library, output_hidden_states=True)  # fmt: skip
+        out = model.readout(
+            input_ids,
+            decoder_input_ids.to(model.device),
+            observed["time_points"],
+            attention_mask,
+            library_size=library,
+            output_hidden_states=True,
+        )
         yield rows, out
 
 
@@ -227,11 +260,13 @@ def _as_anndata(sums, config, tokenizer, time_names, time_values, groups, record
     embeddings.obsm["predicted_expression"] = pd.DataFrame(expression, index=obs.index)
     embeddings.uns[UNS_KEY] = {
         **{k: v for k, v in record.items() if v is not None},
-        "time_points": list(time_names), "time_values": [float(v) for v in time_values],
-        "groups": list(groups["names"]), "layers": list(layers),
+        "time_points": list(time_names),
+        "time_values": [float(v) for v in time_values],
+        "groups": list(groups["names"]),
+        "layers": list(layers),
         "definition": "mean final decoder hidden state of the gene over the cells where its token is "
-                      + ("observed (teacher-forced)" if record["method"] == "teacher_forced" else "generated"),
-    }  # fmt: skip
+        + ("observed (teacher-forced)" if record["method"] == "teacher_forced" else "generated"),
+    }
     never = int((sums.n_cells[:, -1].sum(axis=0) == 0).sum())
     if never:
         logger.info("%d of %d target genes were never predicted: their embeddings are 0.", never, len(genes))

@@ -182,8 +182,9 @@ def expression_profile(cells, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     return expressing, np.where(expressing > 0, mean_rank, np.nan)
 
 
-def matched_null_genes(gene_ids, profile, num_null: int, rng: np.random.Generator, allowed=None,
-                       pool_size: int = 50) -> list[list[int]]:  # fmt: skip
+def matched_null_genes(
+    gene_ids, profile, num_null: int, rng: np.random.Generator, allowed=None, pool_size: int = 50
+) -> list[list[int]]:
     """
     Sham perturbations matched to a perturbation: for each of `num_null` shams, each perturbed gene is replaced by a
     gene that the same cells express about as often and at about the same rank (drawn at random among the

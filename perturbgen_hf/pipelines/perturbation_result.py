@@ -68,18 +68,26 @@ def paired_differential_expression(control: np.ndarray, perturbed: np.ndarray, g
             t = stats.ttest_rel(log_normalize(perturbed)[:, changes], log_normalize(control)[:, changes], axis=0)
         t_stat[changes] = np.nan_to_num(t.statistic)
         t_p[changes] = np.where(np.isnan(t.pvalue), 1.0, t.pvalue)
-    table = pd.DataFrame({
-        "gene": list(genes), "log2_fold_change": log2_fold_change(control, perturbed),
-        "mean_change": difference.mean(0), "mean_control": cp10k_control.mean(0),
-        "mean_perturbed": cp10k_perturbed.mean(0), "wilcoxon_statistic": wilcoxon_stat, "wilcoxon_p": wilcoxon_p,
-        "t_statistic": t_stat, "t_p": t_p,
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "gene": list(genes),
+            "log2_fold_change": log2_fold_change(control, perturbed),
+            "mean_change": difference.mean(0),
+            "mean_control": cp10k_control.mean(0),
+            "mean_perturbed": cp10k_perturbed.mean(0),
+            "wilcoxon_statistic": wilcoxon_stat,
+            "wilcoxon_p": wilcoxon_p,
+            "t_statistic": t_stat,
+            "t_p": t_p,
+        }
+    )
     table["wilcoxon_p_adjusted"] = stats.false_discovery_control(np.clip(wilcoxon_p, 0, 1))
     return table
 
 
-def bootstrap_interval(control: np.ndarray, perturbed: np.ndarray, num_resamples: int, seed: int,
-                       level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def bootstrap_interval(
+    control: np.ndarray, perturbed: np.ndarray, num_resamples: int, seed: int, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray]:
     """
     A percentile bootstrap interval of each gene's log2 fold change, resampling cells (a cell keeps its control and
     perturbed prediction together, each the mean of its independent generations). `(nan, nan)` per gene without
@@ -141,9 +149,16 @@ def _standardise(difference, sd):
     return np.where(np.abs(difference) <= tiny, 0.0, np.nan_to_num(z, posinf=1e300, neginf=-1e300))
 
 
-def differential_expression_against_null(control, perturbed, null_perturbed, genes, fdr=DEFAULT_FDR,
-                                         min_abs_log2fc=DEFAULT_MIN_ABS_LOG2FC, bootstrap=DEFAULT_BOOTSTRAP,
-                                         seed=0) -> pd.DataFrame:  # fmt: skip
+def differential_expression_against_null(
+    control,
+    perturbed,
+    null_perturbed,
+    genes,
+    fdr=DEFAULT_FDR,
+    min_abs_log2fc=DEFAULT_MIN_ABS_LOG2FC,
+    bootstrap=DEFAULT_BOOTSTRAP,
+    seed=0,
+) -> pd.DataFrame:
     """
     Per-gene effect of a perturbation, judged against sham perturbations of the same cells.
 
@@ -165,8 +180,9 @@ def differential_expression_against_null(control, perturbed, null_perturbed, gen
     table.insert(2, "ci_low", low)
     table.insert(3, "ci_high", high)
     if len(null_perturbed) >= 3:
-        null = null_p_values(table["log2_fold_change"].to_numpy(),
-                             np.stack([log2_fold_change(control, p) for p in null_perturbed]))  # fmt: skip
+        null = null_p_values(
+            table["log2_fold_change"].to_numpy(), np.stack([log2_fold_change(control, p) for p in null_perturbed])
+        )
         adjusted = stats.false_discovery_control(null["p_value"])
     else:
         null = {key: np.full(len(table), np.nan) for key in ("null_mean", "null_sd", "z_score", "p_value")}
@@ -306,10 +322,14 @@ def _label_points(axis, rows, x, y, max_labels):
         for slot, i in enumerate(chosen):
             text_y = high - (slot + 1) * step
             axis.annotate(
-                rows["gene"].iloc[i], (x[i], y[i]), xytext=(text_x, text_y), fontsize=7,
-                ha="left" if side < 0 else "right", va="center",
+                rows["gene"].iloc[i],
+                (x[i], y[i]),
+                xytext=(text_x, text_y),
+                fontsize=7,
+                ha="left" if side < 0 else "right",
+                va="center",
                 arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.4"},
-            )  # fmt: skip
+            )
 
 
 def _significant_counts(de, fdr, floor, path, plt):
@@ -335,8 +355,14 @@ def _responders(part, adata, label, top, path, plt):
     if significant.empty:
         figure, axis = plt.subplots(figsize=(5, 2.2))
         axis.axis("off")
-        axis.text(0.5, 0.5, f"{label}: no effect beyond the null\n(no gene significant at any time point)",
-                  ha="center", va="center", fontsize=10)  # fmt: skip
+        axis.text(
+            0.5,
+            0.5,
+            f"{label}: no effect beyond the null\n(no gene significant at any time point)",
+            ha="center",
+            va="center",
+            fontsize=10,
+        )
         figure.savefig(path, dpi=120)
         plt.close(figure)
         return path

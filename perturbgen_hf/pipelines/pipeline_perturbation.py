@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import Pipeline
 
 from ..io_utils import read_anndata
+from ..settings import PERTURBATION_ARGUMENTS
 from ..tokenization import warn_duplicate_gene_ids
 from .perturbation_edits import (
     MODES,
@@ -56,15 +57,9 @@ from .prediction import cell_batch_seed, generation_lengths, pad_cells, target_c
 
 logger = logging.getLogger(__name__)
 
-_PREPROCESS_KEYS = (
-    "genes", "screen", "mode", "site", "perturb_time_points", "gene_ids", "layer", "group_key", "method", "targets",
-    "null_perturbations", "seed",
-)  # fmt: skip
-_FORWARD_KEYS = (
-    "time_points", "num_samples", "iterations", "temperature", "seed", "cell_batch_size", "variants_per_batch",
-    "progress",
-)  # fmt: skip
-_POSTPROCESS_KEYS = ("fdr", "min_abs_log2fc", "bootstrap")
+_PREPROCESS_KEYS = PERTURBATION_ARGUMENTS["preprocess"]
+_FORWARD_KEYS = tuple("cell_batch_size" if k == "batch_size" else k for k in PERTURBATION_ARGUMENTS["forward"])
+_POSTPROCESS_KEYS = PERTURBATION_ARGUMENTS["postprocess"]
 DEFAULT_NULL_PERTURBATIONS = 10
 SITES = ("src", "tgt")
 METHODS = ("generate", "teacher_forced")
@@ -122,9 +117,22 @@ class PerturbationPipeline(Pipeline):
 
     # -- preprocess: tokenize, resolve genes, edit ---------------------------------------------------------------
 
-    def preprocess(self, source, genes=None, screen=None, mode="mask", site="src", perturb_time_points=None,
-                   gene_ids=None, layer=None, group_key=None, method="generate", targets=None,
-                   null_perturbations=DEFAULT_NULL_PERTURBATIONS, seed=0):  # fmt: skip
+    def preprocess(
+        self,
+        source,
+        genes=None,
+        screen=None,
+        mode="mask",
+        site="src",
+        perturb_time_points=None,
+        gene_ids=None,
+        layer=None,
+        group_key=None,
+        method="generate",
+        targets=None,
+        null_perturbations=DEFAULT_NULL_PERTURBATIONS,
+        seed=0,
+    ):
         adata = _read_anndata(source, "source")
         _check_choice("mode", mode, MODES)
         _check_choice("site", site, SITES)
@@ -156,8 +164,13 @@ class PerturbationPipeline(Pipeline):
         variants, skipped = [], {}
         for names in perturbations:
             gene_tokens = [ids[g] for g in names]
-            variant = {"label": "+".join(names), "names": list(names), "genes": gene_tokens, "sources": cells,
-                       "targets": None}  # fmt: skip
+            variant = {
+                "label": "+".join(names),
+                "names": list(names),
+                "genes": gene_tokens,
+                "sources": cells,
+                "targets": None,
+            }
             if site == "src":
                 edited = [perturb_tokens(c, gene_tokens, mode, max_length) for c in cells]
                 variant["sources"] = [t for t, _ in edited]
@@ -172,8 +185,9 @@ class PerturbationPipeline(Pipeline):
                 where = "source cell" if site == "src" else f"target cell at {perturb_time_points}"
                 message = f"no {where} expresses it among the genes the model reads (mode {mode!r})"
                 if site == "src":
-                    message += _expressed_but_unread(counts, self.tokenizer.resolve_genes(identifiers), gene_tokens,
-                                                     max_length)  # fmt: skip
+                    message += _expressed_but_unread(
+                        counts, self.tokenizer.resolve_genes(identifiers), gene_tokens, max_length
+                    )
                 if screen is None:
                     raise ValueError(
                         f"{variant['label']}: {message}, so a knockout would change nothing. Check the gene, or use "
@@ -187,19 +201,32 @@ class PerturbationPipeline(Pipeline):
             raise ValueError(f"No gene of the screen changes any cell: {skipped}.")
         if int(null_perturbations) < 0 or 0 < int(null_perturbations) < 3:
             raise ValueError(f"null_perturbations must be 0 (no null) or at least 3, got {null_perturbations}.")
-        nulls = self._null_variants(variants, cells, int(null_perturbations), seed, mode, site, max_length,
-                                    observed, perturb_time_points)  # fmt: skip
+        nulls = self._null_variants(
+            variants, cells, int(null_perturbations), seed, mode, site, max_length, observed, perturb_time_points
+        )
         groups = None
         if group_key is not None:
             if group_key not in adata.obs.columns:
                 raise KeyError(f"group_key {group_key!r} is not an obs column; available: {list(adata.obs.columns)}.")
             groups = adata.obs[group_key].astype(str).to_numpy()
         return {
-            "cells": cells, "library": library, "variants": variants + nulls, "observed": observed, "mode": mode,
-            "perturb_time_points": perturb_time_points, "cell_ids": adata.obs_names.astype(str).to_numpy(),
-            "groups": groups, "summary": {"cells": len(cells), "mode": mode, "site": site, "method": method,
-                        "perturbations_skipped": skipped, "null_perturbations": int(null_perturbations)},
-        }  # fmt: skip
+            "cells": cells,
+            "library": library,
+            "variants": variants + nulls,
+            "observed": observed,
+            "mode": mode,
+            "perturb_time_points": perturb_time_points,
+            "cell_ids": adata.obs_names.astype(str).to_numpy(),
+            "groups": groups,
+            "summary": {
+                "cells": len(cells),
+                "mode": mode,
+                "site": site,
+                "method": method,
+                "perturbations_skipped": skipped,
+                "null_perturbations": int(null_perturbations),
+            },
+        }
 
     def _null_variants(self, variants, cells, num_null, seed, mode, site, max_length, observed, perturb_time_points):
         """
@@ -225,9 +252,14 @@ class PerturbationPipeline(Pipeline):
                 genes = sham
                 if site == "tgt":
                     genes = [self.tokenizer.target_gene_to_id(self.tokenizer.id_to_gene(t)) for t in sham]
-                null = {"label": f"{variant['label']} null {index}", "genes": genes, "sources": cells,
-                        "targets": None, "null_of": variant["label"],
-                        "null_genes": [self.tokenizer.id_to_symbol(t) for t in sham]}  # fmt: skip
+                null = {
+                    "label": f"{variant['label']} null {index}",
+                    "genes": genes,
+                    "sources": cells,
+                    "targets": None,
+                    "null_of": variant["label"],
+                    "null_genes": [self.tokenizer.id_to_symbol(t) for t in sham],
+                }
                 if site == "src":
                     edited = [perturb_tokens(c, genes, mode, max_length) for c in cells]
                     null["sources"] = [t for t, _ in edited]
@@ -241,11 +273,24 @@ class PerturbationPipeline(Pipeline):
 
     # -- forward: a grid of units (cell batch x chunk of perturbations), shared over processes -------------------
 
-    def _forward(self, inputs, time_points=None, num_samples=1, iterations=16, temperature=1.0, seed=0,
-                 cell_batch_size=None, variants_per_batch=8, progress=True):  # fmt: skip
+    def _forward(
+        self,
+        inputs,
+        time_points=None,
+        num_samples=1,
+        iterations=16,
+        temperature=1.0,
+        seed=0,
+        cell_batch_size=None,
+        variants_per_batch=8,
+        progress=True,
+    ):
         batch_size = cell_batch_size or getattr(self, "_batch_size", None) or 32
-        for name, value in (("num_samples", num_samples), ("batch_size", batch_size),
-                            ("variants_per_batch", variants_per_batch)):  # fmt: skip
+        for name, value in (
+            ("num_samples", num_samples),
+            ("batch_size", batch_size),
+            ("variants_per_batch", variants_per_batch),
+        ):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}.")
         config = self.model.config
@@ -256,12 +301,18 @@ class PerturbationPipeline(Pipeline):
         elif time_points is not None:
             time_points = [_as_time_point(t, config) for t in _as_list(time_points)]
         run = {
-            "time_points": time_points, "num_samples": int(num_samples), "seed": int(seed), "batch_size": int(batch_size),
+            "time_points": time_points,
+            "num_samples": int(num_samples),
+            "seed": int(seed),
+            "batch_size": int(batch_size),
             "generate": {"num_iterations": iterations, "temperature": temperature},
-        }  # fmt: skip
+        }
         num_cells, num_variants = len(inputs["cells"]), len(inputs["variants"])
-        units = [(start, chunk) for start in range(0, num_cells, batch_size)
-                 for chunk in range(0, num_variants, variants_per_batch)]  # fmt: skip
+        units = [
+            (start, chunk)
+            for start in range(0, num_cells, batch_size)
+            for chunk in range(0, num_variants, variants_per_batch)
+        ]
         rank, world = _process_grid()
         mine = units[rank * len(units) // world : (rank + 1) * len(units) // world]
         results, control = [], None
@@ -270,10 +321,13 @@ class PerturbationPipeline(Pipeline):
             if control is None or control["start"] != start:
                 control = {"start": start, **self._predict(inputs, rows, None, rows - start, run)}
             variants = range(chunk, min(chunk + variants_per_batch, num_variants))
-            results.append({
-                "start": start, "control": _public(control) if chunk == 0 else None,
-                "variants": self._run_variants(inputs, variants, rows, control, run),
-            })  # fmt: skip
+            results.append(
+                {
+                    "start": start,
+                    "control": _public(control) if chunk == 0 else None,
+                    "variants": self._run_variants(inputs, variants, rows, control, run),
+                }
+            )
         if world > 1:
             from accelerate.utils import gather_object
 
@@ -300,8 +354,13 @@ class PerturbationPipeline(Pipeline):
         out = self._predict(inputs, member, [inputs["variants"][i] for i in owner], positions, run)
         changed = out.pop("changed")
         out.pop("time_values")
-        cosine = _gene_cosine(control["sequences"][positions], control["hidden"][positions], out.pop("sequences"),
-                              out.pop("hidden"), self.model.config)  # fmt: skip
+        cosine = _gene_cosine(
+            control["sequences"][positions],
+            control["hidden"][positions],
+            out.pop("sequences"),
+            out.pop("hidden"),
+            self.model.config,
+        )
         results = {}
         for index in indices:
             keep = (owner == index) & changed
@@ -327,15 +386,18 @@ class PerturbationPipeline(Pipeline):
         config, device = self.model.config, self.model.device
         input_ids, attention_mask = pad_cells(
             [(inputs["cells"] if variants is None else variants[i]["sources"])[r] for i, r in enumerate(rows)], device
-        )  # fmt: skip
+        )
         # The unperturbed cell's length (as many genes as it expresses), so control and perturbed runs match.
         lengths = generation_lengths([inputs["cells"][r] for r in rows], config, device)
         edits = {"changed": np.ones(len(rows), dtype=bool)}
         extra = {}
         if variants is not None and inputs["perturb_time_points"]:
-            extra = {"sequence_editor": _TargetEditor([v["genes"] for v in variants], inputs["mode"],
-                                                      len(config.condition_tokens), edits),
-                     "edit_time_points": inputs["perturb_time_points"]}  # fmt: skip
+            extra = {
+                "sequence_editor": _TargetEditor(
+                    [v["genes"] for v in variants], inputs["mode"], len(config.condition_tokens), edits
+                ),
+                "edit_time_points": inputs["perturb_time_points"],
+            }
         if config.library_size == "observed":
             extra["library_size"] = torch.as_tensor(inputs["library"][rows], dtype=torch.float32, device=device)
         batch_start = int(rows[0] - positions[0])
@@ -343,10 +405,17 @@ class PerturbationPipeline(Pipeline):
         for sample in range(run["num_samples"]):
             generator = torch.Generator(device=device).manual_seed(cell_batch_seed(run["seed"], batch_start, sample))
             out = self.model.generate(
-                input_ids, attention_mask, time_points=run["time_points"], sequence_length=lengths,
-                generator=generator, noise_index=torch.as_tensor(positions), num_noise_rows=run["batch_size"],
-                output_hidden_states=True, **run["generate"], **extra,
-            )  # fmt: skip
+                input_ids,
+                attention_mask,
+                time_points=run["time_points"],
+                sequence_length=lengths,
+                generator=generator,
+                noise_index=torch.as_tensor(positions),
+                num_noise_rows=run["batch_size"],
+                output_hidden_states=True,
+                **run["generate"],
+                **extra,
+            )
             samples.append(out)
         return {**_average_samples(samples), "changed": edits["changed"]}
 
@@ -365,8 +434,15 @@ class PerturbationPipeline(Pipeline):
         extra = {}
         if variant is not None and variant["targets"] is not None and self.model.config.pooling == "non_special":
             extra["exclude_from_pooling"] = variant["genes"]  # as the original's perturbed pass of edited targets
-        out = self.model.readout(input_ids, decoder_input_ids.to(device), observed["time_points"], attention_mask,
-                                 library_size=library, output_hidden_states=True, **extra)  # fmt: skip
+        out = self.model.readout(
+            input_ids,
+            decoder_input_ids.to(device),
+            observed["time_points"],
+            attention_mask,
+            library_size=library,
+            output_hidden_states=True,
+            **extra,
+        )
         if self.model.config.library_size == "predicted":
             # As the original's readout: the predicted composition at each observed cell's own library size.
             out.counts = out.counts * (library / out.library_size.clamp(min=1e-8))[..., None]
@@ -397,45 +473,80 @@ class PerturbationPipeline(Pipeline):
             label, changed = variant["label"], predicted["changed"]
             unaffected[label] = int((~changed).sum())
             if unaffected[label]:
-                logger.info("%d of %d cells are unaffected by %s: their prediction equals the control.",
-                            unaffected[label], len(changed), label)  # fmt: skip
+                logger.info(
+                    "%d of %d cells are unaffected by %s: their prediction equals the control.",
+                    unaffected[label],
+                    len(changed),
+                    label,
+                )
             if not changed.any():
                 logger.warning(
                     "%s changed no cell (not in any edited cell): its prediction equals the control.", label
                 )
             for t, (name, value) in enumerate(zip(names, time_values)):
-                obs = pd.DataFrame({
-                    "cell_id": outputs["cell_ids"], "time_point": name, "time_value": float(value), "perturbation": label,
-                    "group": outputs["groups"] if outputs["groups"] is not None else "all", "changed": changed,
-                    "cosine_similarity": _cosine(control["embeddings"][:, t], predicted["embeddings"][:, t]),
-                })  # fmt: skip
+                obs = pd.DataFrame(
+                    {
+                        "cell_id": outputs["cell_ids"],
+                        "time_point": name,
+                        "time_value": float(value),
+                        "perturbation": label,
+                        "group": outputs["groups"] if outputs["groups"] is not None else "all",
+                        "changed": changed,
+                        "cosine_similarity": _cosine(control["embeddings"][:, t], predicted["embeddings"][:, t]),
+                    }
+                )
                 blocks.append(
                     (obs, control["counts"][:, t], predicted["counts"][:, t], predicted["gene_cosine"][:, t])
                 )
                 null_counts = [n[:, t] for n in nulls.get(label, [])]
-                table = _de_tables(control["counts"][:, t], predicted["counts"][:, t], null_counts, symbols, obs, label,
-                                   name, thresholds, outputs["settings"]["seed"])  # fmt: skip
+                table = _de_tables(
+                    control["counts"][:, t],
+                    predicted["counts"][:, t],
+                    null_counts,
+                    symbols,
+                    obs,
+                    label,
+                    name,
+                    thresholds,
+                    outputs["settings"]["seed"],
+                )
                 tables += _with_gene_shift(table, predicted["gene_cosine"][:, t], obs)
         obs = pd.concat([b[0] for b in blocks], ignore_index=True)
         obs.index = obs.index.astype(str)
         adata = ad.AnnData(
-            X=np.vstack([b[2] for b in blocks]).astype(np.float32), obs=obs,
+            X=np.vstack([b[2] for b in blocks]).astype(np.float32),
+            obs=obs,
             var=pd.DataFrame({"gene_symbol": symbols}, index=pd.Index(genes, name="gene_id")),
-            layers={"control": np.vstack([b[1] for b in blocks]).astype(np.float32),
-                    "perturbed": np.vstack([b[2] for b in blocks]).astype(np.float32),
-                    "gene_embedding_cosine": np.vstack([b[3] for b in blocks]).astype(np.float32)},
-        )  # fmt: skip
+            layers={
+                "control": np.vstack([b[1] for b in blocks]).astype(np.float32),
+                "perturbed": np.vstack([b[2] for b in blocks]).astype(np.float32),
+                "gene_embedding_cosine": np.vstack([b[3] for b in blocks]).astype(np.float32),
+            },
+        )
         de = _sorted_by_significance(pd.concat(tables, ignore_index=True))
         real = [v["label"] for v in outputs["variants"] if "null_of" not in v]
-        summary = {**outputs["summary"], "cells_unaffected": unaffected, "perturbations": real, "time_points": names,
-                   "null_genes": null_genes, **thresholds, "significant": _significant_counts(de)}  # fmt: skip
+        summary = {
+            **outputs["summary"],
+            "cells_unaffected": unaffected,
+            "perturbations": real,
+            "time_points": names,
+            "null_genes": null_genes,
+            **thresholds,
+            "significant": _significant_counts(de),
+        }
         settings = outputs["settings"]
         config_out = {
-            "mode": summary["mode"], "site": summary["site"], "method": summary["method"],
-            "genes_to_perturb": summary["perturbations"], "perturb_time_points": list(outputs["perturb_time_points"]),
-            "time_points": names, "num_samples": settings["num_samples"], "seed": settings["seed"],
-            "batch_size": settings["batch_size"], **settings["generate"],
-        }  # fmt: skip
+            "mode": summary["mode"],
+            "site": summary["site"],
+            "method": summary["method"],
+            "genes_to_perturb": summary["perturbations"],
+            "perturb_time_points": list(outputs["perturb_time_points"]),
+            "time_points": names,
+            "num_samples": settings["num_samples"],
+            "seed": settings["seed"],
+            "batch_size": settings["batch_size"],
+            **settings["generate"],
+        }
         config_out.update(null_perturbations=summary["null_perturbations"], **thresholds)
         return PerturbationResult(adata=adata, de=de, summary=summary, config=config_out)
 
@@ -500,10 +611,11 @@ def _assemble(results, num_cells, num_variants, config):
     perturbed = []
     for index in range(num_variants):
         merged = {
-            "counts": control["counts"].copy(), "embeddings": control["embeddings"].copy(),
+            "counts": control["counts"].copy(),
+            "embeddings": control["embeddings"].copy(),
             "gene_cosine": unaffected.copy(),
             "changed": np.zeros(num_cells, dtype=bool),
-        }  # fmt: skip
+        }
         for result in results:
             part = result["variants"].get(index)
             if part is None or len(part["rows"]) == 0:
@@ -724,8 +836,9 @@ def _as_time_point(value, config, warn=True):
             f"{dict(zip(config.time_points, trained))}."
         )
     if warn and not min(trained) <= number <= max(trained):
-        logger.warning("Time point %s lies outside the trained range %s-%s: an extrapolation.", value,
-                       min(trained), max(trained))  # fmt: skip
+        logger.warning(
+            "Time point %s lies outside the trained range %s-%s: an extrapolation.", value, min(trained), max(trained)
+        )
     return number
 
 
@@ -743,9 +856,15 @@ def _de_tables(control, perturbed, null_counts, symbols, obs, label, time_point,
     for group in ["all", *sorted(set(groups) - {"all"})]:
         rows = np.ones(len(groups), dtype=bool) if group == "all" else groups == group
         table = differential_expression_against_null(
-            control[rows], perturbed[rows], [n[rows] for n in null_counts], symbols, thresholds["fdr"],
-            thresholds["min_abs_log2fc"], thresholds["bootstrap"], seed,
-        )  # fmt: skip
+            control[rows],
+            perturbed[rows],
+            [n[rows] for n in null_counts],
+            symbols,
+            thresholds["fdr"],
+            thresholds["min_abs_log2fc"],
+            thresholds["bootstrap"],
+            seed,
+        )
         table.insert(0, "group", group)
         table.insert(0, "time_point", time_point)
         table.insert(0, "perturbation", label)
@@ -759,8 +878,10 @@ def _sorted_by_significance(de):
     keys = ["perturbation", "time_point", "group"]
     order = {column: {v: i for i, v in enumerate(dict.fromkeys(de[column]))} for column in keys}
     ranked = de.assign(
-        **{f"_{c}": de[c].map(order[c]) for c in keys}, _p=de["p_value"].fillna(2.0), _size=-de["log2_fold_change"].abs()
-    )  # fmt: skip
+        **{f"_{c}": de[c].map(order[c]) for c in keys},
+        _p=de["p_value"].fillna(2.0),
+        _size=-de["log2_fold_change"].abs(),
+    )
     ranked = ranked.sort_values([f"_{c}" for c in keys] + ["_p", "_size"], kind="stable")
     return ranked.drop(columns=[f"_{c}" for c in keys] + ["_p", "_size"]).reset_index(drop=True)
 
@@ -768,8 +889,10 @@ def _sorted_by_significance(de):
 def _significant_counts(de):
     """Significant genes per perturbation and time point (all cells)."""
     table = de[de["group"] == "all"]
-    return {label: {t: int(v) for t, v in part.groupby("time_point", sort=False)["significant"].sum().items()}
-            for label, part in table.groupby("perturbation", sort=False)}  # fmt: skip
+    return {
+        label: {t: int(v) for t, v in part.groupby("time_point", sort=False)["significant"].sum().items()}
+        for label, part in table.groupby("perturbation", sort=False)
+    }
 
 
 def _expressed_but_unread(counts, column_tokens, gene_tokens, max_length) -> str:
@@ -783,6 +906,8 @@ def _expressed_but_unread(counts, column_tokens, gene_tokens, max_length) -> str
     expressed = np.asarray((counts[:, columns] > 0).sum(axis=1)).ravel() > 0
     if not expressed.any():
         return f"; none of the {counts.shape[0]} cells has a count for it"
-    return (f"; {int(expressed.sum())} of {counts.shape[0]} cells have counts for it, but it ranks below the top "
-            f"{max_length} genes the model reads (max_source_length): a model trained with a larger "
-            "--max_source_length reads it")  # fmt: skip
+    return (
+        f"; {int(expressed.sum())} of {counts.shape[0]} cells have counts for it, but it ranks below the top "
+        f"{max_length} genes the model reads (max_source_length): a model trained with a larger "
+        "--max_source_length reads it"
+    )

@@ -42,9 +42,20 @@ def pad_cells(cells, device=None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.inference_mode()
-def generate_cells(model, cells, time_points=None, batch_size: int = 32, num_samples: int = 1, iterations: int = 16,
-                   temperature: float = 1.0, seed: int = 0, library_size=None, output_hidden_states: bool = False,
-                   progress: bool = False, desc: str = "generating"):  # fmt: skip
+def generate_cells(
+    model,
+    cells,
+    time_points=None,
+    batch_size: int = 32,
+    num_samples: int = 1,
+    iterations: int = 16,
+    temperature: float = 1.0,
+    seed: int = 0,
+    library_size=None,
+    output_hidden_states: bool = False,
+    progress: bool = False,
+    desc: str = "generating",
+):
     """
     Generate the future states of ranked source cells, one batch and sample at a time.
 
@@ -78,9 +89,16 @@ def generate_cells(model, cells, time_points=None, batch_size: int = 32, num_sam
             # Each cell takes row `i` of a draw made for `batch_size` rows: the same draws as in the perturbation
             # pipeline's control run, whatever the size of the last batch.
             out = model.generate(
-                input_ids, attention_mask, time_points=time_points, sequence_length=generation_lengths(batch, config,
-                device), num_iterations=iterations, temperature=temperature, generator=generator,
-                output_hidden_states=output_hidden_states, noise_index=torch.arange(len(rows)),
-                num_noise_rows=batch_size, **extra,
-            )  # fmt: skip
+                input_ids,
+                attention_mask,
+                time_points=time_points,
+                sequence_length=generation_lengths(batch, config, device),
+                num_iterations=iterations,
+                temperature=temperature,
+                generator=generator,
+                output_hidden_states=output_hidden_states,
+                noise_index=torch.arange(len(rows)),
+                num_noise_rows=batch_size,
+                **extra,
+            )
             yield rows, sample, generator, out

@@ -344,8 +344,11 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
         genes = [g for g, _ in sorted(tokens.items(), key=lambda item: item[1]) if g not in SPECIAL_TOKENS]
         without_median = [g for g in genes if g not in medians]
         if without_median:
-            logger.warning("%d vocabulary genes have no median and are left out (e.g. %s).",
-                           len(without_median), without_median[:3])  # fmt: skip
+            logger.warning(
+                "%d vocabulary genes have no median and are left out (e.g. %s).",
+                len(without_median),
+                without_median[:3],
+            )
             genes = [g for g in genes if g in medians]
         known = set(genes)
         aliases = {}
@@ -539,8 +542,12 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
             logger.warning(
                 "%d of %d input genes are not used: %d are not in the tokenizer's vocabulary (e.g. %s) and %d have "
                 "no identifier.",
-                len(missing), len(gene_ids), len(named), ", ".join(named[:5]) or "-", len(missing) - len(named),
-            )  # fmt: skip
+                len(missing),
+                len(gene_ids),
+                len(named),
+                ", ".join(named[:5]) or "-",
+                len(missing) - len(named),
+            )
         if not (ids >= 0).any():
             raise ValueError(
                 f"None of the {len(gene_ids)} input genes is in the vocabulary (e.g. {gene_ids[:3]}); check the gene "
@@ -582,8 +589,9 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
         medians = {NUM_SPECIAL_TOKENS + i: self.gene_medians[g] for i, g in enumerate(self.target_genes)}
         return build_column_plan(decoder_ids, medians, self._encoder_plan(gene_ids).library_columns)
 
-    def rank_block(self, block, gene_ids, max_length=None, add_special_tokens=True, targets=False,
-                   check_counts=True) -> RankedCells:  # fmt: skip
+    def rank_block(
+        self, block, gene_ids, max_length=None, add_special_tokens=True, targets=False, check_counts=True
+    ) -> RankedCells:
         """
         Rank one in-memory block of cells: in the encoder vocabulary (`<cls>` ... `<eos>`), or with `targets=True`
         over the target genes only, in decoder ids and without special tokens. The library size is the cell's own
@@ -608,8 +616,18 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
             parts.append(_wrap_special(ranked, self.cls_token_id, self.eos_token_id) if specials else ranked)
         return concatenate_ranked(parts)
 
-    def rank_cells(self, counts, gene_ids, max_length=None, chunk_size=2048, add_special_tokens=True,
-                   targets=False, check_counts=True, num_proc=1, progress=None) -> RankedCells:  # fmt: skip
+    def rank_cells(
+        self,
+        counts,
+        gene_ids,
+        max_length=None,
+        chunk_size=2048,
+        add_special_tokens=True,
+        targets=False,
+        check_counts=True,
+        num_proc=1,
+        progress=None,
+    ) -> RankedCells:
         """
         Rank-value encode all cells of a matrix, reading it in chunks.
 
@@ -628,12 +646,34 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
         Returns:
             [`RankedCells`]. For bounded memory on large inputs, use [`iter_rank_cells`].
         """
-        return concatenate_ranked(list(self.iter_rank_cells(
-            counts, gene_ids, max_length, chunk_size, add_special_tokens, targets, check_counts, num_proc, progress
-        )))  # fmt: skip
+        return concatenate_ranked(
+            list(
+                self.iter_rank_cells(
+                    counts,
+                    gene_ids,
+                    max_length,
+                    chunk_size,
+                    add_special_tokens,
+                    targets,
+                    check_counts,
+                    num_proc,
+                    progress,
+                )
+            )
+        )
 
-    def iter_rank_cells(self, counts, gene_ids, max_length=None, chunk_size=2048, add_special_tokens=True,
-                        targets=False, check_counts=True, num_proc=1, progress=None):  # fmt: skip
+    def iter_rank_cells(
+        self,
+        counts,
+        gene_ids,
+        max_length=None,
+        chunk_size=2048,
+        add_special_tokens=True,
+        targets=False,
+        check_counts=True,
+        num_proc=1,
+        progress=None,
+    ):
         """Like [`rank_cells`], yielding one [`RankedCells`] per chunk (memory bounded by a few chunks)."""
         function = self._block_ranker(counts, gene_ids, max_length, add_special_tokens, targets, check_counts)
         for ranked in map_row_chunks(counts, _drop_index(function), chunk_size, num_proc):
@@ -641,8 +681,19 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
                 progress(len(ranked))
             yield ranked
 
-    def rank_to_arrow(self, counts, gene_ids, folder, max_length=None, chunk_size=2048, add_special_tokens=True,
-                      targets=False, check_counts=True, num_proc=1, progress=None) -> list:  # fmt: skip
+    def rank_to_arrow(
+        self,
+        counts,
+        gene_ids,
+        folder,
+        max_length=None,
+        chunk_size=2048,
+        add_special_tokens=True,
+        targets=False,
+        check_counts=True,
+        num_proc=1,
+        progress=None,
+    ) -> list:
         """
         Rank all cells into Arrow stream files `folder/tokens-00000.arrow`, ... (one per chunk, a column
         `input_ids` of int32 lists, in cell order), written by the worker processes themselves. Memory stays bounded
@@ -670,11 +721,26 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
             )
         # Plans are built here, once, so that worker processes inherit them.
         self._target_plan(gene_ids) if targets else self._encoder_plan(gene_ids)
-        return partial(self.rank_block, gene_ids=gene_ids, max_length=max_length,
-                       add_special_tokens=add_special_tokens, targets=targets, check_counts=check_counts)  # fmt: skip
+        return partial(
+            self.rank_block,
+            gene_ids=gene_ids,
+            max_length=max_length,
+            add_special_tokens=add_special_tokens,
+            targets=targets,
+            check_counts=check_counts,
+        )
 
-    def __call__(self, cells=None, gene_ids=None, max_length=None, padding=False, return_tensors=None,
-                 add_special_tokens=True, layer=None, **kwargs):  # fmt: skip
+    def __call__(
+        self,
+        cells=None,
+        gene_ids=None,
+        max_length=None,
+        padding=False,
+        return_tensors=None,
+        add_special_tokens=True,
+        layer=None,
+        **kwargs,
+    ):
         """
         Tokenize cells: an AnnData (in memory, a view or backed), a scipy sparse matrix or a dense array of raw
         counts. Text (`"ENSG... ENSG..."`) goes through the standard `PreTrainedTokenizer` path.
@@ -699,8 +765,14 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
             or isinstance(cells, str)
             or (isinstance(cells, (list, tuple)) and cells and isinstance(cells[0], str))
         ):
-            return super().__call__(cells, max_length=max_length, padding=padding, return_tensors=return_tensors,
-                                    add_special_tokens=add_special_tokens, **kwargs)  # fmt: skip
+            return super().__call__(
+                cells,
+                max_length=max_length,
+                padding=padding,
+                return_tensors=return_tensors,
+                add_special_tokens=add_special_tokens,
+                **kwargs,
+            )
         if kwargs:
             raise TypeError(f"Unexpected arguments for cells: {sorted(kwargs)}.")
         counts, gene_ids = counts_and_genes(cells, gene_ids, layer)
@@ -865,8 +937,11 @@ def warn_duplicate_gene_ids(gene_ids, where: str = "the input") -> list[str]:
         logger.warning(
             "%d gene identifiers of %s occur more than once (%s extra columns): %s. Their counts are summed into one "
             "token per gene; make the identifiers unique (or give another --gene-id-key) to keep them apart.",
-            len(duplicated), where, extra, shown,
-        )  # fmt: skip
+            len(duplicated),
+            where,
+            extra,
+            shown,
+        )
     return duplicated
 
 
