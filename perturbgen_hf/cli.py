@@ -23,6 +23,7 @@ HELP_REQUESTS = {"-h", "--help", "--help-training"}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `perturbgen-hf` parser, with every subcommand's."""
     parser = argparse.ArgumentParser(
         prog="perturbgen-hf",
         description=(
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run `perturbgen-hf` with `argv` (default: `sys.argv[1:]`); returns the exit code."""
     parser = build_parser()
     args, passthrough = parser.parse_known_args(argv)
     if passthrough and args.command not in PASSTHROUGH:

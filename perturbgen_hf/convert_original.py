@@ -77,6 +77,7 @@ class InertObject(dict):
     """
 
     def __new__(cls, *args, **kwargs):
+        """Create the placeholder object (its state is set by unpickling)."""
         return super().__new__(cls)
 
     def __init__(self, *args, **kwargs):
@@ -345,7 +346,7 @@ def build_config(weights, hparams, encoder_hparams, encoder_positions, target_ge
         decoder_vocab_reserve=reserve,
         pooling="non_special",
         count_likelihood=loss,
-        library_size="observed",
+        library_size_source="observed",
         count_head_norm="l2",
         count_hidden_size=_shape(weights, "count_head.mlp.0.weight")[0]
         if "count_head.mlp.0.weight" in weights

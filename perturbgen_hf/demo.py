@@ -477,7 +477,8 @@ def _plot_predicted_vs_true(folder, predictions, tiers, regulator, time_points, 
 
 def _plot_cascade(folder, predictions, tiers, regulator, time_points, model, plt):
     """Mean |log2 fold change| of each tier over time, true and predicted, one panel per tier (lines that coincide
-    stay visible: different markers, the predicted one drawn over the true one)."""
+    stay visible: different markers, the predicted one drawn over the true one).
+    """
     fig, axes = plt.subplots(1, len(tiers), figsize=(4.5 * len(tiers), 3.8), squeeze=False, sharey=True)
     for ax, (name, genes) in zip(axes[0], tiers.items()):
         for source, style, marker, label in (("truth", "-", "o", "true"), (model, "--", "x", "predicted")):

@@ -101,7 +101,9 @@ class ModelArguments:
         metadata={"help": "whether the encoder's weights stay fixed (true; --no_freeze_encoder trains them)"},
     )
     count_likelihood: str = field(default="zinb", metadata={"help": "zinb, nb or mse"})
-    library_size: str = field(default="predicted", metadata={"help": "predicted (by a head) or observed"})
+    library_size_source: str = field(
+        default="predicted", metadata={"help": "library size of the count head: predicted (by a head) or observed"}
+    )
     context_mode: str = field(default="previous", metadata={"help": "previous, all, chained or none"})
     source_path: str = field(
         default="presence",
@@ -239,6 +241,7 @@ class EvaluationSettings(CpuTrainingSettings):
     pairing: str = "transport"
 
     def check(self) -> None:
+        """Raise a `ValueError` naming the first bad setting (training's, then evaluation's), before any work."""
         super().check()
         _check_positive(
             self,

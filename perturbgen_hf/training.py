@@ -155,6 +155,7 @@ def split_by_source_cell(dataset, fraction, seed):
 
 
 def mean_log_library_size(dataset, limit=2000):
+    """Mean log library size of the first `limit` training targets (the library-size head's starting bias)."""
     libraries = [v for row in dataset.select(range(min(limit, len(dataset))))["target_library_size"] for v in row]
     return float(np.mean(np.log(np.maximum(libraries, 1.0))))
 
@@ -187,7 +188,7 @@ def build_model(model_args, data_args, tokenizer, description, train_dataset, tr
             + len(description.get("condition_keys", [])),
             "freeze_encoder": model_args.freeze_encoder,
             "count_likelihood": model_args.count_likelihood,
-            "library_size": model_args.library_size,
+            "library_size_source": model_args.library_size_source,
             "context_mode": model_args.context_mode,
             "source_path": model_args.source_path,
             "source_path_injection": model_args.source_path_injection,
@@ -249,6 +250,7 @@ def apply_objective(model, data_args):
 
 
 def build_collators(model, data_args, description, train_positions, heldout_position):
+    """The training and validation collators of `model` for the tokenized data."""
     config = model.config
     common = {
         "num_target_genes": config.num_target_genes,
@@ -297,6 +299,7 @@ class EpochSeedCallback(TrainerCallback):
         self.collator = collator
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        """Tell the collator which epoch starts (it reseeds its masking from it)."""
         self.collator.epoch = int(state.epoch or 0)
 
 
@@ -307,6 +310,7 @@ class LogLinesCallback(TrainerCallback):
     """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Log Trainer's log event as one line (on the main process)."""
         if not state.is_world_process_zero or not logs:
             return
         shown = ", ".join(
@@ -319,6 +323,7 @@ class _ProgressBarOnly(ProgressCallback):
     """Trainer's progress bar without the log dicts it writes under the bar (see [`LogLinesCallback`])."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Write nothing: `LogLinesCallback` logs the event."""
         return
 
 
@@ -337,6 +342,7 @@ class PerturbGenTrainer(Trainer):
     """
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Validation step: the loss and the summed token and count statistics of the batch."""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             outputs = model(**inputs)
@@ -358,6 +364,7 @@ class PerturbGenTrainer(Trainer):
 
 
 def compute_validation_metrics(prediction):
+    """Validation metrics from the summed statistics of every batch."""
     sums = np.asarray(prediction.predictions).reshape(-1, 5).sum(axis=0)
     metrics = {}
     if sums[2] > 0:
@@ -483,7 +490,9 @@ def source_sensitivity(model, dataset, description, positions, data_args, seed, 
     model.eval()
     device = next(model.parameters()).device
     # A model scaled by an observed library size gets a constant one: the figures are per 10,000 counts anyway.
-    library = torch.full((len(examples),), 1e4, device=device) if model.config.library_size == "observed" else None
+    library = (
+        torch.full((len(examples),), 1e4, device=device) if model.config.library_size_source == "observed" else None
+    )
     out = model.generate(
         batch["input_ids"].to(device),
         batch["attention_mask"].to(device),
@@ -539,6 +548,7 @@ def _with_collator(get_dataloader, collator):
 
 
 def save_model(trainer, tokenizer, description, model_args, data_args, training_args, metrics, sensitivity=None):
+    """Save the model, tokenizer and `training_summary.json` (on the main process)."""
     trainer.save_model(training_args.output_dir)  # model (safetensors + code) and tokenizer
     if not trainer.is_world_process_zero():
         return
@@ -593,7 +603,7 @@ with `trust_remote_code=True`.
 
 ## Training
 
-- objective: {data_args.objective}; count likelihood {config.count_likelihood}; library size {config.library_size}
+- objective: {data_args.objective}; count likelihood {config.count_likelihood}; library size {config.library_size_source}
 - encoder: {"Geneformer " + str(model_args.geneformer) if model_args.geneformer else "preset " + model_args.preset}, frozen: {config.freeze_encoder}
 - decoder: {config.decoder_num_layers} layers, hidden {config.decoder_hidden_size}, {config.decoder_num_heads} heads; context {config.context_mode}
 - steps: {training_args.max_steps if training_args.max_steps > 0 else str(training_args.num_train_epochs) + " epochs"}; batch {training_args.per_device_train_batch_size} per device; learning rate {training_args.learning_rate}; seed {training_args.seed}
@@ -687,6 +697,7 @@ def push_to_hub(folder, repo_id, token=None, private=None):
 
 
 def main(argv=None) -> int:
+    """Run `perturbgen-hf train` with `argv`; returns the exit code."""
     model_args, data_args, training_args = parse_arguments(argv)
     try:
         train(model_args, data_args, training_args)

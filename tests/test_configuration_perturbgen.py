@@ -81,3 +81,19 @@ def test_time_value_lookup(config):
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_configs_saved_with_the_old_library_size_name_load(tmp_path):
+    # `library_size` (a mode) was renamed `library_size_source`: the tensor argument of forward/generate keeps the
+    # name `library_size`. A folder saved before the rename loads with its value, and is saved with the new name.
+    import json
+
+    saved = PerturbGenConfig(num_target_genes=5).to_dict()
+    saved.pop("library_size_source")
+    saved["library_size"] = "observed"
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = PerturbGenConfig.from_pretrained(tmp_path)
+    assert config.library_size_source == "observed" and not hasattr(config, "library_size")
+    config.save_pretrained(tmp_path / "again")
+    written = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert written["library_size_source"] == "observed" and "library_size" not in written

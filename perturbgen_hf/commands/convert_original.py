@@ -10,6 +10,7 @@ NAME = "convert-original"
 
 
 def add_parser(subparsers):
+    """Register the `convert-original` subcommand."""
     parser = subparsers.add_parser(
         NAME,
         help="convert an original PerturbGen checkpoint (.ckpt) into a folder AutoModel and the pipeline load",
@@ -28,6 +29,7 @@ def add_parser(subparsers):
 
 
 def add_arguments(parser) -> None:
+    """The options of `convert-original` (shared with `scripts/convert_original_checkpoint.py`)."""
     parser.add_argument("--checkpoint", required=True, help="original stage-1 (masking) or stage-2 (count) .ckpt")
     parser.add_argument("--encoder-checkpoint", help="the original's standalone encoder .ckpt (supplies or checks it)")
     parser.add_argument("--token-dict", required=True, help="encoder vocabulary pickle {Ensembl ID: token id}")
@@ -45,6 +47,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """Convert an original checkpoint into a model folder."""
     from ..convert_original import convert_original_checkpoint
 
     report = convert_original_checkpoint(

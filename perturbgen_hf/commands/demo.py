@@ -10,6 +10,7 @@ NAME = "demo"
 
 
 def add_parser(subparsers):
+    """Register the `demo` subcommand."""
     parser = subparsers.add_parser(
         NAME,
         help="the whole job on simulated data with a known answer (2-4 minutes on a 2-core CPU)",
@@ -44,6 +45,7 @@ def add_parser(subparsers):
 
 
 def run(args):
+    """Run the demo and print where its report is."""
     from dataclasses import replace
 
     from ..demo import FAST, DemoSettings, run_demo

@@ -18,6 +18,7 @@ FILES = {
 
 
 def add_parser(subparsers):
+    """Register the `embed` subcommand."""
     parser = subparsers.add_parser(
         NAME,
         help="gene embeddings per time point, gene programs and their activity, a screen list",
@@ -127,6 +128,7 @@ def _source_cells(adata, time_key, config):
 
 
 def run(args):
+    """Embed the genes, find the programs and write them, with plots and a screen list, to `--out`."""
     import json
 
     from ..analysis import find_gene_programs, gene_set_enrichment, observed_expression, plot_gene_programs, read_gmt

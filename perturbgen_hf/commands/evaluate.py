@@ -10,6 +10,7 @@ NAME = "evaluate"
 
 
 def add_parser(subparsers):
+    """Register the `evaluate` subcommand."""
     defaults = EvaluationSettings()
     parser = subparsers.add_parser(
         NAME,
@@ -86,6 +87,7 @@ def add_parser(subparsers):
 
 
 def run(args):
+    """Run an evaluation protocol and print which methods win."""
     from .evaluate_workflow import options_from_tokenized, run_evaluation
 
     options = {

@@ -22,6 +22,7 @@ PERTURB_KEYS = tuple(dict.fromkeys(k for step in PERTURBATION_ARGUMENTS.values()
 
 
 def add_parser(subparsers):
+    """Register the `perturb` subcommand."""
     parser = subparsers.add_parser(
         NAME,
         help="in silico perturbation of source cells with a trained model",
@@ -171,6 +172,7 @@ def _parse_targets(items) -> dict:
 
 
 def run(args):
+    """Run the perturbation pipeline on the source cells and write its result to `--out`."""
     from transformers import pipeline
 
     from ..io_utils import check_h5ad_file, check_model_location, load_model_folder

@@ -15,6 +15,7 @@ NAME = "tokenize"
 
 
 def add_parser(subparsers):
+    """Register the `tokenize` subcommand."""
     parser = subparsers.add_parser(
         NAME,
         help="AnnData (.h5ad) -> tokenized source/target dataset on disk",
@@ -29,6 +30,7 @@ def add_parser(subparsers):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `tokenize`."""
     parser.add_argument("adata", help="input .h5ad with raw integer counts in X")
     add_output_arguments(parser)
     parser.add_argument("--time-key", required=True, help="obs column with the time point of each cell")
@@ -79,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    """Tokenize an h5ad into a folder of Arrow files with its pairing report."""
     from ..data.tokenize_dataset import tokenize_anndata
 
     if args.n_hvg < 1:

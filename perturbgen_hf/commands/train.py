@@ -17,6 +17,7 @@ NAME = "train"
 
 
 def add_parser(subparsers):
+    """Register the `train` subcommand (its options are parsed by `training.parse_arguments`)."""
     parser = subparsers.add_parser(
         NAME,
         help="train or fine-tune a model on a tokenized dataset (Trainer; `perturbgen-hf train --help` for options)",
@@ -26,6 +27,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    """Train with `transformers.Trainer` on the passed-through options."""
     argv = list(args.passthrough)
     if "--help-training" in argv:
         from transformers import HfArgumentParser, TrainingArguments

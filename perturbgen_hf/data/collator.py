@@ -146,6 +146,7 @@ class DataCollatorForPerturbGen:
         )
 
     def __call__(self, examples: list[dict]) -> dict:
+        """Collate `examples` into a batch of padded tensors (see the class docstring)."""
         examples, chosen, generators = self._choose(examples, self._example_generators(examples))
         targets, num_conditions = [], []
         for example, k in zip(examples, chosen):

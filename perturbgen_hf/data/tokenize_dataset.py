@@ -298,7 +298,8 @@ def _select_time_points(order, source, targets):
 
 def gene_identifiers(adata, gene_id_key=None) -> list[str]:
     """The gene identifier of every var of `adata`: `var[gene_id_key]` ("" where missing) or the var names; repeated
-    identifiers are reported (their counts are summed into one token)."""
+    identifiers are reported (their counts are summed into one token).
+    """
     if gene_id_key is None:
         ids = [str(g) for g in adata.var_names]
     elif gene_id_key not in adata.var.columns:

@@ -121,7 +121,7 @@ def mae_delta(predicted, observed, reference, predicted_reference=None) -> float
 
 def r2_means(predicted, observed, genes=None) -> float:
     """
-    scGen's R² of means: the squared correlation of a least-squares line of `x̂` on `x` over genes
+    ScGen's R² of means: the squared correlation of a least-squares line of `x̂` on `x` over genes
     (`scipy.stats.linregress(x, x̂).rvalue ** 2`), on all genes or on the columns `genes` (e.g. the top DE genes).
     NaN when either is constant.
     """
@@ -263,7 +263,7 @@ def differential_expression(cells, reference_cells, genes=None) -> pd.DataFrame:
 
 
 def _rank_genes_groups(x, y) -> pd.DataFrame:
-    """scanpy's Wilcoxon table of group `x` against reference `y`, one row per column of `x` in column order."""
+    """Scanpy's Wilcoxon table of group `x` against reference `y`, one row per column of `x` in column order."""
     import anndata as ad
     import scanpy as sc
 

@@ -210,10 +210,12 @@ class ScoringContext:
         self.gammas = metrics.median_scaled_gammas(self.project(self.observed)) if len(self.observed) > 1 else None
 
     def project(self, cells):
+        """Project cells `(n, genes)` onto the principal components of the observed and reference cells."""
         return (cells - self.centre) @ self.axes
 
 
 def score_cells(cells, context, symbols, token_pairs) -> dict:
+    """Every metric of one method's cells against the context's observed cells, as `{metric: value}`."""
     s = context.settings
     x_hat, x, r = cells.mean(0), context.observed.mean(0), context.reference.mean(0)
     values = {

@@ -147,8 +147,10 @@ class PerturbGenConfig(PreTrainedConfig):
             Names of condition tokens (e.g. `"donor=A"`) that may be prepended to a target sequence.
         count_likelihood (`str`, *optional*, defaults to `"zinb"`):
             `"zinb"`, `"nb"` or `"mse"` (squared error on log1p of counts per 10,000).
-        library_size (`str`, *optional*, defaults to `"predicted"`):
-            `"predicted"` by a head (a perturbation may change total expression) or `"observed"` (given by the caller).
+        library_size_source (`str`, *optional*, defaults to `"predicted"`):
+            Where the count head's library size comes from: `"predicted"` by a head (a perturbation may change total
+            expression) or `"observed"` (given by the caller as the `library_size` tensor). Configs saved before this
+            name existed call it `library_size`; they load unchanged.
         count_hidden_size (`int`, *optional*):
             Width of the count head's hidden layer. Defaults to `decoder_hidden_size`.
         log_library_size_init (`float`, *optional*, defaults to `log(10_000)`):
@@ -215,7 +217,6 @@ class PerturbGenConfig(PreTrainedConfig):
             The original generation keeps the `ceil((1 - threshold) * vocab)` largest logits per position.
 
     Example:
-
     ```python
     >>> from perturbgen_hf import PerturbGenConfig, PerturbGenForConditionalGeneration
     >>> config = PerturbGenConfig(
@@ -261,7 +262,7 @@ class PerturbGenConfig(PreTrainedConfig):
         num_target_genes=2000,
         condition_tokens=None,
         count_likelihood="zinb",
-        library_size="predicted",
+        library_size_source="predicted",
         count_hidden_size=None,
         log_library_size_init=DEFAULT_LOG_LIBRARY_SIZE,
         token_loss_weight=1.0,
@@ -289,6 +290,8 @@ class PerturbGenConfig(PreTrainedConfig):
         original_filter_threshold=0.9,
         **kwargs,
     ):
+        if "library_size" in kwargs:  # the field's name in configs saved before it was renamed
+            library_size_source = kwargs.pop("library_size")
         self.encoder = self._build_encoder_config(encoder)
         self.freeze_encoder = freeze_encoder
         self.max_source_length = max_source_length
@@ -331,7 +334,7 @@ class PerturbGenConfig(PreTrainedConfig):
             )
         self.condition_tokens = [str(c) for c in condition_tokens] if condition_tokens else []
         self.count_likelihood = count_likelihood
-        self.library_size = library_size
+        self.library_size_source = library_size_source
         self.count_hidden_size = count_hidden_size if count_hidden_size is not None else decoder_hidden_size
         self.log_library_size_init = log_library_size_init
         self.token_loss_weight = token_loss_weight
@@ -407,7 +410,7 @@ class PerturbGenConfig(PreTrainedConfig):
         _check_probability("decoder_attention_dropout", self.decoder_attention_dropout)
         _check_choice("decoder_norm", self.decoder_norm, _NORMS)
         _check_choice("count_likelihood", self.count_likelihood, _LIKELIHOODS)
-        _check_choice("library_size", self.library_size, _LIBRARY_SIZES)
+        _check_choice("library_size_source", self.library_size_source, _LIBRARY_SIZES)
         _check_choice("mask_schedule", self.mask_schedule, _SCHEDULES)
         _check_choice("context_mode", self.context_mode, _CONTEXT_MODES)
         _check_choice("source_path", self.source_path, _SOURCE_PATHS)

@@ -175,7 +175,8 @@ class OriginalGenerationMixin:
     @staticmethod
     def _original_uniforms(shape, generator, noise, device):
         """One uniform per (row, position, id), from `generator` (the global stream when None), as the original.
-        With `noise_index`, rows come from a draw for `num_noise_rows` rows (see `generate`)."""
+        With `noise_index`, rows come from a draw for `num_noise_rows` rows (see `generate`).
+        """
         index, num_rows = noise
         if index is None:
             return torch.rand(shape, generator=generator, device=device)

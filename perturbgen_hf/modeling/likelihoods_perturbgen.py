@@ -138,7 +138,7 @@ def sample_poisson(rate: torch.Tensor, generator: torch.Generator | None = None)
 @contextlib.contextmanager
 def _global_rng_from(generator, device):
     """
-    torch's gamma and Poisson samplers take no generator: inside this block the global RNG is seeded from
+    Torch's gamma and Poisson samplers take no generator: inside this block the global RNG is seeded from
     `generator` (when given), in a fork that leaves the caller's global RNG state untouched.
     """
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item()) if generator is not None else None

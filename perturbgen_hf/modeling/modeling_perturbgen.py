@@ -543,7 +543,7 @@ class PerturbGenCountHead(nn.Module):
     def __init__(self, config: PerturbGenConfig):
         super().__init__()
         self.likelihood = config.count_likelihood
-        self.library_mode = config.library_size
+        self.library_mode = config.library_size_source
         self.prediction = config.count_prediction
         hidden, genes = config.count_hidden_size, config.num_target_genes
         layers = [nn.Linear(config.decoder_hidden_size, hidden), nn.GELU(), nn.Linear(hidden, hidden)]
@@ -590,7 +590,7 @@ class PerturbGenCountHead(nn.Module):
         Args:
             cell_embeddings (`torch.FloatTensor` of shape `(batch, decoder_hidden_size)`).
             library_size (`torch.FloatTensor` of shape `(batch,)`, *optional*): observed library sizes; required
-                when `config.library_size == "observed"`, ignored otherwise.
+                when `config.library_size_source == "observed"`, ignored otherwise.
             dispersion_condition (`torch.LongTensor` of shape `(batch,)`, *optional*): each cell's column of
                 `log_theta`, with `num_dispersion_conditions > 1`; without it `theta` is `None` (the means do not
                 depend on it, the likelihood does).
@@ -684,7 +684,8 @@ class PerturbGenCountHead(nn.Module):
 
     def expected_counts(self, params: dict) -> torch.Tensor:
         """Expected counts: `mu`, times the probability of no structural zero for "zinb" (or `mu` itself when
-        `config.count_prediction == "mu"`, as the original reports)."""
+        `config.count_prediction == "mu"`, as the original reports).
+        """
         if params["zi_logits"] is not None and self.prediction == "mean":
             return zero_inflated_negative_binomial_mean(params["mu"], params["zi_logits"])
         return params["mu"]
@@ -695,6 +696,8 @@ def _summary(source_condition):
 
 
 class PerturbGenPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the `PreTrainedModel` attributes shared by PerturbGen models."""
+
     config: PerturbGenConfig
     config_class = PerturbGenConfig
     base_model_prefix = "perturbgen"
@@ -732,7 +735,6 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
     losses for training; `generate` predicts the target cells of one or more time points from source cells.
 
     Example:
-
     ```python
     >>> import torch
     >>> from perturbgen_hf import PerturbGenConfig, PerturbGenForConditionalGeneration
@@ -806,7 +808,6 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             dropped) and whose decoder and heads are freshly initialised.
 
         Example:
-
         ```python
         >>> model = PerturbGenForConditionalGeneration.from_geneformer(
         ...     "Geneformer/gf-12L-95M-i4096", time_points=["6h", "10h"], time_values=[6, 10], num_target_genes=2000
@@ -954,7 +955,8 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
 
     def pooled_positions(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Positions the cell embedding averages: gene tokens, or (`pooling="non_special"`) every non-special,
-        non-condition id, reserve ids included, as the original."""
+        non-condition id, reserve ids included, as the original.
+        """
         if self.config.pooling == "genes":
             return self.gene_positions(token_ids)
         first_condition = self.config.first_condition_token_id
@@ -1050,7 +1052,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 Observed counts of the target genes; gives `count_loss`. The count head then reads the complete
                 target sequence (masked positions filled from `labels`), as at inference.
             library_size (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
-                Observed library sizes, for `config.library_size == "observed"`. Defaults to the sum of
+                Observed library sizes, for `config.library_size_source == "observed"`. Defaults to the sum of
                 `target_counts`; without either, such a model's count outputs are None.
             return_dict (`bool`, *optional*): return a [`PerturbGenOutput`] (default) or a tuple.
 
@@ -1081,10 +1083,10 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
                 count_ids, time_values, memory_key_values, memory_mask, decoder_attention_mask, condition
             )
         cell_embeddings = self.pool(count_hidden, count_ids)
-        if library_size is None and target_counts is not None and self.config.library_size == "observed":
+        if library_size is None and target_counts is not None and self.config.library_size_source == "observed":
             library_size = target_counts.sum(dim=-1)
         # A head scaled by the observed library size has nothing to scale without one: its outputs are then None.
-        readable = self.config.library_size != "observed" or library_size is not None
+        readable = self.config.library_size_source != "observed" or library_size is not None
         count_params = (
             self.count_head(
                 cell_embeddings,
@@ -1254,7 +1256,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             top_k (`int`, *optional*): keep only the `top_k` largest logits when sampling.
             schedule (`str`, *optional*): `"cosine"`, `"pow"` or `"linear"`; defaults to `config.mask_schedule`.
             library_size (`torch.FloatTensor` of shape `(batch_size,)`, *optional*): required when
-                `config.library_size == "observed"`.
+                `config.library_size_source == "observed"`.
             generator (`torch.Generator`, *optional*): makes the sampling reproducible.
             output_hidden_states (`bool`, *optional*, defaults to `False`): also return the final hidden states.
             noise_index (`torch.LongTensor` of shape `(batch_size,)`, *optional*): cell `i` takes the random draws
@@ -1388,7 +1390,7 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
             time_points (`list`): names or values of the `num_time_points` time points, in that order.
             attention_mask (`torch.LongTensor` of shape `(batch_size, source_len)`, *optional*).
             library_size (`torch.FloatTensor` of shape `(batch_size, num_time_points)`, *optional*): observed
-                library sizes of the targets (required when `config.library_size == "observed"`).
+                library sizes of the targets (required when `config.library_size_source == "observed"`).
             output_hidden_states (`bool`, *optional*, defaults to `False`).
             exclude_from_pooling (`Sequence[int]`, *optional*): decoder ids left out of the cell embeddings (the
                 original leaves the perturbed genes out of its perturbed pass when it edits target cells).
@@ -1541,7 +1543,8 @@ class PerturbGenForConditionalGeneration(OriginalGenerationMixin, PerturbGenPreT
 
     def _generate_output(self, generated, times, library_size, output_hidden_states, source_condition=None):
         """`generated`: per time point `(tokens, hidden)` or `(tokens, hidden, pooled_input)` when the hidden states
-        were computed from another input than the final tokens (the original generation's last step)."""
+        were computed from another input than the final tokens (the original generation's last step).
+        """
         width = max(item[0].shape[1] for item in generated)
         sequences, embeddings, params = [], [], []
         for index, (tokens, hidden, *pooled_input) in enumerate(generated):

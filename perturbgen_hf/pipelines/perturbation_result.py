@@ -258,6 +258,7 @@ class PerturbationResult:
 
     @classmethod
     def load(cls, path) -> "PerturbationResult":
+        """Read a result written by `save`."""
         path = Path(path)
         if not (path / "result.h5ad").is_file():
             raise FileNotFoundError(f"{str(path)!r} holds no saved perturbation result (no result.h5ad).")

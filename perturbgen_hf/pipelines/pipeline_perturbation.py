@@ -97,6 +97,7 @@ class PerturbationPipeline(Pipeline):
     _load_processor = False
 
     def __call__(self, source, **kwargs):
+        """Perturb `source` (an AnnData or h5ad path); see the class docstring for the arguments."""
         if "batch_size" in kwargs:  # the cells' batch size, not the base class's batching of inputs
             kwargs["cell_batch_size"] = kwargs.pop("batch_size")
         return super().__call__(source, **kwargs)
@@ -133,6 +134,7 @@ class PerturbationPipeline(Pipeline):
         null_perturbations=DEFAULT_NULL_PERTURBATIONS,
         seed=0,
     ):
+        """Tokenize the source cells, resolve the genes and build the perturbed (and sham) variants."""
         adata = _read_anndata(source, "source")
         _check_choice("mode", mode, MODES)
         _check_choice("site", site, SITES)
@@ -398,7 +400,7 @@ class PerturbationPipeline(Pipeline):
                 ),
                 "edit_time_points": inputs["perturb_time_points"],
             }
-        if config.library_size == "observed":
+        if config.library_size_source == "observed":
             extra["library_size"] = torch.as_tensor(inputs["library"][rows], dtype=torch.float32, device=device)
         batch_start = int(rows[0] - positions[0])
         samples = []
@@ -443,7 +445,7 @@ class PerturbationPipeline(Pipeline):
             output_hidden_states=True,
             **extra,
         )
-        if self.model.config.library_size == "predicted":
+        if self.model.config.library_size_source == "predicted":
             # As the original's readout: the predicted composition at each observed cell's own library size.
             out.counts = out.counts * (library / out.library_size.clamp(min=1e-8))[..., None]
         return {**_average_samples([out]), "changed": np.ones(len(rows), dtype=bool)}
@@ -453,6 +455,7 @@ class PerturbationPipeline(Pipeline):
     def postprocess(
         self, outputs, fdr=DEFAULT_FDR, min_abs_log2fc=DEFAULT_MIN_ABS_LOG2FC, bootstrap=DEFAULT_BOOTSTRAP
     ):
+        """The predictions as a `PerturbationResult`: AnnData, differential expression against the null, summary."""
         config = self.model.config
         time_values = outputs["time_values"]
         names = [_time_name(config, v) for v in time_values]
@@ -567,7 +570,8 @@ class _TargetEditor:
 
 def _model_calls(variants, num_rows, batch_size, one_variant):
     """Slices of rows for one model call each: `batch_size` rows at most and, with `one_variant`, rows of one
-    perturbation only (`variants[i]`: row `i`'s, in runs; `None`: the control)."""
+    perturbation only (`variants[i]`: row `i`'s, in runs; `None`: the control).
+    """
     starts = [0]
     if one_variant and variants is not None:
         starts += [i for i in range(1, num_rows) if variants[i] is not variants[i - 1]]
@@ -579,7 +583,7 @@ def _model_calls(variants, num_rows, batch_size, one_variant):
 
 def process_state():
     """
-    accelerate's `PartialState` of this process: under `torchrun` / `accelerate launch` it joins the process group
+    Accelerate's `PartialState` of this process: under `torchrun` / `accelerate launch` it joins the process group
     (gloo on CPU-only machines, where accelerate would otherwise treat each process as alone).
     """
     from accelerate import PartialState
@@ -630,7 +634,8 @@ def _assemble(results, num_cells, num_variants, config):
 
 def _concat_ragged(arrays):
     """Concatenate along rows; sequences `(rows, S, T, L)` and hidden states `(rows, S, T, L, H)` of different batches
-    may differ in `L` and are padded with 0 (`<pad>`) to the longest."""
+    may differ in `L` and are padded with 0 (`<pad>`) to the longest.
+    """
     if arrays[0].ndim < 4:
         return np.concatenate(arrays)
     width = max(a.shape[3] for a in arrays)
@@ -874,7 +879,8 @@ def _de_tables(control, perturbed, null_counts, symbols, obs, label, time_point,
 
 def _sorted_by_significance(de):
     """Within each perturbation, time point and group (in their order), the most significant genes first (then the
-    largest effects)."""
+    largest effects).
+    """
     keys = ["perturbation", "time_point", "group"]
     order = {column: {v: i for i, v in enumerate(dict.fromkeys(de[column]))} for column in keys}
     ranked = de.assign(

@@ -66,7 +66,7 @@ def generate_cells(
         batch_size (`int`): cells per model call; it is part of the seeding (batch `b` starts at cell `b * batch_size`).
         num_samples (`int`), iterations (`int`), temperature (`float`), seed (`int`): MaskGIT settings and seeding.
         library_size (`np.ndarray` of shape `(len(cells),)`, *optional*): observed library sizes, for a model that
-            scales its predicted composition by one (`config.library_size == "observed"`).
+            scales its predicted composition by one (`config.library_size_source == "observed"`).
         output_hidden_states (`bool`): also return the decoder's final hidden states.
 
     Yields:
@@ -80,7 +80,7 @@ def generate_cells(
         batch = [cells[r] for r in rows]
         input_ids, attention_mask = pad_cells(batch, device)
         extra = {}
-        if config.library_size == "observed":
+        if config.library_size_source == "observed":
             if library_size is None:
                 raise ValueError("This model scales its counts by an observed library size: pass library_size.")
             extra["library_size"] = torch.as_tensor(np.asarray(library_size)[rows], dtype=torch.float32, device=device)

@@ -55,9 +55,11 @@ class RankedCells:
         return len(self.offsets) - 1
 
     def cell(self, index: int) -> np.ndarray:
+        """The tokens of cell `index`."""
         return self.tokens[self.offsets[index] : self.offsets[index + 1]]
 
     def lengths(self) -> np.ndarray:
+        """The number of tokens of every cell."""
         return np.diff(self.offsets)
 
 
@@ -222,7 +224,6 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
             (`"all"`) or over the input genes in the vocabulary (`"vocabulary"`, as the original PerturbGen did).
 
     Example:
-
     ```python
     >>> tokenizer = PerturbGenTokenizer.from_dictionaries(
     ...     "vocab/perturbgen_token_dict_gftokens_gc95M.pkl",
@@ -437,9 +438,11 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
 
     @property
     def vocab_size(self) -> int:
+        """Number of tokens in the vocabulary (specials and genes)."""
         return len(self.vocab)
 
     def get_vocab(self) -> dict:
+        """The vocabulary `{token: id}`, added tokens included."""
         return dict(self.vocab, **self.added_tokens_encoder)
 
     def _tokenize(self, text, **kwargs):
@@ -456,14 +459,17 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
         return self.ids_to_tokens[index]
 
     def convert_tokens_to_string(self, tokens):
+        """Gene tokens joined by spaces."""
         return " ".join(tokens)
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        """`<cls>` + the cell's token ids + `<eos>` (a cell is one sequence: no pairs)."""
         if token_ids_1 is not None:
             raise ValueError("A cell is a single sequence; pairs are not supported.")
         return [self.cls_token_id, *token_ids_0, self.eos_token_id]
 
     def save_vocabulary(self, save_directory, filename_prefix=None):
+        """Write the vocabulary, medians, gene names and target genes as JSON; returns their paths."""
         prefix = f"{filename_prefix}-" if filename_prefix else ""
         medians = {g: float(m) for g, m in self.gene_medians.items()}
         names = {"symbols": self.gene_symbols, "aliases": self.gene_aliases}
@@ -820,6 +826,7 @@ class PerturbGenTokenizer(PreTrainedTokenizer):
 
     @property
     def num_target_genes(self) -> int:
+        """Number of target genes of the decoder's vocabulary."""
         return len(self.target_genes)
 
     def target_token_ids(self) -> np.ndarray:
