@@ -14,7 +14,6 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -25,6 +24,17 @@ from transformers import PreTrainedTokenizer
 from transformers.tokenization_utils_base import BatchEncoding
 
 from .chunking import map_row_chunks
+from .ranking import (
+    NORMALIZED_TOTAL,
+    ColumnPlan,
+    RankedCells,
+    build_column_plan,
+    check_raw_counts,
+    concatenate_ranked,
+    library_sizes,
+    pad_ranked,
+    rank_chunk,
+)
 from .safe_pickle import load_dictionary_pickle
 
 
@@ -32,181 +42,11 @@ logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<eos>")
 NUM_SPECIAL_TOKENS = len(SPECIAL_TOKENS)
-NORMALIZED_TOTAL = 10_000.0
 TOTAL_COUNTS_MODES = ("all", "vocabulary")
-# Largest padded (cells x genes) array sorted at once in `rank_chunk` (8M int64 = 64 MiB).
-_SORT_BLOCK_ELEMENTS = 8_000_000
 # Values ranked at a time inside a chunk: the temporaries of 512k values (4 MiB each) stay in cache, which halves
 # the time of ranking a 2,048-cell chunk of 2,000 genes each on this project's machine.
 _CACHE_ENTRIES = 1 << 19
-# Sort key of padding: after every real key (a real key is below it, since values are positive).
-_KEY_PAD = np.iinfo(np.int64).max
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*G\d+)\.\d+$", re.IGNORECASE)
-
-
-@dataclass
-class RankedCells:
-    """Ragged token lists of many cells: the tokens of cell `i` are `tokens[offsets[i]:offsets[i + 1]]`."""
-
-    offsets: np.ndarray
-    tokens: np.ndarray
-
-    def __len__(self):
-        return len(self.offsets) - 1
-
-    def cell(self, index: int) -> np.ndarray:
-        """The tokens of cell `index`."""
-        return self.tokens[self.offsets[index] : self.offsets[index + 1]]
-
-    def lengths(self) -> np.ndarray:
-        """The number of tokens of every cell."""
-        return np.diff(self.offsets)
-
-
-def check_raw_counts(data: np.ndarray, where: str = "the input") -> None:
-    """Raise a `ValueError` unless `data` holds finite, non-negative integers (raw counts)."""
-    if data.size == 0:
-        return
-    if data.dtype.kind in "iub":
-        if data.dtype.kind == "i" and data.min() < 0:
-            raise ValueError(f"{where} contains negative values (minimum {data.min()}); raw counts are required.")
-        return
-    if np.isnan(data).any() or np.isinf(data.max()):
-        raise ValueError(f"{where} contains NaN or infinite values; raw counts are required.")
-    if data.min() < 0:
-        raise ValueError(f"{where} contains negative values (minimum {data.min()}); raw counts are required.")
-    fractional = data != np.floor(data)
-    if fractional.any():
-        raise ValueError(
-            f"{where} contains non-integer values (e.g. {data[fractional][0]}); raw counts are required, not "
-            "normalised data."
-        )
-
-
-@dataclass
-class ColumnPlan:
-    """
-    How the columns of an input matrix become tokens.
-
-    `token_of_column` and `median_of_column` describe the columns of the matrix being ranked: the input's own
-    columns (-1 = not used), or, when several input columns name one gene, the columns of `block @ merge`, which
-    sums them. `library_columns` marks the input columns that count towards a cell's library size.
-    """
-
-    token_of_column: np.ndarray
-    median_of_column: np.ndarray
-    merge: sp.csr_matrix | None
-    library_columns: np.ndarray | None
-    token_bits: int
-    all_columns_used: bool
-
-
-def build_column_plan(column_tokens: np.ndarray, medians: dict, library_columns=None) -> ColumnPlan:
-    """
-    Args:
-        column_tokens (`np.ndarray` of shape `(num_columns,)`): token id of each input column, -1 if unused.
-        medians (`dict`): median of each used token id.
-        library_columns (`np.ndarray` of bool, *optional*): columns summed for the library size (all if None).
-    """
-    column_tokens = np.asarray(column_tokens, dtype=np.int64)
-    used = np.flatnonzero(column_tokens >= 0)
-    unique_tokens, merged_index = np.unique(column_tokens[used], return_inverse=True)
-    token_bits = max(1, int(column_tokens.max(initial=1)).bit_length())
-    if len(unique_tokens) == len(used):
-        median_of_column = np.ones(len(column_tokens))
-        median_of_column[used] = [medians[t] for t in column_tokens[used]]
-        all_used = len(used) == len(column_tokens)
-        return ColumnPlan(column_tokens, median_of_column, None, library_columns, token_bits, all_used)
-    merge = sp.csr_matrix((np.ones(len(used)), (used, merged_index)), shape=(len(column_tokens), len(unique_tokens)))
-    median_of_column = np.array([medians[t] for t in unique_tokens], dtype=np.float64)
-    return ColumnPlan(unique_tokens, median_of_column, merge, library_columns, token_bits, True)
-
-
-def library_sizes(block: sp.csr_matrix, plan: ColumnPlan) -> np.ndarray:
-    """Library size of each cell of a block: the sum of its counts over `plan.library_columns` (all if None)."""
-    data = block.data.astype(np.float64)
-    if plan.library_columns is not None:
-        data = data * plan.library_columns[block.indices]
-    counts_per_row = np.diff(block.indptr)
-    if data.size == 0:
-        return np.zeros(block.shape[0])
-    # reduceat gives the first element for an empty row: those rows are zero.
-    sums = np.add.reduceat(data, np.minimum(block.indptr[:-1], data.size - 1))
-    return np.where(counts_per_row > 0, sums, 0.0)
-
-
-def rank_chunk(block: sp.csr_matrix, plan: ColumnPlan, totals: np.ndarray, max_tokens: int) -> RankedCells:
-    """
-    Rank the genes of a block of cells: `x / total * 10,000 / median` descending, ties by ascending token id.
-
-    Args:
-        block (`scipy.sparse.csr_matrix` of shape `(num_cells, num_input_columns)`): raw counts.
-        plan ([`ColumnPlan`]): token id and median of each column.
-        totals (`np.ndarray` of shape `(num_cells,)`): library size of each cell.
-        max_tokens (`int`): keep at most this many genes per cell.
-
-    Returns:
-        [`RankedCells`] with int32 tokens.
-    """
-    if plan.merge is not None:
-        block = sp.csr_matrix(block @ plan.merge)
-    num_cells = block.shape[0]
-    indices, data = block.indices, block.data
-    per_row = np.diff(block.indptr)
-    tokens = plan.token_of_column[indices]
-    # The filter costs several passes; most inputs need none (every column a gene, no stored zeros).
-    if not (plan.all_columns_used and (data.size == 0 or data.min() > 0)):
-        keep = (tokens >= 0) & (data > 0)
-        rows = np.repeat(np.arange(num_cells), per_row)[keep]
-        tokens, data, indices = tokens[keep], data[keep], indices[keep]
-        per_row = np.bincount(rows, minlength=num_cells)
-    # x / total * 10,000 / median, in that order (as Geneformer), in place to spare fresh temporaries.
-    values = np.repeat(np.where(totals > 0, totals, 1.0), per_row)
-    np.divide(data, values, out=values)
-    values *= NORMALIZED_TOTAL
-    values /= plan.median_of_column[indices]
-    return _sort_rows(values, tokens, per_row, plan.token_bits, max_tokens)
-
-
-def _sort_rows(values, tokens, per_row, token_bits, max_tokens) -> RankedCells:
-    """
-    Sort each row by value descending, then token ascending. A positive float64's bit pattern orders like its value,
-    so one int64 key per entry holds the inverted value in its high bits and the token in its low `token_bits`
-    bits, and a plain per-row sort of the keys of a padded 2-D array gives the order. Rows where two kept keys share
-    their high bits (values equal to about 1e-11 relative) are re-sorted exactly with `lexsort`.
-    """
-    num_cells = len(per_row)
-    kept = np.minimum(per_row, max_tokens)
-    offsets = np.zeros(num_cells + 1, dtype=np.int64)
-    np.cumsum(kept, out=offsets[1:])
-    flat_keys = np.empty(offsets[-1], dtype=np.int64)
-    starts = np.zeros(num_cells + 1, dtype=np.int64)
-    np.cumsum(per_row, out=starts[1:])
-    keys = _KEY_PAD - values.view(np.int64)
-    keys >>= token_bits
-    keys <<= token_bits
-    keys |= tokens
-    width = int(per_row.max(initial=0))
-    block = max(1, _SORT_BLOCK_ELEMENTS // max(width, 1))
-    for first in range(0, num_cells, block):
-        last = min(first + block, num_cells)
-        lo, hi = starts[first], starts[last]
-        grid = np.full((last - first, width), _KEY_PAD, dtype=np.int64)
-        grid[np.arange(width)[None, :] < per_row[first:last, None]] = keys[lo:hi]  # row-major, as CSR
-        grid.sort(axis=1)
-        limit = min(width, max_tokens)
-        filled = np.arange(limit)[None, :] < kept[first:last, None]
-        flat_keys[offsets[first] : offsets[last]] = grid[:, :limit][filled]
-    out = (flat_keys & ((1 << token_bits) - 1)).astype(np.int32)
-    # Neighbours (within a row) whose keys differ only in the token bits: possibly unequal values ranked by token.
-    close = (flat_keys[1:] ^ flat_keys[:-1]) < (1 << token_bits)
-    boundaries = offsets[1:-1]
-    close[boundaries[(boundaries > 0) & (boundaries <= close.size)] - 1] = False
-    for row in np.unique(np.searchsorted(offsets, np.flatnonzero(close), side="right") - 1):
-        segment = slice(starts[row], starts[row + 1])
-        order = np.lexsort((tokens[segment], -values[segment]))[: kept[row]]
-        out[offsets[row] : offsets[row + 1]] = tokens[segment][order]
-    return RankedCells(offsets=offsets, tokens=out)
 
 
 class PerturbGenTokenizer(PreTrainedTokenizer):
@@ -952,12 +792,6 @@ def warn_duplicate_gene_ids(gene_ids, where: str = "the input") -> list[str]:
     return duplicated
 
 
-def log_normalize(counts: np.ndarray) -> np.ndarray:
-    """log1p of counts per `NORMALIZED_TOTAL` (10,000) of each row: the expression scale of every comparison."""
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.log1p(counts / np.where(totals > 0, totals, 1.0) * NORMALIZED_TOTAL)
-
-
 def counts_and_genes(cells, gene_ids=None, layer=None):
     """The count matrix and gene identifiers of an AnnData (or a matrix with explicit `gene_ids`)."""
     if hasattr(cells, "X") and hasattr(cells, "var_names"):
@@ -977,17 +811,6 @@ def counts_and_genes(cells, gene_ids=None, layer=None):
     if getattr(cells, "ndim", 2) == 1:
         cells = np.asarray(cells)[None, :]
     return cells, list(gene_ids)
-
-
-def pad_ranked(ranked: RankedCells, width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad ragged token lists into `(num_cells, width)` arrays of ids and attention mask."""
-    lengths = np.minimum(ranked.lengths(), width)
-    input_ids = np.full((len(ranked), width), pad_id, dtype=np.int64)
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    starts = ranked.offsets[:-1]
-    source = (starts[:, None] + np.arange(width)[None, :])[mask]
-    input_ids[mask] = ranked.tokens[source]
-    return input_ids, mask.astype(np.int64)
 
 
 RANKED_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
@@ -1027,16 +850,6 @@ def _row_slices(block: sp.csr_matrix, entries: int = _CACHE_ENTRIES):
 
 def _drop_index(function):
     return lambda index, block: function(block)
-
-
-def concatenate_ranked(parts: list) -> RankedCells:
-    """One [`RankedCells`] from consecutive parts."""
-    if not parts:
-        return RankedCells(np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int32))
-    lengths = np.concatenate([p.lengths() for p in parts])
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return RankedCells(offsets, np.concatenate([p.tokens for p in parts]))
 
 
 def _wrap_special(ranked: RankedCells, cls_id: int, eos_id: int) -> RankedCells:
