@@ -143,7 +143,7 @@ def run_naive(folder, cells_path, genes, batch_size, iterations, seed, keep_only
 
     from perturbgen_hf import PerturbGenForConditionalGeneration, PerturbGenTokenizer
     from perturbgen_hf.pipelines import perturb_tokens
-    from perturbgen_hf.pipelines.pipeline_perturbation import cell_batch_seed
+    from perturbgen_hf.pipelines.prediction import cell_batch_seed
 
     cells = ad.read_h5ad(cells_path)
     model = PerturbGenForConditionalGeneration.from_pretrained(folder).eval()

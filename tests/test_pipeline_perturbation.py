@@ -390,7 +390,7 @@ def test_per_gene_embedding_shift(pipe, source_cells):
 def test_gene_cosine_matches_genes_not_positions():
     from types import SimpleNamespace
 
-    from perturbgen_hf.pipelines.pipeline_perturbation import _gene_cosine
+    from perturbgen_hf.pipelines.perturbation_result import gene_cosine as _gene_cosine
 
     config = SimpleNamespace(first_gene_token_id=4, num_target_genes=3)
     # control: genes 4, 5 at positions 0, 1; perturbed: gene 5 moved to position 0, gene 6 new, gene 4 gone

@@ -272,12 +272,12 @@ def observed_expression(adata: ad.AnnData, time_key: str, tokenizer, gene_ids=No
     Returns:
         `pd.DataFrame` indexed by target gene id, one column per time point label (in the data's order).
     """
-    from ..pipelines.pipeline_perturbation import _counts_and_genes
+    from ..pipelines.inputs import counts_and_gene_ids
     from ..tokenization import log_normalize
 
     if time_key not in adata.obs.columns:
         raise KeyError(f"time key {time_key!r} is not an obs column; available: {list(adata.obs.columns)}.")
-    counts, identifiers = _counts_and_genes(adata, gene_ids, layer)
+    counts, identifiers = counts_and_gene_ids(adata, gene_ids, layer)
     target = tokenizer.target_counts(counts, identifiers)
     labels = adata.obs[time_key].astype(str).to_numpy()
     order = list(adata.obs[time_key].cat.categories) if hasattr(adata.obs[time_key], "cat") else None

@@ -25,14 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..tokenization import log_normalize
-from .pipeline_perturbation import (
-    _as_list,
-    _as_time_point,
-    _counts_and_genes,
-    _read_anndata,
-    _time_name,
-    rank_observed_targets,
-)
+from .inputs import as_list, as_time_point, counts_and_gene_ids, rank_observed_targets, read_cells, time_point_name
 from .prediction import generate_cells, pad_cells
 
 
@@ -104,8 +97,8 @@ def embed_genes(
             "This model has no target-gene vocabulary (config.target_genes is empty), so its gene embeddings cannot "
             "be named; train it on data with gene identifiers."
         )
-    adata = _read_anndata(source, "source")
-    counts, identifiers = _counts_and_genes(adata, gene_ids, layer)
+    adata = read_cells(source, "source")
+    counts, identifiers = counts_and_gene_ids(adata, gene_ids, layer)
     tokenizer.resolve_genes(identifiers)  # one clear error when no gene of the data is in the vocabulary
     groups = _groups(adata, group_key)
     max_length = getattr(config, "max_source_length", None) or config.encoder.max_position_embeddings
@@ -119,14 +112,14 @@ def embed_genes(
         time_values = [config.time_value(t) for t in observed["time_points"]]
         time_names = observed["time_points"]
     else:
-        requested = _as_list(time_points) or list(config.time_points)
-        resolved = [_as_time_point(t, config) for t in requested]
+        requested = as_list(time_points) or list(config.time_points)
+        resolved = [as_time_point(t, config) for t in requested]
         time_values = [config.time_value(t) if isinstance(t, str) else float(t) for t in resolved]
         if len(set(time_values)) != len(time_values):
             raise ValueError(f"time_points {requested} name a time point twice.")
         order = np.argsort(time_values)  # generate() returns time points in ascending time
         time_values = [time_values[i] for i in order]
-        time_names = [_time_name(config, v) for v in time_values]
+        time_names = [time_point_name(config, v) for v in time_values]
     sums = _Sums(len(time_names), len(groups["names"]), config.num_target_genes, config.decoder_hidden_size)
     if observed is None:
         library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()

@@ -195,6 +195,114 @@ def differential_expression_against_null(
     return table
 
 
+def gene_cosine(control_sequences, control_hidden, sequences, hidden, config):
+    """
+    Per-gene embedding shift: for each gene present in both the control and the perturbed prediction of a cell, the
+    cosine similarity of its decoder hidden states (mean over samples); NaN where it is absent from either.
+
+    Args:
+        control_sequences, sequences (`np.ndarray` of shape `(rows, samples, T, L)`); control_hidden, hidden
+            (`np.ndarray` of shape `(rows, samples, T, L, hidden)`).
+
+    Returns:
+        `np.ndarray` of shape `(rows, T, num_target_genes)`.
+    """
+    rows, samples, times, _ = sequences.shape
+    first, num_genes = config.first_gene_token_id, config.num_target_genes
+    total = np.zeros((rows, times, num_genes))
+    seen = np.zeros((rows, times, num_genes))
+    for s in range(samples):
+        for t in range(times):
+            where = _gene_positions(control_sequences[:, s, t], first, num_genes)
+            genes = sequences[:, s, t] - first
+            valid = (genes >= 0) & (genes < num_genes)
+            r, p = np.nonzero(valid)
+            q = where[r, genes[r, p]]
+            keep = q >= 0
+            r, p, q, g = r[keep], p[keep], q[keep], genes[r[keep], p[keep]]
+            a, b = hidden[r, s, t, p], control_hidden[r, s, t, q]
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            total[r, t, g] += (a * b).sum(1) / np.where(norms > 0, norms, 1.0)
+            seen[r, t, g] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(seen > 0, total / np.maximum(seen, 1), np.nan).astype(np.float32)
+
+
+def _gene_positions(sequences, first, num_genes):
+    """`(rows, num_genes)`: the position of each gene in each row's sequence, -1 if absent."""
+    where = np.full((sequences.shape[0], num_genes), -1, dtype=np.int64)
+    genes = sequences - first
+    r, p = np.nonzero((genes >= 0) & (genes < num_genes))
+    where[r, genes[r, p]] = p
+    return where
+
+
+def with_gene_shift(tables, gene_cosine, obs):
+    """Add each gene's mean embedding cosine (over cells of the table's group where the gene is predicted)."""
+    groups = obs["group"].to_numpy()
+    for table in tables:
+        group = table["group"].iloc[0]
+        rows = np.ones(len(groups), dtype=bool) if group == "all" else groups == group
+        values = gene_cosine[rows]
+        with np.errstate(invalid="ignore"):
+            seen = np.isfinite(values).sum(0)
+            table["embedding_cosine"] = np.where(seen > 0, np.nansum(values, 0) / np.maximum(seen, 1), np.nan)
+    return tables
+
+
+def de_tables(control, perturbed, null_counts, symbols, obs, label, time_point, thresholds, seed):
+    """Per-gene statistics against the null, for all cells and per group."""
+    tables = []
+    groups = obs["group"].to_numpy()
+    for group in ["all", *sorted(set(groups) - {"all"})]:
+        rows = np.ones(len(groups), dtype=bool) if group == "all" else groups == group
+        table = differential_expression_against_null(
+            control[rows],
+            perturbed[rows],
+            [n[rows] for n in null_counts],
+            symbols,
+            thresholds["fdr"],
+            thresholds["min_abs_log2fc"],
+            thresholds["bootstrap"],
+            seed,
+        )
+        table.insert(0, "group", group)
+        table.insert(0, "time_point", time_point)
+        table.insert(0, "perturbation", label)
+        tables.append(table)
+    return tables
+
+
+def sorted_by_significance(de):
+    """Within each perturbation, time point and group (in their order), the most significant genes first (then the
+    largest effects).
+    """
+    keys = ["perturbation", "time_point", "group"]
+    order = {column: {v: i for i, v in enumerate(dict.fromkeys(de[column]))} for column in keys}
+    ranked = de.assign(
+        **{f"_{c}": de[c].map(order[c]) for c in keys},
+        _p=de["p_value"].fillna(2.0),
+        _size=-de["log2_fold_change"].abs(),
+    )
+    ranked = ranked.sort_values([f"_{c}" for c in keys] + ["_p", "_size"], kind="stable")
+    return ranked.drop(columns=[f"_{c}" for c in keys] + ["_p", "_size"]).reset_index(drop=True)
+
+
+def _significant_calls(de):
+    """Significant genes per perturbation and time point (all cells)."""
+    table = de[de["group"] == "all"]
+    return {
+        label: {t: int(v) for t, v in part.groupby("time_point", sort=False)["significant"].sum().items()}
+        for label, part in table.groupby("perturbation", sort=False)
+    }
+
+
+def cosine(a, b):
+    """Row-wise cosine similarity of `(n, d)` arrays (0 where a row is all zeros)."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.where(norms > 0, norms, 1.0)
+
+
 @dataclass
 class PerturbationResult:
     """

@@ -21,9 +21,11 @@ How the work is organised (and why):
   of the units and the results are gathered, so every process returns the same result as a single-process run.
 
 The model is duck-typed (`generate`, `readout`, `config`), so the pipeline also runs as remote code.
+
+The generation path is `prediction.py`; the work's cutting and assembly `sharding.py`; inputs `inputs.py`; edits
+`perturbation_edits.py`; statistics and the saved result `perturbation_result.py`.
 """
 
-import itertools
 import logging
 
 import anndata as ad
@@ -33,9 +35,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Pipeline
 
-from ..io_utils import read_anndata
 from ..settings import PERTURBATION_ARGUMENTS
-from ..tokenization import warn_duplicate_gene_ids
+from .inputs import (
+    as_list,
+    as_time_point,
+    check_choice,
+    counts_and_gene_ids,
+    rank_observed_targets,
+    read_cells,
+    time_point_name,
+)
 from .perturbation_edits import (
     MODES,
     edit_target_batch,
@@ -49,10 +58,24 @@ from .perturbation_result import (
     DEFAULT_FDR,
     DEFAULT_MIN_ABS_LOG2FC,
     PerturbationResult,
+    _significant_calls,
     check_significance_settings,
-    differential_expression_against_null,
+    cosine,
+    de_tables,
+    gene_cosine,
+    sorted_by_significance,
+    with_gene_shift,
 )
-from .prediction import cell_batch_seed, generation_lengths, pad_cells, target_capacity
+from .prediction import cell_batch_seed, generation_lengths, pad_cells
+from .sharding import (
+    assemble,
+    average_samples,
+    concat_ragged,
+    model_calls,
+    process_grid,
+    process_state,  # noqa: F401  (documented here: `pipeline_perturbation.process_state().device`)
+    public_prediction,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -112,8 +135,8 @@ class PerturbationPipeline(Pipeline):
         forward = {k: v for k, v in kwargs.items() if k in _FORWARD_KEYS and v is not None}
         postprocess = {k: v for k, v in kwargs.items() if k in _POSTPROCESS_KEYS and v is not None}
         check_significance_settings(**postprocess)  # before any generation, not after it
-        for value in _as_list(forward.get("time_points")):
-            _as_time_point(value, self.model.config, warn=False)  # before the cells are tokenized
+        for value in as_list(forward.get("time_points")):
+            as_time_point(value, self.model.config, warn=False)  # before the cells are tokenized
         return preprocess, forward, postprocess
 
     # -- preprocess: tokenize, resolve genes, edit ---------------------------------------------------------------
@@ -135,11 +158,11 @@ class PerturbationPipeline(Pipeline):
         seed=0,
     ):
         """Tokenize the source cells, resolve the genes and build the perturbed (and sham) variants."""
-        adata = _read_anndata(source, "source")
-        _check_choice("mode", mode, MODES)
-        _check_choice("site", site, SITES)
-        _check_choice("method", method, METHODS)
-        perturb_time_points = _as_list(perturb_time_points)
+        adata = read_cells(source, "source")
+        check_choice("mode", mode, MODES)
+        check_choice("site", site, SITES)
+        check_choice("method", method, METHODS)
+        perturb_time_points = as_list(perturb_time_points)
         if site == "tgt" and not perturb_time_points:
             raise ValueError("site='tgt' needs perturb_time_points: the predicted time points whose cells are edited.")
         if site == "src" and perturb_time_points:
@@ -151,7 +174,7 @@ class PerturbationPipeline(Pipeline):
         ids = {gene: to_id(gene) for names in perturbations for gene in names}
         config = self.model.config
         max_length = getattr(config, "max_source_length", None) or config.encoder.max_position_embeddings
-        counts, identifiers = _counts_and_genes(adata, gene_ids, layer)
+        counts, identifiers = counts_and_gene_ids(adata, gene_ids, layer)
         ranked = self.tokenizer.rank_cells(counts, identifiers, max_length)
         # A model that scales its predicted composition by an observed library size (the original's count head)
         # gets the source cell's: the future cell's is unknown when it is generated.
@@ -301,7 +324,7 @@ class PerturbationPipeline(Pipeline):
                 raise ValueError("With method='teacher_forced' the time points are those of `targets`.")
             time_points = inputs["observed"]["time_points"]
         elif time_points is not None:
-            time_points = [_as_time_point(t, config) for t in _as_list(time_points)]
+            time_points = [as_time_point(t, config) for t in as_list(time_points)]
         run = {
             "time_points": time_points,
             "num_samples": int(num_samples),
@@ -315,7 +338,7 @@ class PerturbationPipeline(Pipeline):
             for start in range(0, num_cells, batch_size)
             for chunk in range(0, num_variants, variants_per_batch)
         ]
-        rank, world = _process_grid()
+        rank, world = process_grid()
         mine = units[rank * len(units) // world : (rank + 1) * len(units) // world]
         results, control = [], None
         for start, chunk in tqdm(mine, desc="perturbation", unit="unit", disable=not progress or rank != 0):
@@ -326,7 +349,7 @@ class PerturbationPipeline(Pipeline):
             results.append(
                 {
                     "start": start,
-                    "control": _public(control) if chunk == 0 else None,
+                    "control": public_prediction(control) if chunk == 0 else None,
                     "variants": self._run_variants(inputs, variants, rows, control, run),
                 }
             )
@@ -334,7 +357,7 @@ class PerturbationPipeline(Pipeline):
             from accelerate.utils import gather_object
 
             results = gather_object(results)
-        return {**inputs, **_assemble(results, num_cells, num_variants, config), "settings": run}
+        return {**inputs, **assemble(results, num_cells, num_variants, config), "settings": run}
 
     def _run_variants(self, inputs, indices, rows, control, run):
         """
@@ -356,7 +379,7 @@ class PerturbationPipeline(Pipeline):
         out = self._predict(inputs, member, [inputs["variants"][i] for i in owner], positions, run)
         changed = out.pop("changed")
         out.pop("time_values")
-        cosine = _gene_cosine(
+        cosine = gene_cosine(
             control["sequences"][positions],
             control["hidden"][positions],
             out.pop("sequences"),
@@ -376,13 +399,13 @@ class PerturbationPipeline(Pipeline):
         `batch_size` rows per model call. A teacher-forced call holds one perturbation (each edits its own targets).
         """
         parts = []
-        for chunk in _model_calls(variants, len(rows), run["batch_size"], one_variant=inputs["observed"] is not None):
+        for chunk in model_calls(variants, len(rows), run["batch_size"], one_variant=inputs["observed"] is not None):
             chosen = None if variants is None else variants[chunk]
             if inputs["observed"] is not None:
                 parts.append(self._readout(inputs, rows[chunk], None if chosen is None else chosen[0]))
             else:
                 parts.append(self._generate(inputs, rows[chunk], chosen, positions[chunk], run))
-        return {key: _concat_ragged([p[key] for p in parts]) for key in parts[0]}
+        return {key: concat_ragged([p[key] for p in parts]) for key in parts[0]}
 
     def _generate(self, inputs, rows, variants, positions, run):
         config, device = self.model.config, self.model.device
@@ -419,7 +442,7 @@ class PerturbationPipeline(Pipeline):
                 **extra,
             )
             samples.append(out)
-        return {**_average_samples(samples), "changed": edits["changed"]}
+        return {**average_samples(samples), "changed": edits["changed"]}
 
     def _readout(self, inputs, rows, variant):
         observed = inputs["observed"]
@@ -448,7 +471,7 @@ class PerturbationPipeline(Pipeline):
         if self.model.config.library_size_source == "predicted":
             # As the original's readout: the predicted composition at each observed cell's own library size.
             out.counts = out.counts * (library / out.library_size.clamp(min=1e-8))[..., None]
-        return {**_average_samples([out]), "changed": np.ones(len(rows), dtype=bool)}
+        return {**average_samples([out]), "changed": np.ones(len(rows), dtype=bool)}
 
     # -- postprocess: AnnData, statistics, summary ---------------------------------------------------------------
 
@@ -458,7 +481,7 @@ class PerturbationPipeline(Pipeline):
         """The predictions as a `PerturbationResult`: AnnData, differential expression against the null, summary."""
         config = self.model.config
         time_values = outputs["time_values"]
-        names = [_time_name(config, v) for v in time_values]
+        names = [time_point_name(config, v) for v in time_values]
         genes = list(config.target_genes or [f"gene_{i}" for i in range(config.num_target_genes)])
         symbols = [self.tokenizer.gene_symbols.get(g, g) for g in genes]
         control = outputs["control"]
@@ -495,14 +518,14 @@ class PerturbationPipeline(Pipeline):
                         "perturbation": label,
                         "group": outputs["groups"] if outputs["groups"] is not None else "all",
                         "changed": changed,
-                        "cosine_similarity": _cosine(control["embeddings"][:, t], predicted["embeddings"][:, t]),
+                        "cosine_similarity": cosine(control["embeddings"][:, t], predicted["embeddings"][:, t]),
                     }
                 )
                 blocks.append(
                     (obs, control["counts"][:, t], predicted["counts"][:, t], predicted["gene_cosine"][:, t])
                 )
                 null_counts = [n[:, t] for n in nulls.get(label, [])]
-                table = _de_tables(
+                table = de_tables(
                     control["counts"][:, t],
                     predicted["counts"][:, t],
                     null_counts,
@@ -513,7 +536,7 @@ class PerturbationPipeline(Pipeline):
                     thresholds,
                     outputs["settings"]["seed"],
                 )
-                tables += _with_gene_shift(table, predicted["gene_cosine"][:, t], obs)
+                tables += with_gene_shift(table, predicted["gene_cosine"][:, t], obs)
         obs = pd.concat([b[0] for b in blocks], ignore_index=True)
         obs.index = obs.index.astype(str)
         adata = ad.AnnData(
@@ -526,7 +549,7 @@ class PerturbationPipeline(Pipeline):
                 "gene_embedding_cosine": np.vstack([b[3] for b in blocks]).astype(np.float32),
             },
         )
-        de = _sorted_by_significance(pd.concat(tables, ignore_index=True))
+        de = sorted_by_significance(pd.concat(tables, ignore_index=True))
         real = [v["label"] for v in outputs["variants"] if "null_of" not in v]
         summary = {
             **outputs["summary"],
@@ -535,7 +558,7 @@ class PerturbationPipeline(Pipeline):
             "time_points": names,
             "null_genes": null_genes,
             **thresholds,
-            "significant": _significant_counts(de),
+            "significant": _significant_calls(de),
         }
         settings = outputs["settings"]
         config_out = {
@@ -568,161 +591,6 @@ class _TargetEditor:
         return edited
 
 
-def _model_calls(variants, num_rows, batch_size, one_variant):
-    """Slices of rows for one model call each: `batch_size` rows at most and, with `one_variant`, rows of one
-    perturbation only (`variants[i]`: row `i`'s, in runs; `None`: the control).
-    """
-    starts = [0]
-    if one_variant and variants is not None:
-        starts += [i for i in range(1, num_rows) if variants[i] is not variants[i - 1]]
-    bounds = [*starts, num_rows]
-    for first, last in itertools.pairwise(bounds):
-        for begin in range(first, last, batch_size):
-            yield slice(begin, min(begin + batch_size, last))
-
-
-def process_state():
-    """
-    Accelerate's `PartialState` of this process: under `torchrun` / `accelerate launch` it joins the process group
-    (gloo on CPU-only machines, where accelerate would otherwise treat each process as alone).
-    """
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def _process_grid():
-    """`(rank, world size)` of a `torchrun` / `accelerate launch` run; `(0, 1)` otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    state = process_state()
-    return state.process_index, state.num_processes
-
-
-def _public(prediction):
-    """What a unit reports of a control: no hidden states (only used in-process for the per-gene shifts)."""
-    return {k: v for k, v in prediction.items() if k not in ("hidden", "start")}
-
-
-def _assemble(results, num_cells, num_variants, config):
-    """Put the units' results (from any process, in any order) back into whole arrays."""
-    results = sorted(results, key=lambda r: r["start"])
-    controls = [r["control"] for r in results if r["control"] is not None]
-    control = {key: _concat_ragged([c[key] for c in controls]) for key in ("counts", "embeddings", "sequences")}
-    time_values = controls[0]["time_values"][0]
-    # An unaffected cell's genes keep their embeddings exactly (cosine 1); genes it does not predict have none.
-    unaffected = np.where(_gene_presence(control["sequences"], config), 1.0, np.nan).astype(np.float32)
-    perturbed = []
-    for index in range(num_variants):
-        merged = {
-            "counts": control["counts"].copy(),
-            "embeddings": control["embeddings"].copy(),
-            "gene_cosine": unaffected.copy(),
-            "changed": np.zeros(num_cells, dtype=bool),
-        }
-        for result in results:
-            part = result["variants"].get(index)
-            if part is None or len(part["rows"]) == 0:
-                continue
-            rows = part["rows"]
-            for key in ("counts", "embeddings", "gene_cosine"):
-                merged[key][rows] = part[key]
-            merged["changed"][rows] = True
-        perturbed.append(merged)
-    return {"control": control, "perturbed": perturbed, "time_values": time_values}
-
-
-def _concat_ragged(arrays):
-    """Concatenate along rows; sequences `(rows, S, T, L)` and hidden states `(rows, S, T, L, H)` of different batches
-    may differ in `L` and are padded with 0 (`<pad>`) to the longest.
-    """
-    if arrays[0].ndim < 4:
-        return np.concatenate(arrays)
-    width = max(a.shape[3] for a in arrays)
-    padded = []
-    for a in arrays:
-        pad = [(0, 0)] * a.ndim
-        pad[3] = (0, width - a.shape[3])
-        padded.append(np.pad(a, pad))
-    return np.concatenate(padded)
-
-
-def _gene_presence(sequences, config):
-    """`(cells, T, genes)`: whether a gene is in a cell's control prediction (any sample)."""
-    cells, _, times, _ = sequences.shape
-    present = np.zeros((cells, times, config.num_target_genes), dtype=bool)
-    genes = sequences - config.first_gene_token_id
-    c, s, t, p = np.nonzero((genes >= 0) & (genes < config.num_target_genes))
-    present[c, t, genes[c, s, t, p]] = True
-    return present
-
-
-def _average_samples(outputs):
-    """Counts and embeddings averaged over samples; sequences and hidden states of each sample (for gene shifts)."""
-    return {
-        "counts": np.mean([o.counts.float().cpu().numpy() for o in outputs], axis=0),
-        "embeddings": np.mean([o.cell_embeddings.float().cpu().numpy() for o in outputs], axis=0),
-        "sequences": np.stack([o.sequences.cpu().numpy() for o in outputs], axis=1),  # (rows, samples, T, L)
-        "hidden": np.stack([o.decoder_hidden_states.float().cpu().numpy() for o in outputs], axis=1),
-        "time_values": np.repeat(outputs[0].time_values.cpu().numpy()[None], len(outputs[0].counts), axis=0),
-    }
-
-
-def _gene_cosine(control_sequences, control_hidden, sequences, hidden, config):
-    """
-    Per-gene embedding shift: for each gene present in both the control and the perturbed prediction of a cell, the
-    cosine similarity of its decoder hidden states (mean over samples); NaN where it is absent from either.
-
-    Args:
-        control_sequences, sequences (`np.ndarray` of shape `(rows, samples, T, L)`); control_hidden, hidden
-            (`np.ndarray` of shape `(rows, samples, T, L, hidden)`).
-
-    Returns:
-        `np.ndarray` of shape `(rows, T, num_target_genes)`.
-    """
-    rows, samples, times, _ = sequences.shape
-    first, num_genes = config.first_gene_token_id, config.num_target_genes
-    total = np.zeros((rows, times, num_genes))
-    seen = np.zeros((rows, times, num_genes))
-    for s in range(samples):
-        for t in range(times):
-            where = _gene_positions(control_sequences[:, s, t], first, num_genes)
-            genes = sequences[:, s, t] - first
-            valid = (genes >= 0) & (genes < num_genes)
-            r, p = np.nonzero(valid)
-            q = where[r, genes[r, p]]
-            keep = q >= 0
-            r, p, q, g = r[keep], p[keep], q[keep], genes[r[keep], p[keep]]
-            a, b = hidden[r, s, t, p], control_hidden[r, s, t, q]
-            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            total[r, t, g] += (a * b).sum(1) / np.where(norms > 0, norms, 1.0)
-            seen[r, t, g] += 1
-    with np.errstate(invalid="ignore"):
-        return np.where(seen > 0, total / np.maximum(seen, 1), np.nan).astype(np.float32)
-
-
-def _gene_positions(sequences, first, num_genes):
-    """`(rows, num_genes)`: the position of each gene in each row's sequence, -1 if absent."""
-    where = np.full((sequences.shape[0], num_genes), -1, dtype=np.int64)
-    genes = sequences - first
-    r, p = np.nonzero((genes >= 0) & (genes < num_genes))
-    where[r, genes[r, p]] = p
-    return where
-
-
-def _with_gene_shift(tables, gene_cosine, obs):
-    """Add each gene's mean embedding cosine (over cells of the table's group where the gene is predicted)."""
-    groups = obs["group"].to_numpy()
-    for table in tables:
-        group = table["group"].iloc[0]
-        rows = np.ones(len(groups), dtype=bool) if group == "all" else groups == group
-        values = gene_cosine[rows]
-        with np.errstate(invalid="ignore"):
-            seen = np.isfinite(values).sum(0)
-            table["embedding_cosine"] = np.where(seen > 0, np.nansum(values, 0) / np.maximum(seen, 1), np.nan)
-    return tables
-
-
 def _edit_observed(observed, perturb_time_points, gene_tokens, mode):
     """Edit observed target cells at the perturbed time points; which cells changed."""
     targets, changed = [], np.zeros(len(observed["tokens"][0]), dtype=bool)
@@ -737,168 +605,18 @@ def _edit_observed(observed, perturb_time_points, gene_tokens, mode):
     return targets, changed
 
 
-def rank_observed_targets(config, tokenizer, targets, num_cells, gene_ids=None, layer=None) -> dict:
-    """
-    Rank observed target cells for a teacher-forced readout: one AnnData (or h5ad path) per time point, paired row
-    by row with the `num_cells` source cells.
-
-    Returns:
-        `dict` with `time_points` (the names, in the given order), `tokens` (per time point, one decoder-token array
-        per cell) and `library_size` (`np.ndarray` of shape `(num_cells, num_time_points)`).
-    """
-    if not isinstance(targets, dict) or not targets:
-        raise ValueError(
-            "method='teacher_forced' needs `targets`: a dict {time point: AnnData or h5ad path} of observed "
-            "target cells, one row per source cell in the source's order."
-        )
-    capacity = target_capacity(config)
-    if config.condition_tokens:
-        raise ValueError("method='teacher_forced' does not handle condition tokens yet; this model has some.")
-    names, tokens, library = [], [], []
-    for name, data in targets.items():
-        config.time_value(name)  # names an unknown time point
-        adata = _read_anndata(data, f"targets[{name!r}]")
-        if adata.n_obs != num_cells:
-            raise ValueError(
-                f"targets[{name!r}] has {adata.n_obs} cells for {num_cells} source cells; pair them row by row."
-            )
-        counts, identifiers = _counts_and_genes(adata, gene_ids, layer)
-        ranked = tokenizer.rank_targets(counts, identifiers, capacity)
-        names.append(str(name))
-        tokens.append([ranked.cell(i) for i in range(num_cells)])
-        library.append(np.asarray(tokenizer.target_counts(counts, identifiers).sum(axis=1)).ravel())
-    return {"time_points": names, "tokens": tokens, "library_size": np.stack(library, axis=1)}
-
-
-def _read_anndata(data, what):
-    adata = read_anndata(data, what)
-    if adata.n_obs == 0:
-        raise ValueError(f"The {what} AnnData has no cells.")
-    return adata
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; choose one of {list(choices)}.")
-
-
-def _as_list(value):
-    if value is None:
-        return []
-    return [value] if isinstance(value, (str, int, float)) else list(value)
-
-
 def _perturbation_sets(genes, screen):
     if genes is not None and screen is not None:
         raise ValueError("Give `genes` (perturbed together) or `screen` (one at a time), not both.")
     if screen is not None:
-        sets = [[g] for g in _as_list(screen)]
+        sets = [[g] for g in as_list(screen)]
     elif genes is not None:
-        sets = [_as_list(genes)]
+        sets = [as_list(genes)]
     else:
         raise ValueError("Name the genes to perturb: genes=[...] or screen=[...].")
     if not sets or not all(sets):
         raise ValueError("The list of genes to perturb is empty.")
     return sets
-
-
-def _counts_and_genes(adata, gene_ids, layer):
-    if isinstance(gene_ids, str):
-        if gene_ids not in adata.var.columns:
-            raise KeyError(f"gene_ids {gene_ids!r} is not a var column; available: {list(adata.var.columns)}.")
-        identifiers = ["" if pd.isna(g) else str(g) for g in adata.var[gene_ids]]
-    else:
-        identifiers = list(gene_ids) if gene_ids is not None else list(adata.var_names)
-    warn_duplicate_gene_ids(identifiers, f"var[{gene_ids!r}]" if isinstance(gene_ids, str) else "the source genes")
-    if layer is not None:
-        if layer not in adata.layers:
-            raise KeyError(f"No layer {layer!r}; available: {list(adata.layers.keys())}.")
-        return adata.layers[layer], identifiers
-    return adata.X, identifiers
-
-
-def _cosine(a, b):
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return (a * b).sum(1) / np.where(norms > 0, norms, 1.0)
-
-
-def _as_time_point(value, config, warn=True):
-    """A name of the model's time points, or a number (also given as text, e.g. from a command line)."""
-    if isinstance(value, str) and value in config.time_points:
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"Unknown time point {value!r}; this model knows {config.time_points} (or give a number)."
-        ) from None
-    trained = [float(v) for v in config.time_values]
-    # Time values are hours (or positions 1, 2, ... with the source first) after the source state, which is never
-    # negative: a negative time would be before the source the prediction starts from.
-    if not np.isfinite(number) or number < 0 or (min(trained) > 0 and number == 0):
-        raise ValueError(
-            f"Time point {value!r} is not a time after the source state; this model's time points are "
-            f"{dict(zip(config.time_points, trained))}."
-        )
-    if warn and not min(trained) <= number <= max(trained):
-        logger.warning(
-            "Time point %s lies outside the trained range %s-%s: an extrapolation.", value, min(trained), max(trained)
-        )
-    return number
-
-
-def _time_name(config, value):
-    for name, known in zip(config.time_points, config.time_values):
-        if abs(known - value) < 1e-9:
-            return name
-    return f"{value:g}"
-
-
-def _de_tables(control, perturbed, null_counts, symbols, obs, label, time_point, thresholds, seed):
-    """Per-gene statistics against the null, for all cells and per group."""
-    tables = []
-    groups = obs["group"].to_numpy()
-    for group in ["all", *sorted(set(groups) - {"all"})]:
-        rows = np.ones(len(groups), dtype=bool) if group == "all" else groups == group
-        table = differential_expression_against_null(
-            control[rows],
-            perturbed[rows],
-            [n[rows] for n in null_counts],
-            symbols,
-            thresholds["fdr"],
-            thresholds["min_abs_log2fc"],
-            thresholds["bootstrap"],
-            seed,
-        )
-        table.insert(0, "group", group)
-        table.insert(0, "time_point", time_point)
-        table.insert(0, "perturbation", label)
-        tables.append(table)
-    return tables
-
-
-def _sorted_by_significance(de):
-    """Within each perturbation, time point and group (in their order), the most significant genes first (then the
-    largest effects).
-    """
-    keys = ["perturbation", "time_point", "group"]
-    order = {column: {v: i for i, v in enumerate(dict.fromkeys(de[column]))} for column in keys}
-    ranked = de.assign(
-        **{f"_{c}": de[c].map(order[c]) for c in keys},
-        _p=de["p_value"].fillna(2.0),
-        _size=-de["log2_fold_change"].abs(),
-    )
-    ranked = ranked.sort_values([f"_{c}" for c in keys] + ["_p", "_size"], kind="stable")
-    return ranked.drop(columns=[f"_{c}" for c in keys] + ["_p", "_size"]).reset_index(drop=True)
-
-
-def _significant_counts(de):
-    """Significant genes per perturbation and time point (all cells)."""
-    table = de[de["group"] == "all"]
-    return {
-        label: {t: int(v) for t, v in part.groupby("time_point", sort=False)["significant"].sum().items()}
-        for label, part in table.groupby("perturbation", sort=False)
-    }
 
 
 def _expressed_but_unread(counts, column_tokens, gene_tokens, max_length) -> str:
