@@ -4,14 +4,15 @@ benchmarks/README.md ("The demo: what makes knockout effects follow the source")
 
     python benchmarks/demo_ablation.py OUT '{"max_steps": 800, "source_path": "rank"}'
 
-The second argument is a JSON object of `perturbgen_hf.demo.DemoSettings` fields; the line printed is the scores.
+The second argument is a JSON object of `perturbgen_hf.settings.DemoSettings` fields; the line printed is the scores.
 """
 
 import json
 import sys
 from dataclasses import replace
 
-from perturbgen_hf.demo import DemoSettings, run_demo
+from perturbgen_hf.commands.demo_workflow import run_demo
+from perturbgen_hf.settings import DemoSettings
 
 
 def main():

@@ -95,9 +95,10 @@ def simulator_run(workdir: Path, seed: int) -> dict:
     from transformers import AutoModel, AutoTokenizer
 
     from perturbgen_hf.analysis import find_gene_programs
+    from perturbgen_hf.commands.demo_workflow import run_demo
     from perturbgen_hf.data import simulate_trajectory
-    from perturbgen_hf.demo import DemoSettings, run_demo
     from perturbgen_hf.pipelines.gene_embeddings import embed_genes
+    from perturbgen_hf.settings import DemoSettings
 
     settings = DemoSettings(seed=seed)
     folder = workdir / f"demo_seed{seed}"
@@ -157,9 +158,9 @@ def regulator_knockouts(folder: Path, settings, simulation: ad.AnnData) -> dict:
     demo's held-out source cells with the demo's settings: whether the model reads every regulator."""
     from transformers import pipeline
 
+    from perturbgen_hf.commands.demo_workflow import _split_clones, _with_symbols
     from perturbgen_hf.data import simulate_trajectory
     from perturbgen_hf.data.simulate import true_effects
-    from perturbgen_hf.demo import _split_clones, _with_symbols
     from perturbgen_hf.evaluation.effects import effect_scores
 
     heldout = _split_clones(simulation, settings.heldout_fraction, settings.seed)

@@ -4,9 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from perturbgen_hf.commands.demo_workflow import run_demo
 from perturbgen_hf.data import simulate_trajectory, true_effects
-from perturbgen_hf.demo import FAST, run_demo
 from perturbgen_hf.evaluation.effects import effect_scores, significance_calls
+from perturbgen_hf.settings import FAST
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_demo_refuses_a_gene_the_model_would_not_read_before_training(tmp_path, 
     def train_on_cpu(*args, **kwargs):
         raise AssertionError("the demo trained before checking the gene")
 
-    monkeypatch.setattr("perturbgen_hf.demo.train_on_cpu", train_on_cpu)
+    monkeypatch.setattr("perturbgen_hf.commands.demo_workflow.train_on_cpu", train_on_cpu)
     path = shared_data / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad"
     with pytest.raises(
         ValueError, match=r"IL1B is not among the top \d+ genes of any of the 82 source cells"
@@ -183,7 +184,7 @@ def test_demo_refuses_a_gene_the_model_would_not_read_before_training(tmp_path, 
 
 
 def test_demo_steps_write_one_line_a_step_when_stderr_is_not_a_terminal(capsys):
-    from perturbgen_hf.demo import _Steps
+    from perturbgen_hf.commands.demo_workflow import _Steps
 
     with _Steps(["simulating: ", "tokenizing: ", "training: "], enabled=True) as steps:
         steps.next()

@@ -48,7 +48,8 @@ def run(args):
     """Run the demo and print where its report is."""
     from dataclasses import replace
 
-    from ..demo import FAST, DemoSettings, run_demo
+    from ..settings import FAST, DemoSettings
+    from .demo_workflow import run_demo
 
     settings = replace(FAST if args.fast else DemoSettings(), seed=args.seed)
     if getattr(args, "max_steps", None) is not None:

@@ -11,62 +11,22 @@ import json
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .data.simulate import simulate_trajectory, true_effects
-from .evaluation.effects import effect_scores, profiles, ridge_knockout_effects, significance_calls
-from .io_utils import read_anndata
-from .output_folder import check_output_folder, staged_output_folder
-from .training import CpuTrainingSettings, train_on_cpu
+from ..data.simulate import simulate_trajectory, true_effects
+from ..evaluation.effects import effect_scores, profiles, ridge_knockout_effects, significance_calls
+from ..io_utils import read_anndata
+from ..output_folder import check_output_folder, staged_output_folder
+from ..settings import FAST, DemoSettings  # noqa: F401  (FAST: the test suite's demo)
+from ..training import train_on_cpu
 
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DemoSettings(CpuTrainingSettings):
-    """Sizes and settings of a demo run (every number the demo uses lives here; training: the base class)."""
-
-    num_clones: int = 300
-    cells_per_clone: int = 2
-    heldout_fraction: float = 0.25
-    regulator: str = "REG1"
-    # Chosen on validation seeds 2 and 3 of this simulator (benchmarks/README.md): training on each target's top 32
-    # genes instead of 128 cut spurious effects on unaffected genes (seed 2, 800 steps: Pearson 0.58-0.68 at 128
-    # genes, 0.80-0.88 at 32); with 1,600 steps AUROC 0.98-1.00 and Pearson 0.84-0.95 at seeds 2 and 3.
-    max_steps: int = 1600
-    max_target_length: int = 32
-    context_mode: str = "none"
-    iterations: int = 4
-    # Independent generations pooled per cell (MaskGIT sampling is chaotic: one sample alone is noisy).
-    num_samples: int = 2
-    temperature: float = 1.0
-    # Sham knockouts of genes expressed like the regulator: the null its effects are called significant against.
-    null_perturbations: int = 10
-    target_auroc: float = 0.95
-    target_pearson: float = 0.8
-    responder_threshold: float = 0.5
-    unaffected_threshold: float = 0.1
-    ridge: float = 10.0
-    max_cells: int = 400
-
-
-# A tiny variant for the test suite (well under a minute); its scores mean nothing.
-FAST = DemoSettings(
-    num_clones=40,
-    preset="tiny",
-    max_steps=8,
-    iterations=2,
-    num_samples=1,
-    max_source_length=64,
-    max_target_length=64,
-    null_perturbations=3,
-)
 
 
 def _linear_baseline(train, source, gene_column, time_key, source_time, time_points, clone_key, ridge):
@@ -203,7 +163,7 @@ def run_demo(
 def _run_on_simulation(work, out, settings, steps):
     from transformers import pipeline
 
-    from .data import tokenize_anndata
+    from ..data import tokenize_anndata
 
     started = time.perf_counter()
     simulation = {
@@ -523,7 +483,7 @@ def _plot_curve(folder, curve, plt):
 
 def _check_gene_is_read(tokens, adata, time_key, source, gene, settings):
     """Refuse, before training, a gene that no source cell has among the genes the model reads."""
-    from .tokenization import PerturbGenTokenizer
+    from ..tokenization import PerturbGenTokenizer
 
     tokenizer = PerturbGenTokenizer.from_pretrained(tokens / "tokenizer")
     at_source = np.flatnonzero((adata.obs[time_key].astype(str) == str(source)).to_numpy())[: settings.max_cells]
@@ -556,7 +516,7 @@ def _unaffected_sentence(unaffected, cells, gene, source_length) -> str:
 def _run_on_user_data(work, out, settings, adata, time_key, source, gene, steps):
     from transformers import pipeline
 
-    from .data import tokenize_anndata
+    from ..data import tokenize_anndata
 
     started = time.perf_counter()
     tokenize_anndata(
