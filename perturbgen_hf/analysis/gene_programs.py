@@ -107,8 +107,6 @@ def find_gene_programs(
     Returns:
         [`GenePrograms`].
     """
-    import scanpy as sc
-
     if not resolution > 0:
         raise ValueError(f"resolution must be > 0, got {resolution}.")
     for name, value in (("n_neighbors", n_neighbors), ("n_pcs", n_pcs), ("num_hubs", num_hubs)):
@@ -126,24 +124,7 @@ def find_gene_programs(
         )
     genes = ad.AnnData(X=features.astype(np.float32), obs=embeddings.obs.loc[keep, ["gene_symbol"]].copy())
     n_comps = min(int(n_pcs), genes.n_obs - 1, genes.n_vars - 1)
-    sc.pp.pca(genes, n_comps=n_comps, random_state=seed)
-    sc.pp.neighbors(genes, n_neighbors=int(n_neighbors), use_rep="X_pca", random_state=seed)
-    sc.tl.leiden(
-        genes, resolution=float(resolution), random_state=seed, flavor="igraph", n_iterations=2, directed=False
-    )
-    sc.tl.umap(genes, random_state=seed)
-    programs = _programs_by_size(genes.obs["leiden"].astype(str).to_numpy())
-    within = _within_connectivity(genes.obsp["connectivities"], programs)
-    membership = pd.DataFrame(
-        {
-            "gene_id": genes.obs_names.astype(str),
-            "gene_symbol": genes.obs["gene_symbol"].astype(str).to_numpy(),
-            "program": programs,
-            "within_connectivity": within,
-            "umap_1": genes.obsm["X_umap"][:, 0],
-            "umap_2": genes.obsm["X_umap"][:, 1],
-        }
-    )
+    membership = _cluster(genes, n_comps, int(n_neighbors), float(resolution), seed)
     membership["hub"] = _hubs(membership, int(num_hubs))
     activity = _activity(embeddings, membership, observed, observed_time_values)
     summary = _summary(membership, activity)
@@ -160,6 +141,27 @@ def find_gene_programs(
         "genes_excluded": len(excluded),
     }
     return GenePrograms(membership, activity, summary, excluded, settings)
+
+
+def _cluster(genes: ad.AnnData, n_comps: int, n_neighbors: int, resolution: float, seed: int) -> pd.DataFrame:
+    """PCA, kNN graph, Leiden and UMAP of the genes (scanpy's); one row per gene: its program, connectivity, UMAP."""
+    import scanpy as sc
+
+    sc.pp.pca(genes, n_comps=n_comps, random_state=seed)
+    sc.pp.neighbors(genes, n_neighbors=n_neighbors, use_rep="X_pca", random_state=seed)
+    sc.tl.leiden(genes, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    sc.tl.umap(genes, random_state=seed)
+    programs = _programs_by_size(genes.obs["leiden"].astype(str).to_numpy())
+    return pd.DataFrame(
+        {
+            "gene_id": genes.obs_names.astype(str),
+            "gene_symbol": genes.obs["gene_symbol"].astype(str).to_numpy(),
+            "program": programs,
+            "within_connectivity": _within_connectivity(genes.obsp["connectivities"], programs),
+            "umap_1": genes.obsm["X_umap"][:, 0],
+            "umap_2": genes.obsm["X_umap"][:, 1],
+        }
+    )
 
 
 def _features(embeddings, layers, min_cells):

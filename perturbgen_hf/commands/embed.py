@@ -129,13 +129,9 @@ def _source_cells(adata, time_key, config):
 
 def run(args):
     """Embed the genes, find the programs and write them, with plots and a screen list, to `--out`."""
-    import json
-
-    from ..analysis import find_gene_programs, gene_set_enrichment, observed_expression, plot_gene_programs, read_gmt
-    from ..data.tokenize_dataset import resolve_time_points
+    from ..analysis import read_gmt
     from ..io_utils import check_h5ad_file, check_model_location, load_model_folder, read_anndata
-    from ..output_folder import check_output_folder, staged_output_folder
-    from ..pipelines.gene_embeddings import embed_genes
+    from ..output_folder import check_output_folder
     from .perturb import _parse_targets
 
     # Everything that can be checked is checked before the model is loaded and any cell is predicted.
@@ -148,39 +144,56 @@ def run(args):
     model, tokenizer = load_model_folder(args.model)
     adata = read_anndata(args.adata, "input")
     source = _source_cells(adata, args.time_key, model.config)
-    embeddings = embed_genes(
-        model,
-        tokenizer,
-        source,
-        time_points=args.time_points,
-        group_key=args.group_key,
-        targets=targets,
-        gene_ids=args.gene_ids,
-        layer=args.layer,
-        num_samples=args.num_samples,
-        iterations=args.iterations,
-        temperature=args.temperature,
-        batch_size=args.batch_size,
-        seed=args.seed,
-    )
+    embeddings = _embed(args, model, tokenizer, source, targets)
+    programs = _programs(args, embeddings, adata, tokenizer)
+    screen = programs.screen_list(args.screen_programs)
+    _write(args, out, embeddings, programs, gene_sets, screen)
+    sys.stdout.write(_summary_line(embeddings, programs, source, screen, out))
+    return 0
+
+
+def _embed(args, model, tokenizer, source, targets):
+    from ..pipelines.gene_embeddings import embed_genes
+
+    options = {
+        name: getattr(args, name)
+        for name in (
+            "time_points",
+            "group_key",
+            "gene_ids",
+            "layer",
+            "num_samples",
+            "iterations",
+            "temperature",
+            "batch_size",
+            "seed",
+        )
+    }
+    return embed_genes(model, tokenizer, source, targets=targets, **options)
+
+
+def _programs(args, embeddings, adata, tokenizer):
+    from ..analysis import find_gene_programs, observed_expression
+    from ..data.tokenize_dataset import resolve_time_points
+
     observed, observed_values = None, None
     if args.time_key is not None:
         observed = observed_expression(adata, args.time_key, tokenizer, args.gene_ids, args.layer)
-        names, values = resolve_time_points(adata.obs, args.time_key)
-        observed_values = dict(zip(names, values))
-    programs = find_gene_programs(
-        embeddings,
-        resolution=args.resolution,
-        n_neighbors=args.n_neighbors,
-        n_pcs=args.n_pcs,
-        min_cells=args.min_cells,
-        num_hubs=args.num_hubs,
-        use_groups=args.use_groups,
-        observed=observed,
-        observed_time_values=observed_values,
-        seed=args.seed,
-    )
-    screen = programs.screen_list(args.screen_programs)
+        observed_values = dict(zip(*resolve_time_points(adata.obs, args.time_key)))
+    options = {
+        name: getattr(args, name)
+        for name in ("resolution", "n_neighbors", "n_pcs", "min_cells", "num_hubs", "use_groups", "seed")
+    }
+    return find_gene_programs(embeddings, observed=observed, observed_time_values=observed_values, **options)
+
+
+def _write(args, out, embeddings, programs, gene_sets, screen):
+    """Every output file, built beside `out` and swapped in once complete."""
+    import json
+
+    from ..analysis import gene_set_enrichment, plot_gene_programs
+    from ..output_folder import staged_output_folder
+
     with staged_output_folder(out, NAME, args.overwrite, args.force_overwrite) as work:
         embeddings.write_h5ad(work / FILES["embeddings"])
         programs.membership.to_csv(work / FILES["programs"], index=False)
@@ -188,10 +201,10 @@ def run(args):
         programs.activity.to_csv(work / FILES["activity"], index=False)
         if gene_sets is not None:
             gene_set_enrichment(programs, gene_sets).to_csv(work / FILES["enrichment"], index=False)
+        chosen = ", ".join(programs.top_changing(args.screen_programs))
+        header = f"# hub genes of the {args.screen_programs} most time-varying gene programs ({chosen}); "
         (work / FILES["screen"]).write_text(
-            f"# hub genes of the {args.screen_programs} most time-varying gene programs "
-            f"({', '.join(programs.top_changing(args.screen_programs))}); for perturbgen-hf perturb --screen-file\n"
-            + "".join(f"{gene}\n" for gene in screen)
+            header + "for perturbgen-hf perturb --screen-file\n" + "".join(f"{gene}\n" for gene in screen)
         )
         if not args.no_plots:
             plot_gene_programs(programs, work / "plots", label_genes=args.label_genes)
@@ -203,13 +216,15 @@ def run(args):
             "screen_genes": screen,
         }
         (work / FILES["report"]).write_text(json.dumps(report, indent=2, default=str))
+
+
+def _summary_line(embeddings, programs, source, screen, out) -> str:
     top = programs.top_changing(1)[0]
     row = programs.summary.set_index("program").loc[top]
-    sys.stdout.write(
-        f"embedded {embeddings.n_obs} genes from {source.n_obs} source cells at "
-        f"{', '.join(embeddings.uns['perturbgen_embedding']['time_points'])}; {len(programs.summary)} programs over "
-        f"{programs.settings['genes_clustered']} genes ({programs.settings['genes_excluded']} with too few cells); "
-        f"most time-varying: {top} ({row['size']} genes, {row['trend']} by {row['change']:.2f}, hubs {row['hubs']}); "
-        f"screen list of {len(screen)} genes; wrote {out}\n"
+    times = ", ".join(embeddings.uns["perturbgen_embedding"]["time_points"])
+    return (
+        f"embedded {embeddings.n_obs} genes from {source.n_obs} source cells at {times}; {len(programs.summary)} "
+        f"programs over {programs.settings['genes_clustered']} genes ({programs.settings['genes_excluded']} with too "
+        f"few cells); most time-varying: {top} ({row['size']} genes, {row['trend']} by {row['change']:.2f}, hubs "
+        f"{row['hubs']}); screen list of {len(screen)} genes; wrote {out}\n"
     )
-    return 0

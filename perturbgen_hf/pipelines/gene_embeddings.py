@@ -109,33 +109,16 @@ def embed_genes(
         if time_points is not None:
             raise ValueError("With `targets` the embedded time points are those of `targets`; leave time_points out.")
         observed = rank_observed_targets(config, tokenizer, targets, len(cells), gene_ids, layer)
-        time_values = [config.time_value(t) for t in observed["time_points"]]
         time_names = observed["time_points"]
+        time_values = [config.time_value(t) for t in time_names]
     else:
-        requested = as_list(time_points) or list(config.time_points)
-        resolved = [as_time_point(t, config) for t in requested]
-        time_values = [config.time_value(t) if isinstance(t, str) else float(t) for t in resolved]
-        if len(set(time_values)) != len(time_values):
-            raise ValueError(f"time_points {requested} name a time point twice.")
-        order = np.argsort(time_values)  # generate() returns time points in ascending time
-        time_values = [time_values[i] for i in order]
-        time_names = [time_point_name(config, v) for v in time_values]
+        time_names, time_values = _generated_time_points(config, time_points)
     sums = _Sums(len(time_names), len(groups["names"]), config.num_target_genes, config.decoder_hidden_size)
     if observed is None:
         library = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+        settings = (int(batch_size), int(num_samples), int(iterations), float(temperature), int(seed), library)
         batches = generate_cells(
-            model,
-            cells,
-            time_values,
-            int(batch_size),
-            int(num_samples),
-            int(iterations),
-            float(temperature),
-            int(seed),
-            library,
-            output_hidden_states=True,
-            progress=progress,
-            desc="gene embeddings",
+            model, cells, time_values, *settings, output_hidden_states=True, progress=progress, desc="gene embeddings"
         )
         outputs = ((rows, out) for rows, _, _, out in batches)
     else:
@@ -147,24 +130,28 @@ def embed_genes(
             out.counts.float().cpu().numpy(),
             groups["index"][rows],
         )
-    return _as_anndata(
-        sums,
-        config,
-        tokenizer,
-        time_names,
-        time_values,
-        groups,
-        {
-            "method": "teacher_forced" if observed is not None else "generate",
-            "group_key": group_key,
-            "num_source_cells": len(cells),
-            "num_samples": int(num_samples) if observed is None else 1,
-            "iterations": int(iterations),
-            "temperature": float(temperature),
-            "seed": int(seed),
-            "model": str(getattr(config, "_name_or_path", "") or ""),
-        },
-    )
+    record = {
+        "method": "teacher_forced" if observed is not None else "generate",
+        "group_key": group_key,
+        "num_source_cells": len(cells),
+        "num_samples": int(num_samples) if observed is None else 1,
+        "iterations": int(iterations),
+        "temperature": float(temperature),
+        "seed": int(seed),
+        "model": str(getattr(config, "_name_or_path", "") or ""),
+    }
+    return _as_anndata(sums, config, tokenizer, time_names, time_values, groups, record)
+
+
+def _generated_time_points(config, time_points):
+    """Names and values of the time points to generate, ascending (as `generate` returns them)."""
+    requested = as_list(time_points) or list(config.time_points)
+    resolved = [as_time_point(t, config) for t in requested]
+    values = [config.time_value(t) if isinstance(t, str) else float(t) for t in resolved]
+    if len(set(values)) != len(values):
+        raise ValueError(f"time_points {requested} name a time point twice.")
+    values = sorted(values)
+    return [time_point_name(config, v) for v in values], values
 
 
 def _groups(adata, group_key):
