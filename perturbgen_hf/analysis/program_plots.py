@@ -78,14 +78,14 @@ def _umap(programs, path, plt, label_genes):
     for colour, program in zip(colours, names):
         part = membership[membership["program"] == program]
         axis.scatter(part["umap_1"], part["umap_2"], s=10, color=colour, label=f"{program} ({len(part)})")
-    wanted = {g.upper() for g in label_genes}
-    labelled = membership[membership["hub"] | membership["gene_symbol"].str.upper().isin(wanted)]
-    _place_labels(figure, axis, labelled)
     axis.set_xlabel("UMAP 1")
     axis.set_ylabel("UMAP 2")
     axis.set_title("Genes by their decoder embeddings, coloured by program (hub genes in bold)", fontsize=9)
     axis.legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    figure.tight_layout()
+    figure.tight_layout()  # before the labels: their boxes are measured in the final layout
+    wanted = {g.upper() for g in label_genes}
+    labelled = membership[membership["hub"] | membership["gene_symbol"].str.upper().isin(wanted)]
+    _place_labels(figure, axis, labelled)
     figure.savefig(path, dpi=130)
     plt.close(figure)
     return path
@@ -96,10 +96,12 @@ def _place_labels(figure, axis, rows, step=9):
     Label points (hub genes in bold) without overlapping texts: each label tries offsets above and below its point
     in turn and takes the first whose box overlaps no label placed before it (a leader line joins a moved label).
     """
+    from matplotlib.text import Text
+
     figure.canvas.draw()
     renderer = figure.canvas.get_renderer()
     placed = []
-    offsets = [(3, 3)] + [(3, 3 + sign * step * k) for k in range(1, 8) for sign in (1, -1)]
+    offsets = [(3, 3)] + [(3, 3 + sign * step * k) for k in range(1, 12) for sign in (1, -1)]
     for row in rows.sort_values("hub", ascending=False).itertuples():
         for dx, dy in offsets:
             text = axis.annotate(
@@ -111,7 +113,8 @@ def _place_labels(figure, axis, rows, step=9):
                 fontweight="bold" if row.hub else "normal",
                 arrowprops=None if dy == 3 else {"arrowstyle": "-", "lw": 0.3, "color": "0.5"},
             )
-            box = text.get_window_extent(renderer)
+            text.update_positions(renderer)  # the offset is applied at draw time otherwise
+            box = Text.get_window_extent(text, renderer)  # the text alone, not its leader line
             if not any(box.overlaps(other) for other in placed):
                 placed.append(box)
                 break
@@ -125,7 +128,7 @@ def _place_labels(figure, axis, rows, step=9):
                 fontsize=7,
                 fontweight="bold" if row.hub else "normal",
             )
-            placed.append(text.get_window_extent(renderer))
+            placed.append(Text.get_window_extent(text, renderer))
 
 
 def _curves(programs, path, plt, num_changing):
