@@ -9,7 +9,7 @@ expected counts (as observed cells are draws; see `MODEL_COUNTS`), not the expec
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,26 @@ from ..training import train_on_cpu
 
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Course:
+    """The evaluated time course: its cells and how they are read (what every step of a run shares)."""
+
+    adata: object
+    time_key: str
+    source: str
+    order: list
+    values: list
+    times: np.ndarray
+    groups: np.ndarray
+    time_value_key: str | None
+    gene_id_key: str | None
+    pairing_key: str | None
+
+    @property
+    def value_of(self) -> dict:
+        return dict(zip(self.order, self.values))
 
 
 def run_evaluation(
@@ -86,84 +106,42 @@ def run_evaluation(
     times = adata.obs[time_key].astype(str).to_numpy()
     groups = cell_groups(adata, group_key, protocol)
     split = split_cells(protocol, times, groups, order, source, heldout, settings)
-    value_of = dict(zip(order, values))
+    course = _Course(
+        adata, time_key, source, order, values, times, groups, time_value_key, gene_id_key, pairing_key or group_key
+    )
     with staged_output_folder(out, "evaluate", overwrite, force_overwrite) as work:
-        return _evaluate(
-            adata,
-            work,
-            out,
-            protocol,
-            split,
-            model,
-            time_key,
-            source,
-            order,
-            values,
-            value_of,
-            times,
-            groups,
-            heldout,
-            time_value_key,
-            gene_id_key,
-            pairing_key or group_key,
-            settings,
-            started,
-            progress,
-        )
+        return _evaluate(course, work, out, protocol, split, heldout, model, settings, started, progress)
 
 
-def _evaluate(
-    adata,
-    work,
-    out,
-    protocol,
-    split,
-    model,
-    time_key,
-    source,
-    order,
-    values,
-    value_of,
-    times,
-    groups,
-    heldout,
-    time_value_key,
-    gene_id_key,
-    pairing_key,
-    settings,
-    started,
-    progress,
-):
+def _evaluate(course, work, out, protocol, split, heldout, model, settings, started, progress):
     """Train (unless given a model), predict and score, writing into `work` (which becomes `out`)."""
     if model is None:
-        model = _train_model(
-            adata,
-            split,
-            work,
-            time_key,
-            source,
-            order,
-            values,
-            time_value_key,
-            gene_id_key,
-            pairing_key,
-            settings,
-            progress,
-        )
+        model = _train_model(course, split, work, settings, progress)
     model, tokenizer = _load_model(model)
     if protocol == "heldout-time" and heldout in model.config.time_points:
         raise ValueError(f"The model was trained on the held-out time point {heldout!r}; train one without it.")
-    identifiers = gene_identifiers(adata, gene_id_key)
+    adata, order, value_of = course.adata, course.order, course.value_of
+    identifiers = gene_identifiers(adata, course.gene_id_key)
     evaluated = sorted({t for t, _ in split.observed}, key=order.index)
     generated = _predict(model, tokenizer, adata, identifiers, split, evaluated, value_of, settings, progress)
     expression = _observed_expression(adata, tokenizer, identifiers)
     rows, details = score_predictions(
-        split, expression, generated, tokenizer, times, groups, order, value_of, source, protocol, settings
+        split,
+        expression,
+        generated,
+        tokenizer,
+        course.times,
+        course.groups,
+        order,
+        value_of,
+        course.source,
+        protocol,
+        settings,
     )
     table = pd.DataFrame(rows, columns=["metric", "time_point", "group", "method", "value"])
     table.to_csv(work / "metrics.csv", index=False)
     plots = [out / p.relative_to(work) for p in _plot(work / "plots", table, details)]
-    result = _summary(table, protocol, heldout, split, evaluated, source, settings, model, started, out, plots)
+    result = _summary(table, protocol, heldout, split, evaluated, course.source, settings, model, started, out, plots)
     (work / "metrics.json").write_text(json.dumps(result, indent=2, default=_json_default))
     return result
 
@@ -183,34 +161,33 @@ def _pairing_mode(pairing, pairing_key):
     return "stratified" if pairing_key else "random"
 
 
-def _train_model(
-    adata, split, out, time_key, source, order, values, time_value_key, gene_id_key, pairing_key, settings, progress
-):
+def _train_model(course, split, out, settings, progress):
+    """Tokenize the training cells of `split` and train a model on them (`settings`); returns its folder."""
     from ..data import tokenize_anndata
 
-    train_data = adata[split.train].copy()
-    kept = [t for t in order if t in set(train_data.obs[time_key].astype(str))]
+    train_data = course.adata[split.train].copy()
+    kept = [t for t in course.order if t in set(train_data.obs[course.time_key].astype(str))]
     tokenize_anndata(
         train_data,
         out / "tokens",
-        time_key=time_key,
-        source=source,
+        time_key=course.time_key,
+        source=course.source,
         time_order=kept,
-        time_value_key=time_value_key,
-        gene_id_key=gene_id_key,
-        n_hvg=min(settings.n_hvg, adata.n_vars),
-        pairing=_pairing_mode(settings.pairing, pairing_key),
-        pairing_key=pairing_key,
+        time_value_key=course.time_value_key,
+        gene_id_key=course.gene_id_key,
+        n_hvg=min(settings.n_hvg, course.adata.n_vars),
+        pairing=_pairing_mode(settings.pairing, course.pairing_key),
+        pairing_key=course.pairing_key,
         seed=settings.seed,
         max_length=settings.max_source_length,
         progress=progress,
     )
-    if time_value_key is None:
+    if course.time_value_key is None:
         # The tokenizer derives values from the kept names alone; keep the full course's values instead.
         description_path = out / "tokens" / "perturbgen_data.json"
         description = json.loads(description_path.read_text())
-        value_of = dict(zip(order, values))
-        description["source_time_value"] = value_of[source]
+        value_of = course.value_of
+        description["source_time_value"] = value_of[course.source]
         description["time_values"] = [value_of[t] for t in description["time_points"]]
         description_path.write_text(json.dumps(description, indent=2))
     train_on_cpu(
