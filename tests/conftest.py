@@ -95,3 +95,45 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.fail(f"The shared data folder {SHARED_DATA} is missing: tests on real data need ../shared/data.")
     return SHARED_DATA
+
+
+def train_tiny_shalek(folder, max_source_length, max_target_length, gene_id_key=None, include_genes=(), steps=6):
+    """Tokenize the Shalek time course (source 1h, 60 genes plus `include_genes`) into `folder / "tokens"` and train
+    a `tiny` model for `steps` steps into `folder / "model"`; returns the model folder."""
+    from perturbgen_hf.data import tokenize_anndata
+    from perturbgen_hf.training import main as train_main
+
+    tokenize_anndata(
+        SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad",
+        folder / "tokens",
+        time_key="time",
+        time_value_key="time_h",
+        source="1h",
+        gene_id_key=gene_id_key,
+        n_hvg=60,
+        include_genes=list(include_genes),
+        progress=False,
+    )
+    argv = [
+        "--data",
+        str(folder / "tokens"),
+        "--out",
+        str(folder / "model"),
+        "--preset",
+        "tiny",
+        "--max_steps",
+        str(steps),
+        "--max_source_length",
+        str(max_source_length),
+        "--max_target_length",
+        str(max_target_length),
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--eval_fraction",
+        "0",
+        "--seed",
+        "0",
+    ]
+    assert train_main(argv) == 0
+    return folder / "model"

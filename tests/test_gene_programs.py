@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, train_tiny_shalek
 from scipy import stats
 from sklearn.metrics import adjusted_rand_score
 from transformers import pipeline
@@ -22,12 +22,11 @@ from perturbgen_hf.analysis import (
 )
 from perturbgen_hf.cli import main
 from perturbgen_hf.commands.perturb import read_screen_file
-from perturbgen_hf.data import simulate_trajectory, tokenize_anndata
+from perturbgen_hf.data import simulate_trajectory
 from perturbgen_hf.io_utils import load_model_folder
 from perturbgen_hf.pipelines.gene_embeddings import UNS_KEY, embed_genes
 from perturbgen_hf.pipelines.prediction import cell_batch_seed, generation_lengths
 from perturbgen_hf.tokenization import PerturbGenTokenizer, log_normalize
-from perturbgen_hf.training import main as train_main
 
 
 SHALEK = SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad"
@@ -37,43 +36,7 @@ INTERFERON = ["CCL5", "CXCL10", "RSAD2", "IFIT1"]
 @pytest.fixture(scope="module")
 def lps_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("embed")
-    tokenize_anndata(
-        SHALEK,
-        folder / "tokens",
-        time_key="time",
-        time_value_key="time_h",
-        source="1h",
-        n_hvg=60,
-        include_genes=[*INTERFERON, "TNF", "EGR1"],
-        progress=False,
-    )
-    assert (
-        train_main(
-            [
-                "--data",
-                str(folder / "tokens"),
-                "--out",
-                str(folder / "model"),
-                "--preset",
-                "tiny",
-                "--max_steps",
-                "6",
-                "--max_source_length",
-                "128",
-                "--max_target_length",
-                "24",
-                "--use_cpu",
-                "--report_to",
-                "none",
-                "--eval_fraction",
-                "0",
-                "--seed",
-                "0",
-            ]
-        )
-        == 0
-    )
-    return folder / "model"
+    return train_tiny_shalek(folder, 128, 24, include_genes=[*INTERFERON, "TNF", "EGR1"])
 
 
 @pytest.fixture(scope="module")

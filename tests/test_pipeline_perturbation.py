@@ -1,12 +1,11 @@
 import anndata as ad
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, train_tiny_shalek
 from scipy import stats
 from transformers import pipeline
 
 import perturbgen_hf  # noqa: F401  (registers the "perturbation" task)
-from perturbgen_hf.data import tokenize_anndata
 from perturbgen_hf.pipelines import (
     PerturbationPipeline,
     PerturbationResult,
@@ -19,7 +18,6 @@ from perturbgen_hf.pipelines.perturbation_result import (
     differential_expression_against_null,
     null_p_values,
 )
-from perturbgen_hf.training import main as train_main
 
 
 CELL = np.array([2, 10, 11, 12, 13, 3])
@@ -126,44 +124,7 @@ def test_sham_genes_are_matched_to_the_perturbed_gene():
 @pytest.fixture(scope="module")
 def lps_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pert")
-    tokenize_anndata(
-        SHARED_DATA / "expression" / "shalek2014_bmdc_lps_timecourse.h5ad",
-        folder / "tokens",
-        time_key="time",
-        time_value_key="time_h",
-        source="1h",
-        gene_id_key="human_ensembl_id",
-        n_hvg=60,
-        include_genes=["TNF", "EGR1"],
-        progress=False,
-    )
-    assert (
-        train_main(
-            [
-                "--data",
-                str(folder / "tokens"),
-                "--out",
-                str(folder / "model"),
-                "--preset",
-                "tiny",
-                "--max_steps",
-                "6",
-                "--max_source_length",
-                "256",
-                "--max_target_length",
-                "32",
-                "--use_cpu",
-                "--report_to",
-                "none",
-                "--eval_fraction",
-                "0",
-                "--seed",
-                "0",
-            ]
-        )
-        == 0
-    )
-    return folder / "model"
+    return train_tiny_shalek(folder, 256, 32, gene_id_key="human_ensembl_id", include_genes=["TNF", "EGR1"])
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..tokenization import log_normalize
 from .inputs import as_list, as_time_point, counts_and_gene_ids, rank_observed_targets, read_cells, time_point_name
-from .prediction import generate_cells, pad_cells
+from .prediction import generate_cells, pad_cells, pad_targets
 
 
 logger = logging.getLogger(__name__)
@@ -171,15 +171,11 @@ def _readouts(model, observed, cells, batch_size, progress):
     for start in tqdm(range(0, len(cells), batch_size), desc="gene embeddings", unit="batch", disable=not progress):
         rows = np.arange(start, min(start + batch_size, len(cells)))
         input_ids, attention_mask = pad_cells([cells[r] for r in rows], model.device)
-        width = max(1, *(len(per_cell[r]) for per_cell in targets for r in rows))
-        decoder_input_ids = torch.zeros(len(rows), len(targets), width, dtype=torch.long)
-        for t, per_cell in enumerate(targets):
-            for i, r in enumerate(rows):
-                decoder_input_ids[i, t, : len(per_cell[r])] = torch.as_tensor(per_cell[r], dtype=torch.long)
+        decoder_input_ids = pad_targets(targets, rows, model.device)
         library = torch.as_tensor(observed["library_size"][rows], dtype=torch.float32, device=model.device)
         out = model.readout(
             input_ids,
-            decoder_input_ids.to(model.device),
+            decoder_input_ids,
             observed["time_points"],
             attention_mask,
             library_size=library,

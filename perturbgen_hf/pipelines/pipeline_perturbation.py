@@ -66,7 +66,7 @@ from .perturbation_result import (
     sorted_by_significance,
     with_gene_shift,
 )
-from .prediction import cell_batch_seed, generation_lengths, pad_cells
+from .prediction import cell_batch_seed, generation_lengths, pad_cells, pad_targets
 from .sharding import (
     assemble,
     average_samples,
@@ -450,18 +450,14 @@ class PerturbationPipeline(Pipeline):
         sources = inputs["cells"] if variant is None else variant["sources"]
         targets = observed["tokens"] if variant is None or variant["targets"] is None else variant["targets"]
         input_ids, attention_mask = pad_cells([sources[r] for r in rows], device)
-        width = max(1, *(len(targets[t][r]) for t in range(len(targets)) for r in rows))
-        decoder_input_ids = torch.zeros(len(rows), len(targets), width, dtype=torch.long)
-        for t, cells in enumerate(targets):
-            for i, r in enumerate(rows):
-                decoder_input_ids[i, t, : len(cells[r])] = torch.as_tensor(cells[r], dtype=torch.long)
+        decoder_input_ids = pad_targets(targets, rows, device)
         library = torch.as_tensor(observed["library_size"][rows], dtype=torch.float32, device=device)
         extra = {}
         if variant is not None and variant["targets"] is not None and self.model.config.pooling == "non_special":
             extra["exclude_from_pooling"] = variant["genes"]  # as the original's perturbed pass of edited targets
         out = self.model.readout(
             input_ids,
-            decoder_input_ids.to(device),
+            decoder_input_ids,
             observed["time_points"],
             attention_mask,
             library_size=library,

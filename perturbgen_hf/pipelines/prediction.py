@@ -41,6 +41,23 @@ def pad_cells(cells, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids.to(device), (input_ids != 0).long().to(device)
 
 
+def pad_targets(targets, rows, device=None) -> torch.Tensor:
+    """
+    Observed target cells of `rows` as `decoder_input_ids` of shape `(len(rows), num_time_points, longest)`, padded
+    with `<pad>` (0), for a teacher-forced `readout`.
+
+    Args:
+        targets (`Sequence[Sequence[np.ndarray]]`): per time point, the decoder tokens of every cell.
+        rows (`Sequence[int]`): the cells to take.
+    """
+    width = max(1, *(len(per_cell[r]) for per_cell in targets for r in rows))
+    decoder_input_ids = torch.zeros(len(rows), len(targets), width, dtype=torch.long)
+    for t, per_cell in enumerate(targets):
+        for i, r in enumerate(rows):
+            decoder_input_ids[i, t, : len(per_cell[r])] = torch.as_tensor(per_cell[r], dtype=torch.long)
+    return decoder_input_ids.to(device)
+
+
 @torch.inference_mode()
 def generate_cells(
     model,
