@@ -13,12 +13,15 @@ figure counts those again).
   in memory, as Geneformer's tokenizer does before saving, and written to an Arrow file after the timed part.
 - package: `PerturbGenTokenizer.rank_to_arrow`, with 1 and 2 processes: chunks are ranked and written to Arrow
   files as they are done (the timed part includes the writing).
+- in memory, on one core (pinned): the same two methods on a `--memory-cells` CSR matrix already in memory,
+  alternating three times, best of each (`PerturbGenTokenizer.rank_cells` against the reference's loop).
 Both outputs are then compared cell by cell. The input sizes are a quarter of `--cells` and `--cells`, to show
 whether memory grows with the number of cells. Results go to benchmarks/results/tokenize.json.
 """
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -38,7 +41,8 @@ from perturbgen_hf.tokenization.tokenization_perturbgen import RankedCells, rank
 CHUNK = 2048
 
 
-def synthetic_h5ad(path, cells, genes, nnz, seed=0):
+def synthetic_counts(cells, genes, nnz, seed=0):
+    """A CSR matrix of `cells` x `genes` integer counts with `nnz` non-zero genes per cell."""
     rng = np.random.default_rng(seed)
     blocks = []
     for start in range(0, cells, 10_000):
@@ -47,7 +51,11 @@ def synthetic_h5ad(path, cells, genes, nnz, seed=0):
         values = rng.geometric(0.3, size=(n, nnz)).astype(np.float32)
         indptr = np.arange(0, n * nnz + 1, nnz)
         blocks.append(sp.csr_matrix((values.ravel(), columns.ravel(), indptr), shape=(n, genes)))
-    adata = ad.AnnData(sp.vstack(blocks).tocsr())
+    return sp.vstack(blocks).tocsr()
+
+
+def synthetic_h5ad(path, cells, genes, nnz, seed=0):
+    adata = ad.AnnData(synthetic_counts(cells, genes, nnz, seed))
     adata.var_names = [f"ENSG{i:011d}" for i in range(genes)]
     adata.write_h5ad(path)  # uncompressed: the layout for streaming
 
@@ -137,6 +145,38 @@ def measure(args):
     )
 
 
+def measure_in_memory(args):
+    """
+    Both methods on one in-memory CSR matrix, pinned to one core, alternating three times (best of each); checks
+    that every cell's tokens agree. Prints a JSON line.
+    """
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    gene_ids, tokenizer = benchmark_tokenizer(args.genes, args.max_length)
+    counts = synthetic_counts(args.memory_cells, args.genes, args.nnz, seed=1)
+    seconds = {"reference": [], "package": []}
+    for _ in range(3):
+        start = time.perf_counter()
+        reference = reference_tokenize(counts, gene_ids, tokenizer, args.max_length)
+        seconds["reference"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        package = tokenizer.rank_cells(counts, gene_ids, args.max_length, chunk_size=CHUNK)
+        seconds["package"].append(time.perf_counter() - start)
+    different = sum(not np.array_equal(package.cell(i), reference[i]) for i in range(len(reference)))
+    best = {kind: min(values) for kind, values in seconds.items()}
+    print(
+        json.dumps(
+            {
+                "cells": args.memory_cells,
+                "reference_cells_per_s": args.memory_cells / best["reference"],
+                "package_cells_per_s": args.memory_cells / best["package"],
+                "speedup": best["reference"] / best["package"],
+                "seconds": seconds,
+                "cells_with_different_tokens": int(different),
+            }
+        )
+    )
+
+
 def run_measurement(args, kind, num_proc, path, out):
     command = [
         sys.executable,
@@ -185,7 +225,10 @@ def main():
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--workdir", required=True, help="folder for the synthetic h5ad files and outputs")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "tokenize.json"))
-    parser.add_argument("--measure", choices=["reference", "package"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory-cells", type=int, default=20_000, help="cells of the in-memory, one-core comparison (0: skip it)"
+    )
+    parser.add_argument("--measure", choices=["reference", "package", "in-memory"], help=argparse.SUPPRESS)
     parser.add_argument("--num-proc", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--tokens-out", help=argparse.SUPPRESS)
@@ -193,11 +236,20 @@ def main():
     args = parser.parse_args()
     if args.generate:
         return synthetic_h5ad(args.generate, args.cells, args.genes, args.nnz)
+    if args.measure == "in-memory":
+        return measure_in_memory(args)
     if args.measure:
         return measure(args)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     results = {"genes": args.genes, "nnz_per_cell": args.nnz, "chunk_size": CHUNK, "runs": []}
+    if args.memory_cells:
+        command = [sys.executable, __file__, "--measure", "in-memory", "--workdir", args.workdir]
+        command += ["--memory-cells", str(args.memory_cells), "--genes", str(args.genes), "--nnz", str(args.nnz)]
+        command += ["--max-length", str(args.max_length)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        results["in_memory_one_core"] = json.loads(result.stdout.strip().splitlines()[-1])
+        print(json.dumps(results["in_memory_one_core"]), flush=True)
     for cells in (args.cells // 4, args.cells):
         path = workdir / f"synthetic_{cells}x{args.genes}x{args.nnz}.h5ad"
         if not path.exists():

@@ -60,6 +60,42 @@ def test_near_ties_rank_by_value_and_exact_ties_by_token():
     assert ranked.cell(3).tolist() == [2, 3]  # a trailing empty cell
 
 
+@pytest.mark.parametrize("max_length", [4096, 40])
+def test_fast_ranking_kernel_matches_a_per_cell_lexsort(max_length):
+    # A 20,000-gene vocabulary (15-bit token ids) and ragged rows: empty cells, truncated cells, stored zeros,
+    # columns outside the vocabulary, and near ties (a median pair 1e-12 apart) that the packed keys cannot see.
+    rng = np.random.default_rng(5)
+    num_genes, num_cells = 20_000, 300
+    genes = [f"ENSG{i:011d}" for i in range(num_genes)]
+    medians = rng.uniform(0.5, 5.0, num_genes)
+    medians[1:100:2] = medians[0:100:2] * (1 - 1e-12)  # the larger token id, the larger value
+    tok = PerturbGenTokenizer.from_vocabulary(genes, medians, model_max_length=max_length)
+    per_row = rng.integers(0, 400, num_cells)
+    per_row[::37] = 0
+    rows = [np.sort(rng.choice(num_genes + 10, n, replace=False)) for n in per_row]
+    values = [rng.integers(0, 6, n).astype(np.float32) for n in per_row]  # zeros stored
+    indptr = np.concatenate([[0], np.cumsum(per_row)])
+    counts = sp.csr_matrix((np.concatenate(values), np.concatenate(rows), indptr), shape=(num_cells, num_genes + 10))
+    counts = counts.tolil()
+    counts[::5, :2] = 3  # cells whose near-tie pair has the same count
+    counts = sp.csr_matrix(counts)
+    before = counts.data.copy()
+    gene_ids = [*genes, *[f"NOT_A_GENE{i}" for i in range(10)]]
+    ranked = tok.rank_cells(counts, gene_ids, chunk_size=64)
+    assert np.array_equal(counts.data, before)  # the input is read, not modified
+    token_of = np.array([tok.vocab[g] for g in genes])
+    for i in range(num_cells):
+        row = counts[i]
+        data, columns = row.data.astype(np.float64), row.indices
+        total = data.sum()
+        keep = (columns < num_genes) & (data > 0)
+        data, columns = data[keep], columns[keep]
+        value = data / (total if total > 0 else 1.0) * 10_000 / medians[columns]
+        tokens = token_of[columns]
+        expected = tokens[np.lexsort((tokens, -value))][: max_length - 2]
+        assert ranked.cell(i).tolist() == [2, *expected.tolist(), 3], i
+
+
 def test_chunks_and_processes_give_the_same_tokens(tokenizer):
     counts = sp.random(300, 12, density=0.5, random_state=3, format="csr")
     counts.data = np.ceil(counts.data * 20)
