@@ -24,6 +24,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 _PUBLIC = {
     "PerturbGenConfig": ".modeling",
     "PerturbGenForConditionalGeneration": ".modeling",
+    "PerturbGenOriginalConfig": ".modeling",
+    "PerturbGenOriginalForConditionalGeneration": ".modeling",
     "PerturbGenGenerateOutput": ".modeling",
     "PerturbGenOutput": ".modeling",
     "PerturbGenPreTrainedModel": ".modeling",
@@ -60,18 +62,28 @@ def register() -> None:
     from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer
     from transformers.pipelines import PIPELINE_REGISTRY
 
-    from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
+    from .modeling import (
+        PerturbGenConfig,
+        PerturbGenForConditionalGeneration,
+        PerturbGenOriginalConfig,
+        PerturbGenOriginalForConditionalGeneration,
+    )
     from .pipelines import PerturbationPipeline
     from .tokenization import PerturbGenTokenizer
 
-    AutoConfig.register(PerturbGenConfig.model_type, PerturbGenConfig, exist_ok=True)
-    AutoModel.register(PerturbGenConfig, PerturbGenForConditionalGeneration, exist_ok=True)
-    AutoModelForSeq2SeqLM.register(PerturbGenConfig, PerturbGenForConditionalGeneration, exist_ok=True)
-    AutoTokenizer.register(PerturbGenConfig, tokenizer_class=PerturbGenTokenizer, exist_ok=True)
-    # Saved folders then carry the code and an `auto_map`, so they load with `trust_remote_code=True` where this
-    # package is not installed.
-    PerturbGenConfig.register_for_auto_class("AutoConfig")
-    PerturbGenForConditionalGeneration.register_for_auto_class("AutoModel")
+    # The package's model type and the original PerturbGen architecture's (what `convert-original` writes).
+    for config_class, model_class in (
+        (PerturbGenConfig, PerturbGenForConditionalGeneration),
+        (PerturbGenOriginalConfig, PerturbGenOriginalForConditionalGeneration),
+    ):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        AutoModelForSeq2SeqLM.register(config_class, model_class, exist_ok=True)
+        AutoTokenizer.register(config_class, tokenizer_class=PerturbGenTokenizer, exist_ok=True)
+        # Saved folders then carry the code and an `auto_map`, so they load with `trust_remote_code=True` where this
+        # package is not installed.
+        config_class.register_for_auto_class("AutoConfig")
+        model_class.register_for_auto_class("AutoModel")
     PerturbGenTokenizer.register_for_auto_class("AutoTokenizer")
     PIPELINE_REGISTRY.register_pipeline(
         "perturbation", pipeline_class=PerturbationPipeline, pt_model=AutoModel, type="multimodal"

@@ -7,7 +7,7 @@ folder that `AutoModel`, `AutoTokenizer` and `pipeline("perturbation")` load.
   `decoder.count_decoder.*`, the dispersion `theta`, and a duplicate `decoder.pretrained_model.*` that is ignored)
   are read; the standalone encoder checkpoint (`CellGenTrainer`) may be given as well, to supply or check the
   encoder.
-- The configuration selects the original architecture (see the switches of [`PerturbGenConfig`]): the original
+- The configuration is the original architecture's model type (`perturbgen_original`, [`PerturbGenOriginalConfig`]): the original
   encoder (only its last block effective, as the original computes), post-norm decoder blocks with attention width
   heads x head dim, the ordinal time encoding with the original's offsets, interleaved sinusoids (recomputed; the
   stored buffers are dropped), the original pooling, the L2-normalised count head with one dispersion per batch
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .modeling import PerturbGenConfig, PerturbGenForConditionalGeneration
+from .modeling import PerturbGenOriginalConfig, PerturbGenOriginalForConditionalGeneration
 from .output_folder import check_output_folder, staged_output_folder
 from .tokenization import PerturbGenTokenizer
 from .tokenization.safe_pickle import load_dictionary_pickle
@@ -277,7 +277,7 @@ def _num_blocks(weights, prefix):
 
 def build_config(weights, hparams, encoder_hparams, encoder_positions, target_genes, time_points, time_values):
     """
-    A [`PerturbGenConfig`] of the original architecture, from the hyper-parameters and the tensors' shapes.
+    A [`PerturbGenOriginalConfig`], from the hyper-parameters and the tensors' shapes.
 
     The original's encoder hyper-parameters are not stored in stage-1/2 checkpoints (its wrapper hard-codes
     them): the number of heads comes from the encoder checkpoint's hyper-parameters when given, else the
@@ -311,7 +311,7 @@ def build_config(weights, hparams, encoder_hparams, encoder_positions, target_ge
     if hparams.get("use_size_factor", True) is False or hparams.get("use_observed_size_factor", True) is False:
         raise ValueError("Only count heads that use the observed library size (use_observed_size_factor) convert.")
     theta = weights.get("count_head.log_theta")
-    return PerturbGenConfig(
+    return PerturbGenOriginalConfig(
         encoder={
             "vocab_size": vocab_rows,
             "hidden_size": width,
@@ -519,7 +519,7 @@ def convert_original_checkpoint(
         time_points,
         time_values,
     )
-    model = PerturbGenForConditionalGeneration(config).eval()
+    model = PerturbGenOriginalForConditionalGeneration(config).eval()
     untrained = _load_weights(model, weights)
     if untrained:
         warnings.append(

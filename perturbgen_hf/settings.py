@@ -104,7 +104,10 @@ class ModelArguments:
     library_size_source: str = field(
         default="predicted", metadata={"help": "library size of the count head: predicted (by a head) or observed"}
     )
-    context_mode: str = field(default="previous", metadata={"help": "previous, all, chained or none"})
+    context_mode: str = field(
+        default="previous",
+        metadata={"help": "previous, all or none (a new model; converted original models keep their own)"},
+    )
     source_path: str = field(
         default="presence",
         metadata={

@@ -159,6 +159,73 @@ def test_conversion_report_and_auto_classes(converted, count_model):
     assert tokenizer.target_gene_to_id("ENSG90000000019") == 11  # ... and its decoder row id
 
 
+def test_the_original_architecture_is_its_own_model_type(converted, count_model, io, tmp_path):
+    import shutil
+
+    from perturbgen_hf import (
+        PerturbGenConfig,
+        PerturbGenForConditionalGeneration,
+        PerturbGenOriginalConfig,
+        PerturbGenOriginalForConditionalGeneration,
+    )
+    from perturbgen_hf.modeling.configuration_original_perturbgen import ORIGINAL_SWITCHES
+
+    saved = json.loads((converted / "count" / "config.json").read_text())
+    assert saved["model_type"] == "perturbgen_original" and saved["generation_mode"] == "original"
+    assert type(count_model) is PerturbGenOriginalForConditionalGeneration
+    assert type(count_model.config) is PerturbGenOriginalConfig
+    # The package's own config has none of the original's switches, and refuses them with a pointer.
+    assert not set(ORIGINAL_SWITCHES) & set(PerturbGenConfig().to_dict())
+    with pytest.raises(ValueError, match="PerturbGenOriginalConfig"):
+        PerturbGenConfig(encoder_type="original")
+    with pytest.raises(ValueError, match="context_mode"):
+        PerturbGenConfig(context_mode="chained")
+    # A folder converted before the model type existed (saved as "perturbgen") migrates on load, unchanged.
+    old = tmp_path / "converted_before"
+    shutil.copytree(converted / "count", old)
+    config = json.loads((old / "config.json").read_text())
+    config["model_type"] = "perturbgen"
+    config["auto_map"] = {  # as those folders recorded it
+        "AutoConfig": "configuration_perturbgen.PerturbGenConfig",
+        "AutoModel": "modeling_perturbgen.PerturbGenForConditionalGeneration",
+        "AutoModelForSeq2SeqLM": "modeling_perturbgen.PerturbGenForConditionalGeneration",
+    }
+    (old / "config.json").write_text(json.dumps(config))
+    expected = teacher_forced(count_model, io, 1)
+    for loader in (AutoModel, PerturbGenForConditionalGeneration):
+        migrated = loader.from_pretrained(old).eval()
+        assert type(migrated) is PerturbGenOriginalForConditionalGeneration
+        out = teacher_forced(migrated, io, 1)
+        assert torch.equal(out.logits, expected.logits) and torch.equal(out.count_mu, expected.count_mu)
+
+
+def test_a_converted_folder_loads_as_remote_code_without_the_package(converted, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import textwrap
+
+    folder = tmp_path / "model"
+    shutil.copytree(converted / "count", folder)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["perturbgen_hf"] = None  # the package must not be importable here
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "PerturbGenOriginalForConditionalGeneration", type(model)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        out = model.generate(torch.tensor([[2, 10, 11, 12, 3]]), sequence_length=4, library_size=torch.tensor([1e3]))
+        assert out.sequences.shape == (1, 2, 4)
+        print("REMOTE-OK")
+    """)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", PYTHONPATH="")
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
+    assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
+
+
 def test_the_converter_script_matches_the_command(vocabulary, tmp_path, count_model):
     import subprocess
     import sys

@@ -1,5 +1,6 @@
-"""PerturbGen configuration, model, MaskGIT masking and count likelihoods (tensors only)."""
+"""PerturbGen configuration, model, MaskGIT masking and count likelihoods (tensors only); the original architecture's model type."""
 
+from .configuration_original_perturbgen import PerturbGenOriginalConfig
 from .configuration_perturbgen import PerturbGenConfig
 from .likelihoods_perturbgen import (
     negative_binomial_log_prob,
@@ -9,6 +10,7 @@ from .likelihoods_perturbgen import (
     zero_inflated_negative_binomial_mean,
 )
 from .masking_perturbgen import mask_ratio, num_masked_after_step, sample_training_mask
+from .modeling_original_perturbgen import PerturbGenOriginalForConditionalGeneration
 from .modeling_perturbgen import (
     PerturbGenForConditionalGeneration,
     PerturbGenGenerateOutput,
@@ -21,6 +23,8 @@ __all__ = [
     "PerturbGenConfig",
     "PerturbGenForConditionalGeneration",
     "PerturbGenGenerateOutput",
+    "PerturbGenOriginalConfig",
+    "PerturbGenOriginalForConditionalGeneration",
     "PerturbGenOutput",
     "PerturbGenPreTrainedModel",
     "mask_ratio",

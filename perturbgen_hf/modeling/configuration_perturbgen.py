@@ -26,14 +26,6 @@ _NORMS = ("pre", "post")
 _LIKELIHOODS = ("zinb", "nb", "mse")
 _LIBRARY_SIZES = ("predicted", "observed")
 _SCHEDULES = ("cosine", "pow", "linear")
-_CONTEXT_MODES = ("previous", "all", "chained", "none")
-_ENCODER_TYPES = ("bert", "original")
-_TIME_ENCODINGS = ("value", "ordinal")
-_SINUSOID_LAYOUTS = ("halves", "interleaved")
-_POOLINGS = ("genes", "non_special")
-_COUNT_HEAD_NORMS = ("layernorm", "l2")
-_COUNT_PREDICTIONS = ("mean", "mu")
-_GENERATION_MODES = ("maskgit", "original")
 _SOURCE_PATHS = ("rank", "presence", "none")
 _SOURCE_PATH_INJECTIONS = ("add", "film")
 _SOURCE_PATH_MAPS = ("normalized", "linear")
@@ -169,52 +161,9 @@ class PerturbGenConfig(PreTrainedConfig):
         pad_token_id, mask_token_id, cls_token_id, eos_token_id (`int`, *optional*, defaults to 0, 1, 2, 3):
             Special token ids, shared by encoder and decoder vocabularies (as in Geneformer).
 
-    Switches that reproduce the original PerturbGen (Lotfollahi lab) exactly; `perturbgen-hf convert-original` sets
-    them, and the package's own defaults stay as above:
-
-        encoder_type (`str`, *optional*, defaults to `"bert"`):
-            `"bert"` (a Geneformer BERT) or `"original"`: the original's own encoder (token embedding + fixed
-            sinusoids of position and of time row `encoder_time_index`, post-norm blocks of self-attention and
-            feed-forward without cross-attention). `encoder` then only carries its shape (`vocab_size` = embedding
-            rows, `hidden_size`, `num_hidden_layers`, `num_attention_heads`, `intermediate_size`,
-            `max_position_embeddings`, `layer_norm_eps`).
-        encoder_head_dim (`int`, *optional*):
-            Width of one attention head of the original encoder (its attention width is heads x head dim).
-        encoder_chain_blocks (`bool`, *optional*, defaults to `True`):
-            For the original encoder: `False` reproduces the original, where every block reads the embeddings and
-            only the last block's output is used (so blocks 0..n-2 have no effect); `True` chains the blocks as a
-            usual transformer. Converted models set `False`.
-        encoder_time_index (`int`, *optional*, defaults to 1):
-            Row of the time sinusoid added to every source token by the original encoder.
-        time_encoding (`str`, *optional*, defaults to `"value"`):
-            `"value"`: a learned map of the sinusoid of the time value (any value can be asked for); `"ordinal"`: the
-            original's fixed sinusoid of the time point's 1-based index plus `time_index_offset` (only the
-            configured time points exist).
-        time_index_offset (`int`, *optional*, defaults to 1):
-            Offset of the ordinal time encoding (the original adds 1).
-        sinusoid_layout (`str`, *optional*, defaults to `"halves"`):
-            `"halves"` (all sines, then all cosines) or `"interleaved"` (sin, cos, sin, ...: the original's layout)
-            for the fixed position and time sinusoids.
-        pooling (`str`, *optional*, defaults to `"genes"`):
-            Which decoder positions the cell embedding averages: `"genes"` (target-gene tokens) or `"non_special"`
-            (every id but `<pad>`, `<mask>`, `<cls>`, `<eos>` and condition tokens: the original's rule, which also
-            counts reserve ids).
-        decoder_vocab_reserve (`int`, *optional*, defaults to 0):
-            Unused decoder ids after the genes and condition tokens (the original reserves some).
-        count_head_norm (`str`, *optional*, defaults to `"layernorm"`):
-            Last step of the count head's MLP: `"layernorm"`, or `"l2"` (L2 normalisation, the original's).
-        num_dispersion_conditions (`int`, *optional*, defaults to 1):
-            Per-gene inverse dispersions per condition (the original's `theta` has one column per batch
-            condition); with more than 1, the count likelihood needs each cell's `dispersion_condition`.
-        count_prediction (`str`, *optional*, defaults to `"mean"`):
-            What `counts` reports: the distribution's mean (`"mean"`, the zero-inflated mean for "zinb") or `"mu"`
-            (the negative-binomial mean; the original's prediction).
-        generation_mode (`str`, *optional*, defaults to `"maskgit"`):
-            `"maskgit"` (this package's) or `"original"`: the original's MaskGIT loop (multiplicative re-mask count,
-            margin confidence, ban of ids already in the cell, linear temperature anneal, top-fraction filter,
-            Gumbel noise from one uniform per vocabulary entry). See [`PerturbGenForConditionalGeneration.generate`].
-        original_filter_threshold (`float`, *optional*, defaults to 0.9):
-            The original generation keeps the `ceil((1 - threshold) * vocab)` largest logits per position.
+    The original PerturbGen's architecture (its encoder, ordinal time encoding, chained context, pooling, count head
+    and generation loop) is a model type of its own, [`PerturbGenOriginalConfig`] (`perturbgen_original`), which
+    `perturbgen-hf convert-original` writes; this model type has none of its switches.
 
     Example:
     ```python
@@ -231,6 +180,23 @@ class PerturbGenConfig(PreTrainedConfig):
 
     model_type = "perturbgen"
     sub_configs_defaults = {"encoder": BertConfig}
+    _context_modes = ("previous", "all", "none")
+    # This model type's fixed architecture, as class attributes (not saved): the layers read them, and
+    # `PerturbGenOriginalConfig` (model type `perturbgen_original`) sets the original's values.
+    encoder_type = "bert"
+    encoder_head_dim = None
+    encoder_chain_blocks = True
+    encoder_time_index = 1
+    time_encoding = "value"
+    time_index_offset = 1
+    sinusoid_layout = "halves"
+    pooling = "genes"
+    decoder_vocab_reserve = 0
+    count_head_norm = "layernorm"
+    num_dispersion_conditions = 1
+    count_prediction = "mean"
+    generation_mode = "maskgit"
+    original_filter_threshold = 0.9
 
     def __init__(
         self,
@@ -274,24 +240,11 @@ class PerturbGenConfig(PreTrainedConfig):
         mask_token_id=1,
         cls_token_id=2,
         eos_token_id=3,
-        encoder_type="bert",
-        encoder_head_dim=None,
-        encoder_chain_blocks=True,
-        encoder_time_index=1,
-        time_encoding="value",
-        time_index_offset=1,
-        sinusoid_layout="halves",
-        pooling="genes",
-        decoder_vocab_reserve=0,
-        count_head_norm="layernorm",
-        num_dispersion_conditions=1,
-        count_prediction="mean",
-        generation_mode="maskgit",
-        original_filter_threshold=0.9,
         **kwargs,
     ):
         if "library_size" in kwargs:  # the field's name in configs saved before it was renamed
             library_size_source = kwargs.pop("library_size")
+        self._refuse_original_switches(kwargs)
         self.encoder = self._build_encoder_config(encoder)
         self.freeze_encoder = freeze_encoder
         self.max_source_length = max_source_length
@@ -344,22 +297,43 @@ class PerturbGenConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.mask_token_id = mask_token_id
         self.cls_token_id = cls_token_id
-        self.encoder_type = encoder_type
-        self.encoder_head_dim = encoder_head_dim
-        self.encoder_chain_blocks = encoder_chain_blocks
-        self.encoder_time_index = encoder_time_index
-        self.time_encoding = time_encoding
-        self.time_index_offset = time_index_offset
-        self.sinusoid_layout = sinusoid_layout
-        self.pooling = pooling
-        self.decoder_vocab_reserve = decoder_vocab_reserve
-        self.count_head_norm = count_head_norm
-        self.num_dispersion_conditions = num_dispersion_conditions
-        self.count_prediction = count_prediction
-        self.generation_mode = generation_mode
-        self.original_filter_threshold = original_filter_threshold
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id, **kwargs)
         self.validate_perturbgen()
+
+    def _refuse_original_switches(self, kwargs):
+        """
+        Drop switches of the original architecture that a config saved before `perturbgen_original` existed wrote
+        with this model type's values; refuse any other value (that is the other model type).
+        """
+        from .configuration_original_perturbgen import ORIGINAL_SWITCHES
+
+        if type(self) is not PerturbGenConfig:
+            return
+        for name, value in ORIGINAL_SWITCHES.items():
+            if name in kwargs and kwargs[name] == value:
+                kwargs.pop(name)
+            elif name in kwargs:
+                raise ValueError(
+                    f"`{name}={kwargs[name]!r}` belongs to the original PerturbGen architecture, a model type of its "
+                    "own: use `PerturbGenOriginalConfig` (model type 'perturbgen_original')."
+                )
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """
+        `PreTrainedConfig.from_dict`; a `perturbgen` config that sets a switch of the original architecture (a
+        checkpoint converted before the `perturbgen_original` model type existed) loads as a
+        [`PerturbGenOriginalConfig`], so its folder keeps loading with `AutoModel.from_pretrained`.
+        """
+        from .configuration_original_perturbgen import ORIGINAL_SWITCHES, PerturbGenOriginalConfig
+
+        original = any(name in config_dict and config_dict[name] != v for name, v in ORIGINAL_SWITCHES.items())
+        if cls is PerturbGenConfig and (original or config_dict.get("context_mode") == "chained"):
+            logger.info(
+                "A converted original PerturbGen config (saved as 'perturbgen'): loading it as 'perturbgen_original'."
+            )
+            return PerturbGenOriginalConfig.from_dict({**config_dict, "model_type": "perturbgen_original"}, **kwargs)
+        return super().from_dict(config_dict, **kwargs)
 
     @staticmethod
     def _default_head_dim(hidden_size, num_heads):
@@ -412,7 +386,7 @@ class PerturbGenConfig(PreTrainedConfig):
         _check_choice("count_likelihood", self.count_likelihood, _LIKELIHOODS)
         _check_choice("library_size_source", self.library_size_source, _LIBRARY_SIZES)
         _check_choice("mask_schedule", self.mask_schedule, _SCHEDULES)
-        _check_choice("context_mode", self.context_mode, _CONTEXT_MODES)
+        _check_choice("context_mode", self.context_mode, self._context_modes)
         _check_choice("source_path", self.source_path, _SOURCE_PATHS)
         _check_choice("source_path_injection", self.source_path_injection, _SOURCE_PATH_INJECTIONS)
         _check_choice("source_path_map", self.source_path_map, _SOURCE_PATH_MAPS)
@@ -427,30 +401,8 @@ class PerturbGenConfig(PreTrainedConfig):
             raise ValueError(f"`mask_schedule_exponent` must be positive, got {self.mask_schedule_exponent!r}.")
         if not (isinstance(self.time_embedding_scale, (int, float)) and self.time_embedding_scale > 0):
             raise ValueError(f"`time_embedding_scale` must be positive, got {self.time_embedding_scale!r}.")
-        self._validate_original_switches()
         self._validate_time_points()
         self._validate_vocabulary()
-
-    def _validate_original_switches(self):
-        for name, choices in (
-            ("encoder_type", _ENCODER_TYPES),
-            ("time_encoding", _TIME_ENCODINGS),
-            ("sinusoid_layout", _SINUSOID_LAYOUTS),
-            ("pooling", _POOLINGS),
-            ("count_head_norm", _COUNT_HEAD_NORMS),
-            ("count_prediction", _COUNT_PREDICTIONS),
-            ("generation_mode", _GENERATION_MODES),
-        ):
-            _check_choice(name, getattr(self, name), choices)
-        _check_positive_int("num_dispersion_conditions", self.num_dispersion_conditions)
-        _check_positive_int("decoder_vocab_reserve", self.decoder_vocab_reserve, allow_zero=True)
-        _check_positive_int("time_index_offset", self.time_index_offset, allow_zero=True)
-        _check_positive_int("encoder_time_index", self.encoder_time_index, allow_zero=True)
-        if not isinstance(self.encoder_chain_blocks, bool):
-            raise ValueError(f"`encoder_chain_blocks` must be True or False, got {self.encoder_chain_blocks!r}.")
-        if self.encoder_type == "original":
-            _check_positive_int("encoder_head_dim", self.encoder_head_dim)
-        _check_probability("original_filter_threshold", self.original_filter_threshold)
 
     def _validate_time_points(self):
         if not self.time_points:

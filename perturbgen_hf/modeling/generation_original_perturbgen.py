@@ -34,7 +34,7 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class OriginalGenerationMixin:
-    """`_generate_original` for [`PerturbGenForConditionalGeneration`] (see the module docstring)."""
+    """`_generate_original` for [`PerturbGenOriginalForConditionalGeneration`] (see the module docstring)."""
 
     def _generate_original(
         self,

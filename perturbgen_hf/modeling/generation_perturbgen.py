@@ -50,6 +50,24 @@ class PerturbGenGenerateOutput(ModelOutput):
     decoder_hidden_states: torch.FloatTensor | None = None
 
 
+@dataclass
+class GenerationRequest:
+    """`generate`'s checked arguments, with their defaults resolved (see `_prepare_generation`)."""
+
+    input_ids: torch.LongTensor
+    attention_mask: torch.LongTensor
+    times: list
+    lengths: torch.LongTensor
+    condition_ids: torch.LongTensor
+    num_iterations: int
+    temperature: float
+    top_k: int | None
+    schedule: str
+    noise: tuple
+    sequence_editor: object
+    edit_values: set
+
+
 def _summary(source_condition):
     """The source path's summary vector, or None for a model without a source path."""
     return None if source_condition is None else source_condition.summary
@@ -145,7 +163,6 @@ class PerturbGenGenerationMixin:
         num_noise_rows: int | None = None,
         sequence_editor=None,
         edit_time_points=None,
-        reference_input_ids: torch.LongTensor | None = None,
     ) -> PerturbGenGenerateOutput:
         r"""
         Predict target cells at one or more time points from source cells by MaskGIT iterative decoding.
@@ -187,26 +204,50 @@ class PerturbGenGenerationMixin:
                 value) before they are read out and used as context by later time points: an in silico
                 perturbation of a target state.
             edit_time_points (`list`, *optional*): names or values of the time points `sequence_editor` edits.
-            reference_input_ids (`torch.LongTensor` of shape `(batch_size, num_time_points, length)`, *optional*):
-                with `config.generation_mode == "original"` only: observed target cells at the generated time points
-                (ascending), which the original needs: their padding gives the open positions and each time point's
-                context is the other reference cells. `sequence_length` is then one length `S` for all rows.
-
-        With `config.generation_mode == "original"` the original PerturbGen's loop runs instead (see
-        `generation_original_perturbgen`): random draws come from `generator` in the original's order (from the
-        global torch generator when it is None, as the original), `top_k` is replaced by
-        `config.original_filter_threshold`, and condition tokens are not supported.
 
         Returns:
             [`PerturbGenGenerateOutput`].
         """
+        request = self._prepare_generation(
+            input_ids,
+            attention_mask,
+            time_points,
+            sequence_length,
+            condition_ids,
+            num_iterations,
+            temperature,
+            top_k,
+            schedule,
+            noise_index,
+            num_noise_rows,
+            sequence_editor,
+            edit_time_points,
+        )
+        return self._generate_maskgit(request, library_size, generator, output_hidden_states)
+
+    def _prepare_generation(
+        self,
+        input_ids,
+        attention_mask,
+        time_points,
+        sequence_length,
+        condition_ids,
+        num_iterations,
+        temperature,
+        top_k,
+        schedule,
+        noise_index,
+        num_noise_rows,
+        sequence_editor,
+        edit_time_points,
+    ) -> "GenerationRequest":
+        """Check `generate`'s arguments and resolve its defaults (time values, lengths, masks, noise rows)."""
         if num_iterations < 1:
             raise ValueError(f"`num_iterations` must be >= 1, got {num_iterations}.")
         if temperature < 0:
             raise ValueError(f"`temperature` must be >= 0, got {temperature}.")
         if top_k is not None and top_k < 1:
             raise ValueError(f"`top_k` must be >= 1, got {top_k}.")
-        schedule = schedule or self.config.mask_schedule
         times = self._resolve_time_values(time_points)
         if attention_mask is None:
             attention_mask = (input_ids != self.config.pad_token_id).long()
@@ -214,37 +255,30 @@ class PerturbGenGenerationMixin:
         if condition_ids is None:
             condition_ids = torch.zeros(batch_size, 0, dtype=torch.long, device=input_ids.device)
         self._check_conditions(condition_ids, batch_size)
-        lengths = self._resolve_lengths(sequence_length, input_ids, attention_mask, condition_ids.shape[1])
-        noise = self._check_noise_index(noise_index, num_noise_rows, batch_size)
         edit_values = set()
         if sequence_editor is not None:
             edit_values = set(self._resolve_time_values(edit_time_points)) if edit_time_points is not None else set()
             if not edit_values <= set(times):
                 raise ValueError(f"`edit_time_points` {edit_time_points} must be among the generated time points.")
+        return GenerationRequest(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            times=times,
+            lengths=self._resolve_lengths(sequence_length, input_ids, attention_mask, condition_ids.shape[1]),
+            condition_ids=condition_ids,
+            num_iterations=num_iterations,
+            temperature=temperature,
+            top_k=top_k,
+            schedule=schedule or self.config.mask_schedule,
+            noise=self._check_noise_index(noise_index, num_noise_rows, batch_size),
+            sequence_editor=sequence_editor,
+            edit_values=edit_values,
+        )
 
-        if self.config.generation_mode == "original":
-            if reference_input_ids is not None and sequence_length is None:
-                lengths = torch.full_like(lengths, reference_input_ids.shape[-1])  # S: every reference position
-            if condition_ids.shape[1] or top_k is not None:
-                raise ValueError("generation_mode='original' takes no condition tokens and no `top_k`.")
-            return self._generate_original(
-                input_ids,
-                attention_mask,
-                times,
-                lengths,
-                reference_input_ids,
-                num_iterations,
-                temperature,
-                schedule,
-                library_size,
-                generator,
-                output_hidden_states,
-                noise,
-                sequence_editor,
-                edit_values,
-            )
-        if reference_input_ids is not None:
-            raise ValueError("`reference_input_ids` is read only with generation_mode='original'.")
+    def _generate_maskgit(self, request, library_size, generator, output_hidden_states) -> PerturbGenGenerateOutput:
+        """This package's MaskGIT generation of every requested time point (see `generate`)."""
+        input_ids, attention_mask, times = request.input_ids, request.attention_mask, request.times
+        batch_size, lengths = input_ids.shape[0], request.lengths
         source = self.encode(input_ids, attention_mask)  # once per call
         source_mask = attention_mask.bool()
         condition = self.condition_on_source(input_ids)
@@ -255,7 +289,7 @@ class PerturbGenGenerationMixin:
             memory = torch.cat([source, *[c[0] for c in contexts]], dim=1)
             memory_mask = torch.cat([source_mask, *[c[1] for c in contexts]], dim=1)
             memory_key_values = self.decoder.project_memory(memory)  # once per time point, reused every step
-            tokens, is_gene = self._initial_target(lengths, condition_ids)
+            tokens, is_gene = self._initial_target(lengths, request.condition_ids)
             tokens = self._maskgit_loop(
                 tokens,
                 is_gene,
@@ -263,16 +297,16 @@ class PerturbGenGenerationMixin:
                 time_tensor,
                 memory_key_values,
                 memory_mask,
-                num_iterations,
-                temperature,
-                top_k,
-                schedule,
+                request.num_iterations,
+                request.temperature,
+                request.top_k,
+                request.schedule,
                 generator,
-                noise,
+                request.noise,
                 condition,
             )
-            if time_value in edit_values:
-                tokens = sequence_editor(tokens, time_value)
+            if time_value in request.edit_values:
+                tokens = request.sequence_editor(tokens, time_value)
             hidden = self._decode(tokens, time_tensor, memory_key_values, memory_mask, source_condition=condition)
             generated.append((tokens, hidden))
             if self.config.context_mode != "none" and time_value != times[-1]:

@@ -23,12 +23,10 @@ from torch import nn
 from transformers import BertForMaskedLM, BertModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.bert.modeling_bert import BertEmbeddings
 from transformers.utils import ModelOutput, logging
 
 from .configuration_perturbgen import PerturbGenConfig
-from .generation_original_perturbgen import OriginalGenerationMixin
 from .generation_perturbgen import PerturbGenGenerateOutput, PerturbGenGenerationMixin, _summary
 from .likelihoods_perturbgen import (
     negative_binomial_log_prob,
@@ -234,64 +232,6 @@ class PerturbGenDecoderLayer(GradientCheckpointingLayer):
             lambda h: self.cross_attn(h, key_padding_mask=memory_mask, key_value=memory_key_value),
         )
         return self._residual(hidden_states, self.mlp_norm, self.mlp)
-
-
-class PerturbGenOriginalEncoderLayer(nn.Module):
-    """A block of the original PerturbGen encoder: post-norm self-attention and feed-forward, no cross-attention."""
-
-    def __init__(self, config: PerturbGenConfig):
-        super().__init__()
-        encoder = config.encoder
-        self.self_attn = PerturbGenAttention(
-            config, encoder.hidden_size, encoder.num_attention_heads, config.encoder_head_dim, dropout=0.0
-        )
-        self.self_attn_norm = nn.LayerNorm(encoder.hidden_size, eps=encoder.layer_norm_eps)
-        self.mlp = PerturbGenFeedForward(config, encoder.hidden_size, encoder.intermediate_size)
-        self.mlp_norm = nn.LayerNorm(encoder.hidden_size, eps=encoder.layer_norm_eps)
-
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden_states = self.self_attn_norm(hidden_states + self.self_attn(hidden_states, attention_mask))
-        return self.mlp_norm(hidden_states + self.mlp(hidden_states))
-
-
-class PerturbGenOriginalEncoder(nn.Module):
-    """
-    The original PerturbGen's own encoder (`encoder_type="original"`), for converted checkpoints: token embeddings
-    plus fixed sinusoids of the position and of time row `encoder_time_index` (no scaling), then post-norm blocks.
-
-    In the original every block reads the embeddings, not the previous block's output, so only the last block
-    affects the result; `encoder_chain_blocks=False` (set by the converter) reproduces that, `True` chains them.
-    """
-
-    def __init__(self, config: PerturbGenConfig):
-        super().__init__()
-        self.config = config
-        encoder = config.encoder
-        self.embed_tokens = nn.Embedding(encoder.vocab_size, encoder.hidden_size, config.pad_token_id)
-        self.layers = nn.ModuleList([PerturbGenOriginalEncoderLayer(config) for _ in range(encoder.num_hidden_layers)])
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> BaseModelOutput:
-        """
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch, source_len)`), attention_mask (`(batch, source_len)`).
-
-        Returns:
-            `BaseModelOutput` whose `last_hidden_state` is `(batch, source_len, hidden)`, padding rows included.
-        """
-        width, layout = self.config.encoder.hidden_size, self.config.sinusoid_layout
-        positions = sinusoidal_embedding(torch.arange(input_ids.shape[1], device=input_ids.device), width, layout)
-        time = sinusoidal_embedding(
-            torch.tensor(float(self.config.encoder_time_index), device=input_ids.device), width, layout
-        )
-        embeddings = self.embed_tokens(input_ids) + time + positions
-        mask = attention_mask.bool()
-        if self.config.encoder_chain_blocks:
-            hidden_states = embeddings
-            for layer in self.layers:
-                hidden_states = layer(hidden_states, mask)
-        else:
-            hidden_states = self.layers[-1](embeddings, mask)  # the earlier blocks' outputs are discarded
-        return BaseModelOutput(last_hidden_state=hidden_states)
 
 
 def source_rank_weights(input_ids: torch.Tensor, first_gene_id: int, mask_token_id: int) -> tuple:
@@ -578,7 +518,7 @@ class PerturbGenCountHead(nn.Module):
             library = self.log_library_size(hidden).squeeze(-1).exp()
         elif library_size is None:
             raise ValueError(
-                "This model uses the observed library size (`library_size='observed'`): pass `library_size`."
+                "This model uses the observed library size (`library_size_source='observed'`): pass `library_size`."
             )
         else:
             library = library_size.to(hidden.dtype)
@@ -688,9 +628,19 @@ class PerturbGenPreTrainedModel(PreTrainedModel):
                 init.constant_(module.log_library_size.bias, self.config.log_library_size_init)
 
 
-class PerturbGenForConditionalGeneration(
-    PerturbGenGenerationMixin, OriginalGenerationMixin, PerturbGenPreTrainedModel
-):
+def _is_original_folder(path, kwargs) -> bool:
+    """Whether a saved model (or the `config` passed with it) is of the original architecture's model type."""
+    config = kwargs.get("config")
+    if config is None or isinstance(config, (str, Path)):
+        location = {
+            k: kwargs[k] for k in ("cache_dir", "local_files_only", "revision", "token", "subfolder") if k in kwargs
+        }
+        config_dict, _ = PerturbGenConfig.get_config_dict(config or path, **location)
+        config = PerturbGenConfig.from_dict(config_dict)
+    return config.model_type == "perturbgen_original"
+
+
+class PerturbGenForConditionalGeneration(PerturbGenGenerationMixin, PerturbGenPreTrainedModel):
     r"""
     PerturbGen: encoder (Geneformer BERT) + MaskGIT decoder + count head. `forward` computes the masked-token and count
     losses for training; `generate` predicts the target cells of one or more time points from source cells.
@@ -715,11 +665,7 @@ class PerturbGenForConditionalGeneration(
 
     def __init__(self, config: PerturbGenConfig):
         super().__init__(config)
-        self.encoder = (
-            PerturbGenOriginalEncoder(config)
-            if config.encoder_type == "original"
-            else BertModel(config.encoder, add_pooling_layer=False)
-        )
+        self.encoder = self._build_encoder(config)
         encoder_width = config.encoder.hidden_size
         self.encoder_to_decoder = (
             nn.Linear(encoder_width, config.decoder_hidden_size)
@@ -735,6 +681,11 @@ class PerturbGenForConditionalGeneration(
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
+    @staticmethod
+    def _build_encoder(config) -> nn.Module:
+        """The source encoder: a Geneformer BERT (the original architecture's model type has its own)."""
+        return BertModel(config.encoder, add_pooling_layer=False)
+
     # -- modes and saving -------------------------------------------------------------------------------------------
 
     def train(self, mode: bool = True):
@@ -748,9 +699,25 @@ class PerturbGenForConditionalGeneration(
         """`PreTrainedModel.save_pretrained`, recording this class for `AutoModelForSeq2SeqLM` too in `auto_map`."""
         if type(self)._auto_class is not None:
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
-            auto_map.setdefault("AutoModelForSeq2SeqLM", f"modeling_perturbgen.{type(self).__name__}")
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            auto_map.setdefault("AutoModelForSeq2SeqLM", f"{module}.{type(self).__name__}")
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """
+        `PreTrainedModel.from_pretrained`; a folder of the original PerturbGen architecture (model type
+        `perturbgen_original`, or converted before that model type existed) loads as a
+        [`PerturbGenOriginalForConditionalGeneration`], as `AutoModel.from_pretrained` does.
+        """
+        if cls is PerturbGenForConditionalGeneration and _is_original_folder(pretrained_model_name_or_path, kwargs):
+            from .modeling_original_perturbgen import PerturbGenOriginalForConditionalGeneration
+
+            return PerturbGenOriginalForConditionalGeneration.from_pretrained(
+                pretrained_model_name_or_path, *args, **kwargs
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_geneformer(cls, path, **config_overrides) -> "PerturbGenForConditionalGeneration":
@@ -915,16 +882,8 @@ class PerturbGenForConditionalGeneration(
         return torch.where(self.gene_positions(token_ids), token_ids - self.config.first_gene_token_id, -1)
 
     def pooled_positions(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Positions the cell embedding averages: gene tokens, or (`pooling="non_special"`) every non-special,
-        non-condition id, reserve ids included, as the original.
-        """
-        if self.config.pooling == "genes":
-            return self.gene_positions(token_ids)
-        first_condition = self.config.first_condition_token_id
-        is_condition = (token_ids >= first_condition) & (
-            token_ids < first_condition + len(self.config.condition_tokens)
-        )
-        return (token_ids >= self.config.first_gene_token_id) & ~is_condition
+        """Positions the cell embedding averages: the target-gene tokens."""
+        return self.gene_positions(token_ids)
 
     def pool(self, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """Mean of `hidden_states` `(batch, len, hidden)` over the positions of `pooled_positions` -> `(batch, hidden)`."""
